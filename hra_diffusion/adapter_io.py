@@ -1,0 +1,346 @@
+"""Save / load HRA adapters (safetensors + JSON), PEFT interop both ways, merged diffusers export.
+
+Our format: a directory with
+  adapter_config.json        {"format": "hra-diffusion", "hra": {...HRAConfig}, "layers": {...}, ...}
+  adapter_model.safetensors  {"<module path>.hra_u": (d, r) fp32, plus optional extra tensors}
+PEFT's format (peft_type "HRA"): keys "base_model.model.<module path>.hra_u", same (d, r) layout.
+Only safetensors and JSON are ever read: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import HRAConfig
+from .layers import HRAConv2d, HRALayer
+from .model import get_hra_config, hra_layers, inject_hra
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
+    "export_peft",
+    "export_merged",
+    "atomic_directory",
+]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FORMAT_NAME = "hra-diffusion"
+FORMAT_VERSION = 1
+PEFT_PREFIX = "base_model.model."
+_SUFFIX = "." + HRALayer.adapter_prefix
+
+
+def _library_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+class atomic_directory:
+    """Write a directory atomically: fill a temporary sibling, then swap it into place.
+
+    A crash while writing leaves any previous directory at ``path`` untouched (the half-written
+    temporary is named ``.<name>.tmp-*`` and is ignored and cleaned up by the next write).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        for f in self.tmp.iterdir():  # flush file contents before the rename makes them visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _layer_info(layer: HRALayer) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "type": "conv2d" if isinstance(layer, HRAConv2d) else "linear",
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "d": layer.d,
+        "r": layer.r,
+    }
+    if isinstance(layer, HRAConv2d):
+        info["kernel_size"] = list(layer.base_layer.kernel_size)
+    return info
+
+
+def _adapter_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    layers = list(hra_layers(model))
+    if not layers:
+        raise ValueError("the model has no HRA layers to save; call inject_hra() (or load_adapter) first")
+    tensors = {
+        f"{name}{_SUFFIX}": layer.hra_u.detach().to("cpu", torch.float32).contiguous()
+        for name, layer in layers
+    }
+    return tensors, {name: _layer_info(layer) for name, layer in layers}
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    extra_tensors: Mapping[str, torch.Tensor] | None = None,
+    **metadata: Any,
+) -> Path:
+    """Write the adapter of ``model`` to directory ``path`` (atomically; only adapter tensors).
+
+    ``metadata`` is recorded in adapter_config.json (e.g. base_model="runwayml/stable-diffusion-v1-5",
+    base_model_revision=...). ``extra_tensors`` (e.g. a condition encoder's state dict, keys prefixed
+    by the caller) are stored beside the ``hra_u`` tensors in the same safetensors file.
+    """
+    tensors, layers = _adapter_tensors(model)
+    config = get_hra_config(model)
+    if config is None:
+        first = next(iter(layers.values()))
+        config = HRAConfig(r=first["r"], target_modules=sorted(layers), init_identity=False)
+    extras = {}
+    for key, value in (extra_tensors or {}).items():
+        if key in tensors or key.endswith(_SUFFIX):
+            raise ValueError(f"extra tensor name {key!r} collides with an HRA tensor name")
+        extras[key] = value.detach().to("cpu").contiguous()
+    doc: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "library_version": _library_version(),
+        "hra": config.to_dict(),
+        "num_layers": len(layers),
+        "trainable_parameters": int(sum(t.numel() for t in tensors.values())),
+        "base_model": None,
+        "base_model_revision": None,
+        **{k: v for k, v in metadata.items()},
+        "layers": layers,
+        "extra_tensors": sorted(extras),
+    }
+    with atomic_directory(path) as tmp:
+        save_file({**tensors, **extras}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": FORMAT_NAME})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return Path(path)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    cfg_file = path / ADAPTER_CONFIG
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist")
+    if not cfg_file.is_file():
+        raise FileNotFoundError(
+            f"{str(cfg_file)!r} is missing: an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
+        )
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(cfg_file)!r} is not valid JSON ({err})") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        hint = " (a .bin adapter is a pickle; this library only reads safetensors)" if (
+            path / "adapter_model.bin"
+        ).exists() else ""
+        raise FileNotFoundError(f"{str(weights)!r} is missing{hint}")
+    out = {}
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            out[key] = f.get_tensor(key)
+    return out
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Read an adapter directory (ours or PEFT's HRA) without a model.
+
+    Returns (config document, {module path: hra_u (d, r)}, extra tensors). PEFT configs are
+    translated: the document gets an ``"hra"`` entry in HRAConfig form and ``"source": "peft"``.
+    """
+    path = Path(path)
+    doc = _read_config(path)
+    tensors = _read_tensors(path)
+    if doc.get("peft_type") is not None:
+        if str(doc["peft_type"]).upper() != "HRA":
+            raise ValueError(
+                f"{path} is a PEFT {doc['peft_type']} adapter; load_adapter reads HRA adapters "
+                "(PEFT baselines load through peft itself)"
+            )
+        r = int(doc.get("r", 8))
+        targets = doc.get("target_modules") or []
+        doc = {
+            **doc,
+            "source": "peft",
+            "hra": HRAConfig(
+                r=r,
+                target_modules=[targets] if isinstance(targets, str) else list(targets),
+                apply_gs=bool(doc.get("apply_GS", False)),
+                init_identity=False,
+            ).to_dict(),
+        }
+        tensors = {(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): v for k, v in tensors.items()}
+    elif doc.get("format") != FORMAT_NAME:
+        raise ValueError(
+            f"{path / ADAPTER_CONFIG} is neither an hra-diffusion adapter (format={FORMAT_NAME!r}) "
+            "nor a PEFT HRA adapter (peft_type='HRA')"
+        )
+    u = {k[: -len(_SUFFIX)]: v for k, v in tensors.items() if k.endswith(_SUFFIX)}
+    extras = {k: v for k, v in tensors.items() if not k.endswith(_SUFFIX)}
+    if not u:
+        raise ValueError(f"{path / ADAPTER_WEIGHTS} holds no '*.hra_u' tensors: not an HRA adapter")
+    return doc, u, extras
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load an adapter directory (ours, or PEFT's HRA) into ``model``; returns the adapted layer names.
+
+    A plain model is injected first, exactly at the layers the file has tensors for. A model that
+    already has HRA layers must have the same ones. Any shape mismatch names the first layer.
+    """
+    doc, u, _ = read_adapter(path)
+    config = HRAConfig.from_dict({k: v for k, v in doc["hra"].items() if k in HRAConfig.__dataclass_fields__})
+    existing = dict(hra_layers(model))
+    if not existing:
+        modules = dict(model.named_modules())
+        for name, tensor in u.items():
+            module = modules.get(name)
+            if module is None:
+                break
+            _check_shape(name, module, tensor, path)
+        config.init_identity = False  # the values are about to be overwritten: skip the pairing check
+        inject_hra(model, config, names=list(u))
+        existing = dict(hra_layers(model))
+    else:
+        missing = sorted(set(u) - set(existing))
+        extra = sorted(set(existing) - set(u))
+        if missing or extra:
+            raise ValueError(
+                f"adapter {path} does not fit this model's HRA layers: "
+                + (f"file has {missing[0]!r} which the model lacks; " if missing else "")
+                + (f"model has {extra[0]!r} which the file lacks" if extra else "")
+            )
+    for name, tensor in u.items():
+        layer = existing[name]
+        if tuple(layer.hra_u.shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"adapter {path}: layer {name!r} has hra_u of shape {tuple(tensor.shape)} in the file but "
+                f"{tuple(layer.hra_u.shape)} in the model (different base model or r?)"
+            )
+        layer.apply_gs = config.apply_gs
+        with torch.no_grad():
+            layer.hra_u.copy_(tensor.to(layer.hra_u.device, torch.float32))
+    return list(u)
+
+
+def _check_shape(name: str, module: nn.Module, tensor: torch.Tensor, path: Any) -> None:
+    if isinstance(module, nn.Linear):
+        d = module.in_features
+    elif isinstance(module, nn.Conv2d):
+        d = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+    else:
+        raise ValueError(f"adapter {path}: {name!r} is a {type(module).__name__} in this model, not Linear/Conv2d")
+    if tensor.ndim != 2 or tensor.shape[0] != d:
+        raise ValueError(
+            f"adapter {path}: layer {name!r} has hra_u of shape {tuple(tensor.shape)} in the file but the "
+            f"model's layer has input dimension {d} (different base model?)"
+        )
+
+
+def export_peft(
+    model: nn.Module,
+    path: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    revision: str | None = None,
+) -> Path:
+    """Write the adapter in PEFT's HRA format (loadable by ``PeftModel.from_pretrained``)."""
+    tensors, layers = _adapter_tensors(model)
+    config = get_hra_config(model) or HRAConfig(r=next(iter(layers.values()))["r"], init_identity=False)
+    rs = {info["r"] for info in layers.values()}
+    if len(rs) != 1:
+        raise ValueError(f"PEFT's HRA format has one r per adapter; this model mixes r values {sorted(rs)}")
+    peft_doc = {
+        "peft_type": "HRA",
+        "task_type": None,
+        "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": revision,
+        "r": rs.pop(),
+        "apply_GS": bool(config.apply_gs),
+        # the exact wrapped names, so PEFT wraps the same layers whatever our suffixes were
+        "target_modules": sorted(layers),
+        "exclude_modules": None,
+        "init_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "bias": "none",
+        "modules_to_save": None,
+    }
+    with atomic_directory(path) as tmp:
+        save_file({PEFT_PREFIX + k: v for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS),
+                  metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_doc, indent=2) + "\n")
+    return Path(path)
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every adapter folded in (W H) and the original key names.
+
+    The model itself is not changed; only the adapted weights are new tensors.
+    """
+    merged = {f"{name}.base_layer.weight": layer.merged_weight() for name, layer in hra_layers(model)}
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.endswith(_SUFFIX):
+            continue
+        new_value = merged.get(key, value)
+        out[key.replace(".base_layer.", ".")] = new_value.detach().contiguous()
+    return out
+
+
+def export_merged(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Save ``model`` with adapters merged as a plain diffusers/transformers model folder.
+
+    The folder loads with the stock ``from_pretrained`` (e.g. ``UNet2DConditionModel``), without this
+    package. ``model`` must be a diffusers ``ModelMixin`` or a transformers ``PreTrainedModel``.
+    """
+    state = merged_state_dict(model)
+    with atomic_directory(path) as tmp:
+        if hasattr(model, "save_config"):  # diffusers ModelMixin
+            model.save_config(tmp)
+            save_file(state, str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        elif hasattr(model, "config") and hasattr(model.config, "save_pretrained"):  # transformers
+            model.config.save_pretrained(tmp)
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            raise TypeError(
+                f"export_merged needs a diffusers or transformers model, got {type(model).__name__}; "
+                "use merge_hra(model) and save its state_dict yourself"
+            )
+    return Path(path)

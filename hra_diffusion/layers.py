@@ -1,0 +1,165 @@
+"""HRA layers: wrap a frozen nn.Linear / nn.Conv2d and compute y = W H x + b cheaply.
+
+The forward uses the "HRA is an adaptive LoRA" form of method.md:
+    W H = W - (W Û) T Ûᵀ   =>   y = base(x) - (x Û) (W Û T)ᵀ
+so the base layer call is untouched and no d x d matrix is built, in forward or backward.
+The trainable tensor is ``hra_u`` (d, r), kept in fp32 whatever the base dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .householder import apply_h, apply_h_transpose, random_init, reflection_factors, symmetric_init
+
+__all__ = ["HRALayer", "HRALinear", "HRAConv2d", "wrap_layer"]
+
+
+class HRALayer(nn.Module):
+    """Base class: holds the frozen ``base_layer`` and the reflection vectors ``hra_u`` (d, r)."""
+
+    adapter_prefix = "hra_u"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        d: int,
+        r: int,
+        apply_gs: bool = False,
+        init_identity: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if r > d:
+            raise ValueError(
+                f"HRA rank r={r} exceeds the layer's input dimension d={d} "
+                f"({type(base_layer).__name__}): at most d reflections are independent; use r <= {d}"
+            )
+        self.base_layer = base_layer
+        self.r = r
+        self.apply_gs = apply_gs
+        self.merged = False
+        self.disabled = False
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        u = symmetric_init(d, r, generator) if init_identity else random_init(d, r, generator)
+        device = base_layer.weight.device
+        self.hra_u = nn.Parameter(u.to(device=device, dtype=torch.float32))
+
+    # ---- the maths shared by both layer types -------------------------------------------------
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Û, B = W Û T) from the fp32 adapter and the frozen weight, in the weight's dtype for W Û.
+
+        Û: (d, r), B: (d_out, r). W is never copied or upcast: W Û runs in the base dtype.
+        """
+        u_hat, t = reflection_factors(self.hra_u, self.apply_gs)  # (d, r), (r, r) fp32
+        w = self._flat_weight()  # (d_out, d)
+        wu = w @ u_hat.to(w.dtype)  # (d_out, r)
+        b = wu.to(t.dtype) @ t  # (d_out, r)
+        return u_hat, b, t
+
+    def _flat_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _set_flat_weight(self, w: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    @property
+    def d(self) -> int:
+        return self.hra_u.shape[0]
+
+    # ---- merge / unmerge ------------------------------------------------------------------------
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W H in the base layer's shape and dtype (computed in fp32), without changing the layer."""
+        w = self._flat_weight()
+        merged = apply_h(w.float(), self.hra_u.float(), self.apply_gs)
+        return merged.to(w.dtype).reshape(self.base_layer.weight.shape)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight: W <- W H. Forward then costs the base layer's."""
+        if self.merged:
+            return
+        self.base_layer.weight.data.copy_(self.merged_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`: W <- W Hᵀ (exact in fp32; fp16/bf16 lose the rounding of one multiply)."""
+        if not self.merged:
+            return
+        w = self._flat_weight()
+        restored = apply_h_transpose(w.float(), self.hra_u.float(), self.apply_gs)
+        self.base_layer.weight.data.copy_(restored.to(w.dtype).reshape(self.base_layer.weight.shape))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, apply_gs={self.apply_gs}, merged={self.merged}"
+
+
+class HRALinear(HRALayer):
+    """y = W H x + b for a frozen nn.Linear W (d_out, d)."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, **kwargs) -> None:
+        super().__init__(base_layer, base_layer.in_features, r, **kwargs)
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+
+    def _flat_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # (..., d_out)
+        if self.merged or self.disabled:
+            return result
+        u_hat, b, _ = self._factors()
+        xu = x @ u_hat.to(x.dtype)  # (..., r)
+        return result - xu @ b.to(x.dtype).transpose(0, 1)  # (..., d_out)
+
+
+class HRAConv2d(HRALayer):
+    """y = conv(x, W H) for a frozen nn.Conv2d, H acting on the flattened (in·kh·kw) patch, like PEFT.
+
+    W H = W - (W Û) T Ûᵀ, so the delta is a rank-r conv (kernel Ûᵀ, the base's stride/padding) followed
+    by a 1x1 conv with W Û T: the same cost as a LoRA conv.
+    """
+
+    def __init__(self, base_layer: nn.Conv2d, r: int, **kwargs) -> None:
+        if base_layer.groups != 1:
+            raise ValueError(
+                f"HRA on a grouped Conv2d (groups={base_layer.groups}) is not supported: H acts on the "
+                "whole flattened input patch. Leave this layer out of target_modules."
+            )
+        kh, kw = base_layer.kernel_size
+        super().__init__(base_layer, base_layer.in_channels * kh * kw, r, **kwargs)
+        self.in_features = base_layer.in_channels
+        self.out_features = base_layer.out_channels
+
+    def _flat_weight(self) -> torch.Tensor:
+        return self.base_layer.weight.reshape(self.out_features, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # (B, d_out, H', W')
+        if self.merged or self.disabled:
+            return result
+        u_hat, b, _ = self._factors()
+        kh, kw = self.base_layer.kernel_size
+        down = u_hat.transpose(0, 1).reshape(self.r, self.in_features, kh, kw).to(x.dtype)
+        xu = self.base_layer._conv_forward(x, down, None)  # (B, r, H', W')
+        up = b.to(x.dtype).reshape(self.out_features, self.r, 1, 1)
+        return result - F.conv2d(xu, up)  # (B, d_out, H', W')
+
+
+def wrap_layer(module: nn.Module, r: int, **kwargs) -> HRALayer:
+    """Wrap a Linear or Conv2d in the matching HRA layer; anything else is a clear error."""
+    if isinstance(module, nn.Linear):
+        return HRALinear(module, r, **kwargs)
+    if isinstance(module, nn.Conv2d):
+        return HRAConv2d(module, r, **kwargs)
+    raise TypeError(
+        f"HRA wraps nn.Linear and nn.Conv2d layers, not {type(module).__name__}; "
+        "remove this module from target_modules"
+    )
