@@ -225,6 +225,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     already has HRA layers must have the same ones. Any shape mismatch names the first layer.
     """
     doc, u, _ = read_adapter(path)
+    # safetensors sorts keys; work in the model's module order so "first mismatch" means first in the model
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    order.update({f"{name}.base_layer": i for name, i in list(order.items())})
+    u = dict(sorted(u.items(), key=lambda kv: order.get(kv[0], len(order))))
     config = HRAConfig.from_dict({k: v for k, v in doc["hra"].items() if k in HRAConfig.__dataclass_fields__})
     existing = dict(hra_layers(model))
     if not existing:

@@ -157,7 +157,7 @@ def disable_hra(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for layer, was in zip(layers, previous):
+        for layer, was in zip(layers, previous, strict=True):
             layer.disabled = was
 
 
