@@ -15,6 +15,7 @@ __all__ = [
     "wy_factor",
     "gram_schmidt",
     "reflection_factors",
+    "row_factors",
     "apply_h",
     "apply_h_transpose",
     "orthogonality_penalty",
@@ -60,16 +61,36 @@ def reflection_factors(u: torch.Tensor, apply_gs: bool = False) -> tuple[torch.T
     return u_hat, wy_factor(u_hat)
 
 
+def row_factors(u: torch.Tensor, apply_gs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, c), both (r, d) contiguous, with a = Ûᵀ and c = Tᵀ Ûᵀ, so that Hᵀ = I - aᵀ c and H = I - cᵀ a.
+
+    The row layout is LoRA's ``lora_A`` layout, which BLAS handles far better than (d, r) for
+    ``F.linear(x, a)``. One pair serves every cheap form:
+      input side    x Hᵀ = x - (x aᵀ) c
+      adaptive LoRA W H  = W - (W cᵀ) a,   so y = base(x) - (x aᵀ)(c Wᵀ)
+    """
+    if apply_gs:
+        a = gram_schmidt(u).transpose(0, 1).contiguous()
+        return a, 2.0 * a
+    a = u.transpose(0, 1)
+    a = (a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)).contiguous()  # (r, d), rows û_iᵀ
+    r = a.shape[0]
+    eye = torch.eye(r, dtype=a.dtype, device=a.device)
+    t_inv = 0.5 * eye + torch.triu(a @ a.transpose(0, 1), diagonal=1)
+    t = torch.linalg.solve_triangular(t_inv, eye, upper=True)
+    return a, t.transpose(0, 1) @ a
+
+
 def apply_h(weight: torch.Tensor, u: torch.Tensor, apply_gs: bool = False) -> torch.Tensor:
-    """W H for W (d_out, d), as W - (W Û) T Ûᵀ; O(d_out d r). Used by merge."""
-    u_hat, t = reflection_factors(u, apply_gs)
-    return weight - ((weight @ u_hat) @ t) @ u_hat.transpose(0, 1)
+    """W H for W (d_out, d), as W - (W cᵀ) a; O(d_out d r). Used by merge."""
+    a, c = row_factors(u, apply_gs)
+    return weight - (weight @ c.transpose(0, 1)) @ a
 
 
 def apply_h_transpose(weight: torch.Tensor, u: torch.Tensor, apply_gs: bool = False) -> torch.Tensor:
-    """W Hᵀ = W H⁻¹ (H orthogonal), as W - (W Û) Tᵀ Ûᵀ. Used by unmerge."""
-    u_hat, t = reflection_factors(u, apply_gs)
-    return weight - ((weight @ u_hat) @ t.transpose(0, 1)) @ u_hat.transpose(0, 1)
+    """W Hᵀ = W H⁻¹ (H orthogonal), as W - (W aᵀ) c. Used by unmerge."""
+    a, c = row_factors(u, apply_gs)
+    return weight - (weight @ a.transpose(0, 1)) @ c
 
 
 def orthogonality_penalty(u: torch.Tensor) -> torch.Tensor:

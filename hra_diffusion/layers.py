@@ -1,9 +1,12 @@
 """HRA layers: wrap a frozen nn.Linear / nn.Conv2d and compute y = W H x + b cheaply.
 
-The forward uses the "HRA is an adaptive LoRA" form of method.md:
-    W H = W - (W Û) T Ûᵀ   =>   y = base(x) - (x Û) (W Û T)ᵀ
-so the base layer call is untouched and no d x d matrix is built, in forward or backward.
-The trainable tensor is ``hra_u`` (d, r), kept in fp32 whatever the base dtype.
+Both exact cheap forms of method.md are used, with a = Ûᵀ and c = Tᵀ Ûᵀ (r, d) (householder.row_factors):
+    adaptive LoRA  W H = W - (W cᵀ) a    =>  y = base(x) - (x aᵀ)(c Wᵀ)      O(n r (d + d_out) + d_out d r)
+    input side     x Hᵀ = x - (x aᵀ) c   =>  y = base(x - (x aᵀ) c)          O(n r d)
+The Linear layer takes whichever needs fewer multiply-adds for the call (``form="auto"``): the adaptive-LoRA
+form when the token count n is large, the input-side form when n is small (cross-attention K/V over 77 text
+tokens, the 8x8 UNet levels), where the d_out d r product with W would dominate. No d x d matrix is built,
+in forward or backward. The trainable tensor is ``hra_u`` (d, r), kept in fp32 whatever the base dtype.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .householder import apply_h, apply_h_transpose, random_init, reflection_factors, symmetric_init
+from .householder import apply_h, apply_h_transpose, random_init, row_factors, symmetric_init
 
 __all__ = ["HRALayer", "HRALinear", "HRAConv2d", "wrap_layer"]
 
@@ -49,16 +52,10 @@ class HRALayer(nn.Module):
         self.hra_u = nn.Parameter(u.to(device=device, dtype=torch.float32))
 
     # ---- the maths shared by both layer types -------------------------------------------------
-    def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(Û, B = W Û T) from the fp32 adapter and the frozen weight, in the weight's dtype for W Û.
-
-        Û: (d, r), B: (d_out, r). W is never copied or upcast: W Û runs in the base dtype.
-        """
-        u_hat, t = reflection_factors(self.hra_u, self.apply_gs)  # (d, r), (r, r) fp32
-        w = self._flat_weight()  # (d_out, d)
-        wu = w @ u_hat.to(w.dtype)  # (d_out, r)
-        b = wu.to(t.dtype) @ t  # (d_out, r)
-        return u_hat, b, t
+    def _factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, c), each (r, d): Hᵀ = I - aᵀ c, from the fp32 adapter, cast to the compute dtype."""
+        a, c = row_factors(self.hra_u, self.apply_gs)
+        return a.to(dtype), c.to(dtype)
 
     def _flat_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -107,17 +104,26 @@ class HRALinear(HRALayer):
         super().__init__(base_layer, base_layer.in_features, r, **kwargs)
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
+        self.form = "auto"  # "auto" | "lora" | "input": which exact cheap form the forward uses
 
     def _flat_weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)  # (..., d_out)
         if self.merged or self.disabled:
-            return result
-        u_hat, b, _ = self._factors()
-        xu = x @ u_hat.to(x.dtype)  # (..., r)
-        return result - xu @ b.to(x.dtype).transpose(0, 1)  # (..., d_out)
+            return self.base_layer(x)
+        a, c = self._factors(x.dtype)  # (r, d) each
+        n = x.numel() // self.in_features
+        form = self.form
+        if form == "auto":  # multiply-adds of forward + backward, see the module docstring
+            lora_cost = 3 * n * (self.in_features + self.out_features) + 2 * self.in_features * self.out_features
+            form = "input" if 6 * n * self.in_features <= lora_cost else "lora"
+        xa = F.linear(x, a)  # (..., r)
+        if form == "input":
+            return self.base_layer(x - xa @ c)  # base(x Hᵀ)
+        w = self.base_layer.weight
+        bt = F.linear(c.to(w.dtype), w).to(x.dtype)  # (r, d_out) = (W Û T)ᵀ
+        return self.base_layer(x) - xa @ bt  # (..., d_out)
 
 
 class HRAConv2d(HRALayer):
@@ -145,12 +151,12 @@ class HRAConv2d(HRALayer):
         result = self.base_layer(x)  # (B, d_out, H', W')
         if self.merged or self.disabled:
             return result
-        u_hat, b, _ = self._factors()
+        a, c = self._factors(x.dtype)  # (r, d) each, d = in·kh·kw
         kh, kw = self.base_layer.kernel_size
-        down = u_hat.transpose(0, 1).reshape(self.r, self.in_features, kh, kw).to(x.dtype)
-        xu = self.base_layer._conv_forward(x, down, None)  # (B, r, H', W')
-        up = b.to(x.dtype).reshape(self.out_features, self.r, 1, 1)
-        return result - F.conv2d(xu, up)  # (B, d_out, H', W')
+        xa = self.base_layer._conv_forward(x, a.reshape(self.r, self.in_features, kh, kw), None)  # (B, r, H', W')
+        w = self._flat_weight()
+        up = F.linear(c.to(w.dtype), w).to(x.dtype).transpose(0, 1)  # (d_out, r) = W Û T
+        return result - F.conv2d(xa, up.reshape(self.out_features, self.r, 1, 1))  # (B, d_out, H', W')
 
 
 def wrap_layer(module: nn.Module, r: int, **kwargs) -> HRALayer:

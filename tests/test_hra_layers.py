@@ -76,8 +76,9 @@ def _conv_ref(layer: HRAConv2d, x):
 
 def _make(kind: str, apply_gs: bool):
     torch.manual_seed(2)
-    if kind == "linear":
+    if kind.startswith("linear"):
         layer = HRALinear(nn.Linear(48, 20), 8, apply_gs=apply_gs, init_identity=False)
+        layer.form = kind.split("-")[1]
         x = torch.randn(3, 11, 48)
         return layer, x, _linear_ref
     if kind == "conv1x1":
@@ -88,7 +89,7 @@ def _make(kind: str, apply_gs: bool):
     return layer, x, _conv_ref
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1x1", "conv3x3"])
+@pytest.mark.parametrize("kind", ["linear-lora", "linear-input", "linear-auto", "conv1x1", "conv3x3"])
 @pytest.mark.parametrize("apply_gs", [False, True])
 def test_layer_matches_dense_reference_forward_and_grad(kind, apply_gs):
     layer, x, ref_fn = _make(kind, apply_gs)
@@ -103,10 +104,12 @@ def test_layer_matches_dense_reference_forward_and_grad(kind, apply_gs):
     assert layer.base_layer.weight.grad is None and not layer.base_layer.weight.requires_grad
 
 
-def test_no_dxd_matrix_in_forward_or_backward():
-    """Every tensor autograd saves, and every intermediate, is at most max(n, d_out) x r or n x d_out."""
+@pytest.mark.parametrize("form", ["lora", "input"])
+def test_no_dxd_matrix_in_forward_or_backward(form):
+    """No tensor autograd saves is d x d: the frozen W and the input are the largest things kept."""
     d, d_out, n, r = 512, 64, 10, 8
     layer = HRALinear(nn.Linear(d, d_out), r, init_identity=False)
+    layer.form = form
     x = torch.randn(n, d)
     sizes = []
 
@@ -118,7 +121,7 @@ def test_no_dxd_matrix_in_forward_or_backward():
         y = layer(x)
     y.sum().backward()
     assert layer.hra_u.grad is not None
-    assert max(sizes) <= max(d_out * d, n * d)  # the frozen W and the input are the largest things kept
+    assert max(sizes) <= max(d_out * d, n * d)
     assert d * d not in sizes and all(s < d * d for s in sizes)
 
 
@@ -161,6 +164,17 @@ def test_merge_unmerge_per_dtype(dtype, kind):
     layer.unmerge()
     assert rel_err(layer.base_layer.weight.float(), w0.float()) <= tol_restore
     assert rel_err(layer(x).float(), live.float()) <= tol_fwd
+
+
+def test_auto_form_picks_the_cheaper_exact_form():
+    layer = HRALinear(nn.Linear(768, 320), 8, init_identity=False)
+    calls = []
+    layer.base_layer.register_forward_pre_hook(lambda m, args: calls.append(args[0]))
+    x_small, x_large = torch.randn(2, 77, 768), torch.randn(1, 4096, 768)
+    layer(x_small)  # 154 text tokens: input-side form, base sees x Hᵀ
+    assert not torch.equal(calls[-1], x_small)
+    layer(x_large)  # many tokens: adaptive-LoRA form, base sees x untouched
+    assert calls[-1] is x_large
 
 
 def test_bad_layers_rejected():

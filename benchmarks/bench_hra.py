@@ -1,0 +1,236 @@
+"""Speed and memory of HRA (ours) vs PEFT HRA vs PEFT LoRA, measured side by side in one run.
+
+1. Per layer, forward + backward at SD-1.5 projection shapes: frozen base, ours, PEFT HRA, PEFT LoRA
+   (same r). Time: median of interleaved repeats. Memory: bytes autograd keeps for backward (exact,
+   deterministic; the frozen weight itself excluded).
+2. One training step (forward + backward + AdamW) of the SD-1.5-shaped UNet (random weights, 32x32
+   latent, batch 1): time interleaved in one process (the variants share the frozen base weights), and
+   peak resident memory measured in a fresh subprocess per variant.
+
+Usage: python benchmarks/bench_hra.py [--repeats 7] [--unet-repeats 3] [--skip-unet] [--r 8]
+Prints markdown tables and the ratios the project's goals are stated in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+from hra_diffusion import HRAConfig, inject_hra
+
+SHAPES = [(320, 320, 4096 * 2), (640, 640, 1024 * 2), (1280, 1280, 256 * 2), (1280, 1280, 64 * 2), (768, 320, 77 * 2)]
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+VARIANTS = ["base", "ours", "peft_hra", "peft_lora"]
+
+
+class Holder(nn.Module):
+    """A one-layer model so every variant is injected through its library's normal path."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.to_q = layer
+
+    def forward(self, x):
+        return self.to_q(x)
+
+
+def make_variant(kind: str, base: nn.Module, r: int, targets: list[str]) -> nn.Module:
+    """Wrap ``base`` (its frozen weights shared, not copied) with one adapter kind."""
+    model = copy.deepcopy(base, memo={id(p): p for p in base.parameters()})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if kind == "ours":
+        inject_hra(model, HRAConfig(r=r, target_modules=targets, init_identity=False))
+    elif kind in ("peft_hra", "peft_lora"):
+        from peft import HRAConfig as PeftHRAConfig
+        from peft import LoraConfig, inject_adapter_in_model
+
+        cfg = (
+            PeftHRAConfig(r=r, target_modules=targets, init_weights=False)
+            if kind == "peft_hra"
+            else LoraConfig(r=r, lora_alpha=r, target_modules=targets, init_lora_weights="gaussian")
+        )
+        model = inject_adapter_in_model(cfg, model)
+    return model
+
+
+def layer_step(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
+    model(x).backward(g)
+    for p in params_of(model):
+        p.grad = None
+    x.grad = None
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of distinct tensors autograd saves for backward in ``model(x)``, parameters excluded."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if not isinstance(t, nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(seen.values())
+
+
+def params_of(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def bench_layers(r: int, repeats: int) -> list[dict]:
+    rows = []
+    for d_in, d_out, n in SHAPES:
+        torch.manual_seed(0)
+        base = Holder(nn.Linear(d_in, d_out))
+        models = {k: make_variant(k, base, r, ["to_q"]) for k in VARIANTS}
+        x = torch.randn(n, d_in, requires_grad=True)
+        g = torch.randn(n, d_out)
+
+        times: dict[str, list[float]] = {k: [] for k in VARIANTS}
+        for k in VARIANTS:  # warm-up
+            layer_step(models[k], x, g)
+        for _ in range(repeats):
+            for k in VARIANTS:  # interleaved
+                t0 = time.perf_counter()
+                layer_step(models[k], x, g)
+                times[k].append(time.perf_counter() - t0)
+        mem = {k: saved_bytes(models[k], x) for k in VARIANTS}
+        row = {"shape": f"({d_in}, {d_out}, {n})"}
+        for k in VARIANTS:
+            row[f"{k}_ms"] = 1000 * statistics.median(times[k])
+            row[f"{k}_mib"] = mem[k] / 2**20
+        rows.append(row)
+        print(f"  measured {row['shape']}", file=sys.stderr, flush=True)
+    return rows
+
+
+def sd15_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(cross_attention_dim=768, sample_size=32)
+
+
+def unet_batch():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(1, 4, 32, 32, generator=g), torch.tensor([500]), torch.randn(1, 77, 768, generator=g))
+
+
+def train_step(model, opt, batch):
+    sample, t, enc = batch
+    loss = model(sample, t, enc).sample.float().pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def bench_unet_time(r: int, repeats: int) -> dict[str, float]:
+    base = sd15_unet()
+    kinds = ["ours", "peft_hra", "peft_lora"]
+    models = {k: make_variant(k, base, r, TARGETS) for k in kinds}
+    opts = {k: torch.optim.AdamW(params_of(m), lr=1e-4) for k, m in models.items()}
+    batch = unet_batch()
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for k in kinds:
+        train_step(models[k], opts[k], batch)  # warm-up
+    for i in range(repeats):
+        for k in kinds:
+            t0 = time.perf_counter()
+            train_step(models[k], opts[k], batch)
+            times[k].append(time.perf_counter() - t0)
+        print(f"  unet step round {i + 1}/{repeats}", file=sys.stderr, flush=True)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def unet_peak_child(kind: str, r: int) -> None:
+    """Run in a fresh process: peak RSS of building the UNet + 2 training steps of one variant."""
+    base = sd15_unet()
+    model = make_variant(kind, base, r, TARGETS)
+    del base
+    opt = torch.optim.AdamW(params_of(model), lr=1e-4)
+    after_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    batch = unet_batch()
+    for _ in range(2):
+        train_step(model, opt, batch)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    n = sum(p.numel() for p in params_of(model))
+    print(json.dumps({"peak_kib": peak, "after_build_kib": after_build, "trainable": n}))
+
+
+def bench_unet_memory(r: int) -> dict[str, dict]:
+    out = {}
+    for kind in ["ours", "peft_hra", "peft_lora"]:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--peak-child", kind, "--r", str(r)],
+            capture_output=True, text=True, check=True,
+        )
+        out[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  peak memory measured for {kind}", file=sys.stderr, flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats per layer shape")
+    ap.add_argument("--unet-repeats", type=int, default=3, help="interleaved whole-UNet training steps")
+    ap.add_argument("--skip-unet", action="store_true", help="only the per-layer table")
+    ap.add_argument("--json", help="also write all figures to this JSON file")
+    ap.add_argument("--peak-child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.peak_child:
+        unet_peak_child(args.peak_child, args.r)
+        return
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, r = {args.r}\n")
+    rows = bench_layers(args.r, args.repeats)
+    print("### Per layer, forward + backward (median ms; MiB kept for backward)\n")
+    print("| shape (in, out, tokens) | base | ours | PEFT HRA | PEFT LoRA | ours / LoRA | PEFT HRA / ours | memory ours / LoRA |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['shape']} | {row['base_ms']:.2f} | {row['ours_ms']:.2f} | {row['peft_hra_ms']:.2f} | "
+            f"{row['peft_lora_ms']:.2f} | **{row['ours_ms'] / row['peft_lora_ms']:.2f}x** | "
+            f"**{row['peft_hra_ms'] / row['ours_ms']:.1f}x** | "
+            f"{row['ours_mib']:.2f} / {row['peft_lora_mib']:.2f} MiB (PEFT HRA {row['peft_hra_mib']:.2f}) |"
+        )
+    result: dict = {"layers": rows}
+    if not args.skip_unet:
+        t = bench_unet_time(args.r, args.unet_repeats)
+        mem = bench_unet_memory(args.r)
+        result["unet_step_s"] = t
+        result["unet_memory"] = mem
+        print("\n### Whole SD-1.5-shaped UNet training step (32x32 latent, batch 1, random weights)\n")
+        print("| variant | trainable | step (median s) | peak RSS (GiB) | peak above built model (MiB) |")
+        print("|---|---|---|---|---|")
+        for k in ["ours", "peft_hra", "peft_lora"]:
+            m = mem[k]
+            print(
+                f"| {k} | {m['trainable']:,} | {t[k]:.2f} | {m['peak_kib'] / 2**20:.2f} | "
+                f"{(m['peak_kib'] - m['after_build_kib']) / 1024:.0f} |"
+            )
+        print(
+            f"\nratios: time ours/LoRA = **{t['ours'] / t['peft_lora']:.2f}x**, "
+            f"PEFT HRA/ours = **{t['peft_hra'] / t['ours']:.2f}x**, "
+            f"peak RSS ours/LoRA = **{mem['ours']['peak_kib'] / mem['peft_lora']['peak_kib']:.3f}x**"
+        )
+    print("\ngoals: ours <= 1.15x LoRA time at every shape and for the whole step; PEFT HRA >= 3x slower than "
+          "ours at the 1280-wide shapes; whole-step peak memory <= 1.05x LoRA's")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
