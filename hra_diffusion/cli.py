@@ -1,0 +1,203 @@
+"""The ``hra-diffusion`` command: generate images from an adapter, and score sample sets.
+
+One ``add_<name>_parser`` / ``run_<name>`` pair per subcommand; add a new one to SUBCOMMANDS.
+Heavy imports (torch, diffusers, open_clip) happen inside the run functions, so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["build_parser", "main", "SUBCOMMANDS"]
+
+EPILOG = """examples:
+  hra-diffusion generate --adapter out/dog-hra --prompt "a photo of qwe dog on the beach" \\
+      --num-images 4 --scheduler dpm-solver --steps 25 --reference-dir data/dog --out samples/dog
+  hra-diffusion score subject --samples samples/dog
+  hra-diffusion generate --adapter out/canny-hra --prompts-file data/heldout/metadata.jsonl \\
+      --scheduler ddim --steps 50 --guidance 9 --out samples/canny
+  hra-diffusion score control --samples samples/canny --metrics canny
+"""
+
+
+# ---- generate ------------------------------------------------------------------------------------
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from .generate import DTYPES, SCHEDULERS
+
+    p = sub.add_parser(
+        "generate", help="make images from a base model + HRA adapter (PNGs + manifest.jsonl)",
+        description="Generate images from a Stable Diffusion base model with an HRA adapter (ours from either "
+                    "trainer, or a PEFT HRA adapter; <adapter>/text_encoder/ is loaded too when present). "
+                    "Writes PNGs and manifest.jsonl, which `hra-diffusion score` reads.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors); "
+                                     "leave out to sample the base model alone")
+    p.add_argument("--base", dest="base_model", help="base model: diffusers folder or hub id (default: the "
+                   "adapter's recorded base if it is a local folder, else the tiny world assets/tiny-sd)")
+    p.add_argument("--out", "--output-dir", dest="output_dir", required=True, help="output folder (must be empty "
+                   "or new, unless --overwrite)")
+    g = p.add_argument_group("prompts and conditions")
+    g.add_argument("--prompt", dest="prompts", action="append", default=[], help="a prompt (repeatable)")
+    g.add_argument("--prompts-file", help=".txt with one prompt per line, or .jsonl with prompt/text, "
+                   "condition/conditioning_image, condition_source/image, label, reference_dir")
+    g.add_argument("--condition", dest="conditions", action="append", default=[], help="condition image for a "
+                   "control adapter (repeatable: one per prompt, or one for all)")
+    g.add_argument("--reference-dir", help="real subject images, recorded in the manifest for `score subject`")
+    g.add_argument("--negative-prompt")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--num-images", dest="num_images_per_prompt", type=int, default=4, help="images per prompt")
+    s.add_argument("--seed", type=int, default=0, help="image k of every prompt uses seed + k")
+    s.add_argument("--seeds", type=int, nargs="+", help="explicit seeds, one per image (overrides --num-images)")
+    s.add_argument("--steps", type=int, default=25, help="denoising steps")
+    s.add_argument("--guidance", dest="guidance_scale", type=float, default=7.5, help="classifier-free guidance")
+    s.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the base model's own)")
+    s.add_argument("--height", type=int, help="image height (default: the model's native size)")
+    s.add_argument("--width", type=int, help="image width (default: the model's native size)")
+    s.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--merge", action="store_true", help="fold the adapter into the weights (W <- W H) before "
+                   "sampling instead of running it live; same images, faster")
+    r.add_argument("--device", help="cuda, cuda:1, cpu, mps (default: cuda when available, else cpu)")
+    r.add_argument("--dtype", choices=DTYPES, help="default: fp16 on cuda, fp32 on cpu")
+    r.add_argument("--no-safety-checker", dest="safety_checker", action="store_false",
+                   help="do not load the base model's safety checker")
+    r.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    return p
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .generate import GenerateConfig, generate
+
+    fields = GenerateConfig.__dataclass_fields__
+    cfg = GenerateConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    out = generate(cfg)
+    print(f"wrote {out}/ (images + manifest.jsonl); score it with: hra-diffusion score subject|control --samples {out}")
+    return 0
+
+
+# ---- score ---------------------------------------------------------------------------------------
+
+def _add_score_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--samples", required=True, help="folder written by `generate` (images + manifest.jsonl)")
+    p.add_argument("--out", help="where metrics.json, per_image.csv and report.html go (default: --samples)")
+    p.add_argument("--metrics", help="comma-separated metric names (see above)")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+
+
+def add_score_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("score", help="score a sample set (subject fidelity or control consistency)",
+                       description="Score a folder written by `generate`; writes metrics.json, per_image.csv and "
+                                   "a self-contained report.html.")
+    kinds = p.add_subparsers(dest="score_kind", metavar="{subject,control}", required=True)
+    subj = kinds.add_parser(
+        "subject", formatter_class=fmt, help="DINO, CLIP-I, CLIP-T (and LPIPS) against real subject images",
+        description="DreamBooth/HRA protocol: DINO (CLS token) and CLIP-I as mean cosine over ALL real x "
+                    "generated pairs; CLIP-T against each image's prompt (identifier included); LPIPS over "
+                    "the same pairs when the lpips package is installed. All-black images are skipped and "
+                    "counted. Metrics: dino, clip_i, clip_t, lpips.")
+    _add_score_common(subj)
+    subj.add_argument("--reference", help="real subject images (default: reference_dir of the manifest)")
+    subj.add_argument("--dino-model", default="facebook/dino-vits16", help="hub id or local folder")
+    subj.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name, or local-dir:/path")
+    subj.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag, or a local "
+                      ".safetensors checkpoint")
+    subj.add_argument("--lpips-net", default="vgg", help="LPIPS backbone (vgg, alex, squeeze)")
+    subj.add_argument("--batch-size", type=int, default=16, help="images per feature-extraction batch")
+    subj.add_argument("--cache-dir", help="feature cache (default: $HRA_DIFFUSION_CACHE or ~/.cache/hra-diffusion)")
+    ctrl = kinds.add_parser(
+        "control", formatter_class=fmt, help="Canny F1/IoU and (with weights) HED/lineart SSIM, depth RMSE, "
+                                            "segmentation mIoU, landmark error",
+        description="ControlNet++/OFT protocol: the generated image's map against the condition's. Metrics: canny "
+                    "(F1, IoU; weight-free), hed, lineart (SSIM), depth (RMSE, 0-255), seg (SegFormer mIoU), "
+                    "landmarks (68-point L2 error). Default: canny.")
+    _add_score_common(ctrl)
+    for name, default in (("hed", "lllyasviel/Annotators"), ("lineart", "lllyasviel/Annotators"),
+                          ("depth", "Intel/dpt-hybrid-midas"), ("seg", "nvidia/segformer-b4-finetuned-ade-512-512")):
+        ctrl.add_argument(f"--{name}-model", default=default, help=f"{name} weights: hub id or local folder")
+    ctrl.add_argument("--skip-unavailable", action="store_true", help="note metrics whose weights cannot be "
+                      "loaded in the report instead of failing")
+    return p
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _progress(enabled: bool) -> Callable | None:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return lambda it: tqdm(it, desc="score", unit="batch", leave=False)
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from .metrics.report import write_outputs
+
+    if args.score_kind == "subject":
+        from .metrics.subject import score_subject
+
+        result = score_subject(
+            args.samples, reference_dir=args.reference, metrics=args.metrics, dino=args.dino_model,
+            clip=args.clip_model, clip_pretrained=args.clip_pretrained, lpips_model=args.lpips_net,
+            cache_dir=args.cache_dir, batch_size=args.batch_size, device=_device(args.device),
+            progress=_progress(args.progress),
+        )
+    else:
+        from .metrics.control_metrics import score_control
+
+        models = {k: getattr(args, f"{k}_model") for k in ("hed", "lineart", "depth", "seg")}
+        result = score_control(args.samples, metrics=args.metrics, models=models,
+                               skip_unavailable=args.skip_unavailable, device=_device(args.device),
+                               progress=_progress(args.progress))
+    paths = write_outputs(result, args.out or args.samples)
+    width = max(len(k) for k in result.summary)
+    for key, value in result.summary.items():
+        print(f"{key:<{width}}  {value:.4f}")
+    print(", ".join(f"{k}: {v}" for k, v in result.counts.items()))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+SUBCOMMANDS: dict[str, tuple[Callable, Callable]] = {
+    "generate": (add_generate_parser, run_generate),
+    "score": (add_score_parser, run_score),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hra-diffusion", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Householder Reflection Adaptation (HRA) for Stable Diffusion: generate from adapters, "
+                    "score sample sets.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}", required=True)
+    for add, run in SUBCOMMANDS.values():
+        add(sub).set_defaults(func=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: sys.argv[1:]) and run the subcommand; errors print one clear line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError, OSError, RuntimeError) as err:
+        print(f"hra-diffusion {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

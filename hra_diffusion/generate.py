@@ -1,0 +1,349 @@
+"""Generate images from a base Stable Diffusion model plus an HRA adapter; write PNGs + manifest.jsonl.
+
+The manifest is what ``hra-diffusion score`` reads: one JSON object per image with its file, prompt,
+seed, sampler settings, condition image, adapter and base model. Every image has its own seeded CPU
+generator, so an image depends on its seed only (not on the batch it was drawn in).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .adapter_io import ADAPTER_CONFIG, atomic_directory, load_adapter, read_adapter
+from .model import merge_hra
+
+__all__ = [
+    "SCHEDULERS",
+    "DTYPES",
+    "GenerateConfig",
+    "PromptEntry",
+    "read_prompts",
+    "default_base_model",
+    "load_pipeline",
+    "generate",
+]
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpm-solver": "DPMSolverMultistepScheduler",
+    "dpm-solver-sde": "DPMSolverSDEScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "ddpm": "DDPMScheduler",
+}
+DTYPES = ("fp32", "fp16", "bf16")
+MANIFEST = "manifest.jsonl"
+
+
+@dataclass
+class GenerateConfig:
+    """Everything ``generate`` needs; the CLI's flags map one-to-one onto these fields."""
+
+    output_dir: str
+    adapter: str | None = None  # None: the base model alone (a baseline)
+    base_model: str | None = None  # None: the adapter's recorded base if local, else the tiny world
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: str | None = None
+    conditions: list[str] = field(default_factory=list)  # one per prompt, or one for all
+    reference_dir: str | None = None
+    negative_prompt: str | None = None
+    num_images_per_prompt: int = 4
+    seed: int = 0
+    seeds: list[int] | None = None  # explicit seeds, one per image of each prompt
+    steps: int = 25
+    guidance_scale: float = 7.5
+    scheduler: str | None = None  # None: the scheduler saved with the base model
+    height: int | None = None
+    width: int | None = None
+    merge: bool = False
+    batch_size: int = 4
+    device: str | None = None
+    dtype: str | None = None
+    safety_checker: bool = True
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        for name in ("num_images_per_prompt", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+        if self.seeds is not None and not self.seeds:
+            raise ValueError("seeds is an empty list; give at least one seed or leave it out")
+
+
+@dataclass
+class PromptEntry:
+    """One prompt and what goes with it (condition image, its source, a label map, a reference folder)."""
+
+    prompt: str
+    condition: Path | None = None
+    condition_source: Path | None = None
+    label: Path | None = None
+    reference_dir: Path | None = None
+
+
+def _resolve(base: Path, value: Any) -> Path | None:
+    if value in (None, ""):
+        return None
+    p = Path(str(value))
+    return p if p.is_absolute() else base / p
+
+
+def read_prompts(path: str | os.PathLike) -> list[PromptEntry]:
+    """Prompts from a file: .txt (one per line, '#' comments and blank lines skipped) or .jsonl with
+    keys prompt|text, condition|conditioning_image, condition_source|image, label, reference_dir
+    (relative paths are relative to the file; the control trainer's metadata.jsonl reads as is)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
+    entries: list[PromptEntry] = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix.lower() in (".jsonl", ".json"):
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno} is not valid JSON ({err})") from None
+            prompt = doc.get("prompt", doc.get("text")) if isinstance(doc, dict) else None
+            if not isinstance(prompt, str):
+                raise ValueError(f"{path}:{lineno} has no 'prompt' (or 'text') string")
+            entries.append(PromptEntry(
+                prompt=prompt,
+                condition=_resolve(path.parent, doc.get("condition", doc.get("conditioning_image"))),
+                condition_source=_resolve(path.parent, doc.get("condition_source", doc.get("image"))),
+                label=_resolve(path.parent, doc.get("label")),
+                reference_dir=_resolve(path.parent, doc.get("reference_dir")),
+            ))
+    else:
+        entries = [PromptEntry(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not entries:
+        raise ValueError(f"prompts file {str(path)!r} holds no prompts")
+    return entries
+
+
+def default_base_model(adapter_doc: dict[str, Any] | None) -> str:
+    """The adapter's recorded base model if it is a local folder that exists, else the tiny world."""
+    recorded = (adapter_doc or {}).get("base_model") or (adapter_doc or {}).get("base_model_name_or_path")
+    if recorded and Path(str(recorded)).is_dir():
+        return str(recorded)
+    try:
+        from .tiny.paths import TINY_MODEL_DIR
+    except ImportError:  # the tiny-world package is optional
+        TINY_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-sd"
+    if Path(TINY_MODEL_DIR).is_dir():
+        return str(TINY_MODEL_DIR)
+    hint = f" (the adapter records {recorded!r}, which is not a local folder)" if recorded else ""
+    raise FileNotFoundError(
+        f"no base model given and the tiny world {str(TINY_MODEL_DIR)!r} is not built{hint}: pass --base "
+        "<diffusers pipeline folder or hub id>, or build the tiny world with `python -m hra_diffusion.tiny build`"
+    )
+
+
+def _device_and_dtype(device: str | None, dtype: str | None):
+    import torch
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = dtype or ("fp16" if str(dev).startswith("cuda") else "fp32")
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    if str(dev) == "cpu" and name == "fp16":
+        raise ValueError("fp16 on CPU is not supported by most kernels; use --dtype fp32 or bf16 on CPU")
+    return torch.device(dev), torch_dtype, name
+
+
+def load_pipeline(base: str, torch_dtype, safety_checker: bool = True):
+    """A StableDiffusionPipeline from a local folder or hub id, with an actionable message when it fails."""
+    from diffusers import StableDiffusionPipeline
+
+    local = Path(base)
+    if (local.is_absolute() or base.startswith(".") or local.exists()) and not (local / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"base model folder {base!r} " + ("has no model_index.json: it is not a diffusers pipeline folder"
+                                              if local.exists() else "does not exist")
+        )
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
+    if not safety_checker:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        return StableDiffusionPipeline.from_pretrained(base, **kwargs)
+    except (OSError, ValueError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+        raise OSError(
+            f"could not load base model {base!r}" + (" (HF_HUB_OFFLINE is set)" if offline else "")
+            + f": {str(err).splitlines()[0] if str(err) else type(err).__name__}\n"
+            f"Download it on a machine with internet access (`huggingface-cli download {base}`) and pass the "
+            "local folder with --base /path/to/model (a diffusers folder with model_index.json)."
+        ) from None
+
+
+def _set_scheduler(pipe, name: str | None) -> str:
+    if name is None:
+        return type(pipe.scheduler).__name__
+    import diffusers
+
+    cls = getattr(diffusers, SCHEDULERS[name], None)
+    if cls is None:
+        raise ValueError(f"scheduler {name!r} ({SCHEDULERS[name]}) is not available in this diffusers version")
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    return type(pipe.scheduler).__name__
+
+
+def _entries(cfg: GenerateConfig) -> list[PromptEntry]:
+    entries = [PromptEntry(p) for p in cfg.prompts]
+    if cfg.prompts_file:
+        entries += read_prompts(cfg.prompts_file)
+    if not entries:
+        raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    if cfg.conditions:
+        if len(cfg.conditions) not in (1, len(entries)):
+            raise ValueError(
+                f"{len(cfg.conditions)} condition images for {len(entries)} prompts: give one per prompt, or one for all"
+            )
+        conds = cfg.conditions * len(entries) if len(cfg.conditions) == 1 else cfg.conditions
+        for e, c in zip(entries, conds, strict=True):
+            e.condition = Path(c)
+    for e in entries:
+        if cfg.reference_dir:
+            e.reference_dir = Path(cfg.reference_dir)
+        for key in ("condition", "condition_source", "label"):
+            p = getattr(e, key)
+            if p is not None and not p.is_file():
+                raise FileNotFoundError(f"{key.replace('_', ' ')} image {str(p)!r} (prompt {e.prompt!r}) does not exist")
+        if e.reference_dir is not None and not e.reference_dir.is_dir():
+            raise FileNotFoundError(f"reference folder {str(e.reference_dir)!r} does not exist")
+    return entries
+
+
+def generate(cfg: GenerateConfig) -> Path:
+    """Run the pipeline over every (prompt, seed) and write ``cfg.output_dir`` atomically; returns it."""
+    import torch
+    from PIL import Image
+
+    out_dir = Path(cfg.output_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not cfg.overwrite:
+        raise FileExistsError(f"output folder {str(out_dir)!r} is not empty; pass --overwrite to replace it")
+    entries = _entries(cfg)
+    adapter_doc: dict[str, Any] | None = None
+    if cfg.adapter is not None:
+        adapter_doc, _, _ = read_adapter(cfg.adapter)  # validates the folder before the model is loaded
+    is_control = bool(adapter_doc and adapter_doc.get("condition_encoder"))
+    has_condition = any(e.condition is not None for e in entries)
+    if is_control and not has_condition:
+        raise ValueError(f"adapter {cfg.adapter} is a control adapter: give condition images with --condition "
+                         "(or 'condition' in a .jsonl prompts file)")
+    if has_condition and not is_control:
+        raise ValueError("condition images were given but " + (f"adapter {cfg.adapter} has no condition encoder"
+                         if cfg.adapter else "no (control) adapter was given"))
+
+    device, torch_dtype, dtype_name = _device_and_dtype(cfg.device, cfg.dtype)
+    base = cfg.base_model or default_base_model(adapter_doc)
+    pipe = load_pipeline(base, torch_dtype, safety_checker=cfg.safety_checker).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    scheduler_name = _set_scheduler(pipe, cfg.scheduler)
+
+    handle = None
+    text_adapter = None
+    if cfg.adapter is not None:
+        if is_control:
+            from .control import attach_condition_encoder, load_control_adapter
+
+            _, encoder = load_control_adapter(pipe.unet, cfg.adapter)
+            handle = attach_condition_encoder(pipe.unet, encoder)
+        else:
+            load_adapter(pipe.unet, cfg.adapter)
+        te_dir = Path(cfg.adapter) / "text_encoder"
+        if (te_dir / ADAPTER_CONFIG).is_file():
+            load_adapter(pipe.text_encoder, te_dir)
+            text_adapter = str(te_dir.resolve())
+        if cfg.merge:
+            merge_hra(pipe.unet)
+            if text_adapter:
+                merge_hra(pipe.text_encoder)
+
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    height = cfg.height or pipe.unet.config.sample_size * scale
+    width = cfg.width or pipe.unet.config.sample_size * scale
+    seeds = list(cfg.seeds) if cfg.seeds is not None else [cfg.seed + k for k in range(cfg.num_images_per_prompt)]
+    jobs = [(pi, k, s) for pi in range(len(entries)) for k, s in enumerate(seeds)]
+    common = {
+        "steps": cfg.steps, "guidance": cfg.guidance_scale, "scheduler": scheduler_name, "height": height,
+        "width": width, "negative_prompt": cfg.negative_prompt,
+        "adapter": str(Path(cfg.adapter).resolve()) if cfg.adapter else None,
+        "adapter_source": (adapter_doc or {}).get("source", "hra-diffusion" if adapter_doc else None),
+        "adapter_kind": "control" if is_control else ("subject" if adapter_doc else None),
+        "text_encoder_adapter": text_adapter, "merged": bool(cfg.merge and cfg.adapter),
+        "base": str(Path(base).resolve()) if Path(base).is_dir() else base, "dtype": dtype_name,
+        "device": str(device),
+    }
+
+    from tqdm.auto import tqdm
+
+    from .control import prepare_condition
+
+    with atomic_directory(out_dir) as tmp:
+        cond_names: dict[Path, str] = {}
+        if has_condition:
+            (tmp / "conditions").mkdir()
+            for e in entries:
+                if e.condition is not None and e.condition not in cond_names:
+                    name = f"conditions/{len(cond_names):04d}_{e.condition.name}"
+                    shutil.copyfile(e.condition, tmp / name)
+                    cond_names[e.condition] = name
+        rows = []
+        batches = [jobs[i : i + cfg.batch_size] for i in range(0, len(jobs), cfg.batch_size)]
+        for batch in tqdm(batches, desc="generate", unit="batch", disable=not cfg.progress):
+            if handle is not None:
+                images = []
+                for pi, _, _ in batch:
+                    with Image.open(entries[pi].condition) as img:
+                        images.append(img.convert("RGB"))
+                handle.set_condition(prepare_condition(images, height, width).to(device))
+            generators = [torch.Generator("cpu").manual_seed(int(s)) for _, _, s in batch]
+            with torch.inference_mode():
+                result = pipe(
+                    prompt=[entries[pi].prompt for pi, _, _ in batch],
+                    negative_prompt=[cfg.negative_prompt] * len(batch) if cfg.negative_prompt else None,
+                    num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=height, width=width,
+                    generator=generators, output_type="pil",
+                )
+            nsfw = getattr(result, "nsfw_content_detected", None) or [None] * len(batch)
+            for (pi, k, s), image, flagged in zip(batch, result.images, nsfw, strict=True):
+                e = entries[pi]
+                name = f"p{pi:04d}_{k:02d}_s{s}.png"
+                image.save(tmp / name)
+                rows.append({
+                    "file": name, "prompt": e.prompt, "prompt_index": pi, "image_index": k, "seed": int(s),
+                    **common,
+                    "condition": cond_names.get(e.condition) if e.condition is not None else None,
+                    "condition_original": str(e.condition.resolve()) if e.condition is not None else None,
+                    "condition_source": str(e.condition_source.resolve()) if e.condition_source else None,
+                    "label": str(e.label.resolve()) if e.label else None,
+                    "reference_dir": str(e.reference_dir.resolve()) if e.reference_dir else None,
+                    "nsfw": flagged,
+                })
+        if handle is not None:
+            handle.remove()
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        settings = {k: v for k, v in asdict(cfg).items() if k != "progress"}
+        (tmp / "generate_config.json").write_text(json.dumps({**settings, "resolved": common}, indent=2) + "\n")
+    return out_dir

@@ -1,0 +1,200 @@
+"""Subject fidelity of DreamBooth-style samples: DINO, CLIP-I, CLIP-T and LPIPS (anchors.md protocol).
+
+DINO / CLIP-I / LPIPS: every generated image against every real image of its subject, averaged over
+ALL pairs. CLIP-T: each image against the prompt it was generated from (identifier included).
+All-black images (safety-filtered) are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .cache import FeatureCache, cached_features, default_cache_dir
+from .extractors import (
+    DEFAULT_CLIP_MODEL,
+    DEFAULT_CLIP_PRETRAINED,
+    DEFAULT_DINO,
+    CLIPExtractor,
+    DINOExtractor,
+    WeightsUnavailableError,
+    load_clip,
+    load_dino,
+)
+from .functional import is_all_black, matched_cosine, pairwise_cosine
+from .result import ScoreResult, parse_metric_names
+from .samples import SampleRow, list_images, load_image, read_samples
+
+__all__ = ["SUBJECT_METRICS", "default_subject_metrics", "score_subject", "lpips_available", "load_lpips"]
+
+SUBJECT_METRICS = {
+    "dino": "DINO ViT-S/16 CLS cosine, real x generated (higher is better)",
+    "clip_i": "CLIP image-image cosine, real x generated (higher is better)",
+    "clip_t": "CLIP image-prompt cosine (higher is better)",
+    "lpips": "LPIPS distance, real x generated (lower is better; needs the lpips package)",
+}
+
+
+def lpips_available() -> bool:
+    return importlib.util.find_spec("lpips") is not None
+
+
+def default_subject_metrics() -> list[str]:
+    return ["dino", "clip_i", "clip_t"] + (["lpips"] if lpips_available() else [])
+
+
+def load_lpips(model: str | torch.nn.Module = "vgg", device: str | torch.device = "cpu") -> torch.nn.Module:
+    """LPIPS (Zhang et al. 2018) from the ``lpips`` package ('vgg' as in the HRA evaluation), or a built module."""
+    if isinstance(model, torch.nn.Module):
+        return model.to(device).eval()
+    if not lpips_available():
+        raise WeightsUnavailableError("LPIPS needs the `lpips` package: pip install lpips (or drop lpips from --metrics)")
+    import lpips
+
+    try:
+        return lpips.LPIPS(net=str(model), verbose=False).to(device).eval()
+    except Exception as err:  # torchvision backbone download failures come in many types
+        raise WeightsUnavailableError(
+            f"could not load LPIPS-{model} weights ({type(err).__name__}: {err}); its {model} backbone comes "
+            "from torchvision's download cache: put the weights file in $TORCH_HOME/hub/checkpoints "
+            "on a machine with internet access first"
+        ) from None
+
+
+def _lpips_pairs(model: torch.nn.Module, reals: list[torch.Tensor], gens: list[torch.Tensor], device) -> torch.Tensor:
+    """(R, G) LPIPS distances; each real image is resized to its generated image's size."""
+    out = torch.zeros(len(reals), len(gens))
+    with torch.no_grad():
+        for j, g in enumerate(gens):
+            size = g.shape[-2:]
+            r = torch.stack([F.interpolate(x[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+                             for x in reals])
+            g2 = g[None].expand(len(reals), -1, -1, -1)
+            d = model(r.to(device) * 2 - 1, g2.to(device) * 2 - 1)  # lpips wants [-1, 1]
+            out[:, j] = d.flatten().float().cpu()
+    return out
+
+
+def score_subject(
+    samples_dir: str | os.PathLike,
+    reference_dir: str | os.PathLike | None = None,
+    metrics: str | list[str] | None = None,
+    dino: str | os.PathLike | torch.nn.Module | DINOExtractor = DEFAULT_DINO,
+    clip: str | torch.nn.Module | CLIPExtractor = DEFAULT_CLIP_MODEL,
+    clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
+    clip_tokenizer=None,
+    lpips_model: str | torch.nn.Module = "vgg",
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    progress: Callable | None = None,
+) -> ScoreResult:
+    """Score a samples folder against real subject images; see the module docstring for the protocol."""
+    names = parse_metric_names(metrics, SUBJECT_METRICS, default_subject_metrics())
+    rows = read_samples(samples_dir)
+    if reference_dir is not None:
+        for row in rows:
+            row.reference_dir = Path(reference_dir)
+    needs_ref = [n for n in names if n != "clip_t"]
+    if needs_ref:
+        missing = [r for r in rows if r.reference_dir is None]
+        if missing:
+            raise ValueError(
+                f"{', '.join(needs_ref)} compare with real subject images, but {missing[0].file.name} has no "
+                "reference folder: pass --reference DIR (or generate with --reference-dir)"
+            )
+    if "clip_t" in names:
+        no_prompt = [r for r in rows if not r.prompt]
+        if no_prompt:
+            raise ValueError(
+                f"clip_t needs each image's prompt, but {no_prompt[0].file.name} has none (no manifest.jsonl "
+                f"in {samples_dir}?); score a folder written by `generate`, or pass --metrics without clip_t"
+            )
+
+    gen_pixels = {r.file: load_image(r.file) for r in rows}
+    black = {f for f, x in gen_pixels.items() if bool(is_all_black(x[None])[0])}
+    kept = [r for r in rows if r.file not in black]
+    if not kept:
+        raise ValueError(f"every image in {samples_dir} is all black (safety-filtered?): nothing to score")
+
+    groups: dict[Path, list[SampleRow]] = {}
+    refs: dict[Path, list[Path]] = {}
+    black_refs = 0
+    if needs_ref:
+        for r in kept:
+            groups.setdefault(r.reference_dir, []).append(r)
+        for ref_dir in groups:
+            files = list_images(ref_dir, "reference")
+            good = [f for f in files if not bool(is_all_black(load_image(f)[None])[0])]
+            black_refs += len(files) - len(good)
+            if not good:
+                raise ValueError(f"every image in reference folder {str(ref_dir)!r} is all black")
+            refs[ref_dir] = good
+
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    per_image: dict[Path, dict[str, Any]] = {
+        r.file: {"file": str(r.file), "prompt": r.prompt or "", "reference_dir": str(r.reference_dir or ""),
+                 "skipped": ""} for r in rows}
+    for f in black:
+        per_image[f]["skipped"] = "all-black"
+    summary: dict[str, float] = {}
+    info: dict[str, Any] = {"samples_dir": str(samples_dir), "metrics": names}
+
+    def features(extractor, files: list[Path]) -> torch.Tensor:
+        cache = FeatureCache(cache_root, extractor.cache_key)
+        return cached_features(files, extractor, load_image, cache, batch_size=batch_size, progress=progress)
+
+    def pair_metric(metric: str, extractor) -> None:
+        total, count = 0.0, 0
+        for ref_dir, members in groups.items():
+            real = features(extractor, refs[ref_dir])
+            gen = features(extractor, [m.file for m in members])
+            sims = pairwise_cosine(real, gen)  # (R, G)
+            total += sims.sum().item()
+            count += sims.numel()
+            for m, v in zip(members, sims.mean(0).tolist(), strict=True):
+                per_image[m.file][metric] = v
+        summary[metric] = total / count
+
+    if "dino" in names:
+        extractor = dino if isinstance(dino, DINOExtractor) else load_dino(dino, device=device)
+        info["dino_model"] = extractor.cache_key
+        pair_metric("dino", extractor)
+    clip_extractor = None
+    if "clip_i" in names or "clip_t" in names:
+        clip_extractor = clip if isinstance(clip, CLIPExtractor) else load_clip(
+            clip, clip_pretrained, device=device, tokenizer=clip_tokenizer)
+        info["clip_model"] = clip_extractor.cache_key
+    if "clip_i" in names:
+        pair_metric("clip_i", clip_extractor)
+    if "clip_t" in names:
+        img = features(clip_extractor, [r.file for r in kept])
+        txt = clip_extractor.encode_text([r.prompt for r in kept])
+        values = matched_cosine(img, txt)
+        for r, v in zip(kept, values.tolist(), strict=True):
+            per_image[r.file]["clip_t"] = v
+        summary["clip_t"] = values.mean().item()
+    if "lpips" in names:
+        model = load_lpips(lpips_model, device=device)
+        info["lpips_model"] = lpips_model if isinstance(lpips_model, str) else type(lpips_model).__name__
+        total, count = 0.0, 0
+        for ref_dir, members in groups.items():
+            reals = [load_image(f) for f in refs[ref_dir]]
+            d = _lpips_pairs(model, reals, [gen_pixels[m.file] for m in members], device)
+            total += d.sum().item()
+            count += d.numel()
+            for m, v in zip(members, d.mean(0).tolist(), strict=True):
+                per_image[m.file]["lpips"] = v
+        summary["lpips"] = total / count
+
+    counts = {"images": len(rows), "scored": len(kept), "skipped_black": len(black),
+              "references": sum(len(v) for v in refs.values()), "skipped_black_references": black_refs,
+              "reference_sets": len(refs)}
+    return ScoreResult(kind="subject", summary=summary, per_image=[per_image[r.file] for r in rows],
+                       counts=counts, info=info, references=[f for v in refs.values() for f in v])
