@@ -1,0 +1,77 @@
+"""Model card (README.md) for a trained adapter: what it is, how it was made, samples, how to load it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["write_model_card"]
+
+
+def _rel(path: str | os.PathLike, root: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def write_model_card(
+    output_dir: str | os.PathLike,
+    *,
+    title: str,
+    base_model: str,
+    command: str,
+    summary: str,
+    adapters: dict[str, str],
+    facts: dict[str, object],
+    sample_images: Sequence[str | os.PathLike] = (),
+    usage: str = "",
+    notes: Sequence[str] = (),
+) -> Path:
+    """Write ``<output_dir>/README.md``. ``adapters`` maps a folder to what it holds; ``facts`` is a table."""
+    root = Path(output_dir)
+    lines = [
+        "---",
+        f"base_model: {base_model}",
+        "library_name: hra-diffusion",
+        "tags: [hra, householder-reflection-adaptation, stable-diffusion, text-to-image]",
+        "---",
+        "",
+        f"# {title}",
+        "",
+        summary,
+        "",
+        "## Files",
+        "",
+        "| folder | what |",
+        "|---|---|",
+        *[f"| `{_rel(k, root)}/` | {v} |" for k, v in adapters.items()],
+        "| `config.yaml` | the resolved training config (reusable: `--config config.yaml`) |",
+        "| `validation/` | validation grids (one row per prompt, fixed seeds) |",
+        "| `logs/` | tensorboard logs (`tensorboard --logdir logs`) |",
+        "",
+        "## Training",
+        "",
+        "Exact command:",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in facts.items()],
+        "",
+    ]
+    if sample_images:
+        lines += ["## Samples", ""]
+        lines += [f"![sample]({_rel(p, root)})" for p in sample_images]
+        lines.append("")
+    if usage:
+        lines += ["## Use", "", "```python", usage.strip(), "```", ""]
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    path = root / "README.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,348 @@
+"""Typed training configs: dataclass defaults < YAML recipe (only changes) < ``--key value`` overrides.
+
+Every entry point has one dataclass (subclass of :class:`TrainConfig`). ``parse_config`` reads the
+recipe named by ``--config`` (or the entry point's default recipe), then the command-line overrides;
+unknown keys and values of the wrong type raise with a message naming the key. The resolved config
+is written to the output directory as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from ..config import DEFAULT_TARGETS, TEXT_ENCODER_TARGETS
+
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "DreamBoothConfig",
+    "parse_config",
+    "load_recipe",
+    "apply_overrides",
+    "config_to_dict",
+    "save_resolved_config",
+    "RESOLVED_CONFIG_NAME",
+]
+
+RESOLVED_CONFIG_NAME = "config.yaml"
+C = TypeVar("C", bound="TrainConfig")
+
+
+class ConfigError(ValueError):
+    """A bad recipe key/value or command-line override (the message names the key)."""
+
+
+def _internal(default: Any) -> Any:
+    """A field filled by the program, not settable from a recipe or the command line."""
+    return field(default=default, metadata={"internal": True})
+
+
+@dataclass
+class TrainConfig:
+    """Settings every HRA trainer shares (model, data transform, optimisation, checkpoints, logging)."""
+
+    # base model
+    pretrained_model: str = "runwayml/stable-diffusion-v1-5"
+    revision: str | None = None
+    variant: str | None = None
+    # output
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    # data transform
+    resolution: int = 512
+    center_crop: bool = True
+    random_flip: bool = False
+    dataloader_num_workers: int = 0
+    cache_latents: bool = False
+    # HRA on the UNet
+    r: int = 8
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    apply_gs: bool = False
+    orth_lambda: float = 0.0
+    # optimisation
+    train_batch_size: int = 1
+    max_train_steps: int = 1000
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    learning_rate: float = 1e-4
+    scale_lr: bool = False
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    use_8bit_adam: bool = False
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    # checkpoints
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    # validation
+    validation_prompts: list[str] = field(default_factory=list)
+    num_validation_images: int = 4
+    validation_steps: int = 200
+    validation_inference_steps: int = 25
+    validation_guidance_scale: float = 7.5
+    validation_seed: int = 0
+    # logging
+    report_to: str = "tensorboard"
+    logging_steps: int = 1
+    # filled by the program
+    command: str = _internal("")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError for values no trainer can use (each message names the key)."""
+        positive = ["resolution", "r", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
+                    "checkpointing_steps", "num_validation_images", "validation_steps",
+                    "validation_inference_steps", "logging_steps", "lr_num_cycles"]
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
+        for key in ["learning_rate", "adam_epsilon"]:
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        for key in ["lr_warmup_steps", "adam_weight_decay", "orth_lambda", "max_grad_norm", "dataloader_num_workers"]:
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ConfigError(
+                f"checkpoints_total_limit must be >= 1 (or null for no limit), got {self.checkpoints_total_limit!r}"
+            )
+        if self.report_to not in ("tensorboard", "none"):
+            raise ConfigError(f"report_to must be 'tensorboard' or 'none', got {self.report_to!r}")
+        if self.resolution % 8:
+            raise ConfigError(f"resolution must be a multiple of 8 (the VAE downsamples), got {self.resolution}")
+        if not self.target_modules:
+            raise ConfigError("target_modules must name at least one module-name suffix, e.g. [to_q, to_v]")
+        if self.r % 2 and not self.apply_gs:
+            raise ConfigError(
+                f"r={self.r} is odd: HRA's identity initialisation pairs equal reflections, so r must be even "
+                f"(e.g. r={self.r + 1}); or set apply_gs: true (Gram-Schmidt, which starts non-identity)"
+            )
+        if self.cache_latents and not self.center_crop:
+            raise ConfigError(
+                "cache_latents needs center_crop: true (a cached latent cannot be re-cropped at random)"
+            )
+
+
+@dataclass
+class DreamBoothConfig(TrainConfig):
+    """Subject-driven (DreamBooth) HRA fine-tuning settings."""
+
+    subject_file: str | None = None
+    instance_data_dir: str | None = None
+    instance_prompt: str | None = None
+    with_prior_preservation: bool = False
+    class_data_dir: str | None = None
+    class_prompt: str | None = None
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    sample_batch_size: int = 4
+    class_inference_steps: int = 25
+    train_text_encoder: bool = False
+    text_encoder_r: int = 8
+    text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
+    text_encoder_lr: float | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_class_images < 1 or self.sample_batch_size < 1 or self.class_inference_steps < 1:
+            raise ConfigError("num_class_images, sample_batch_size and class_inference_steps must be >= 1")
+        if self.prior_loss_weight < 0:
+            raise ConfigError(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight!r}")
+        if self.text_encoder_r % 2:
+            raise ConfigError(f"text_encoder_r={self.text_encoder_r} is odd: use an even r (e.g. {self.text_encoder_r + 1})")
+        if self.text_encoder_lr is not None and not self.text_encoder_lr > 0:
+            raise ConfigError(f"text_encoder_lr must be > 0 (or null for learning_rate), got {self.text_encoder_lr!r}")
+
+
+# ---- type checking / coercion ---------------------------------------------------------------------
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(key: str, value: Any, tp: Any, from_cli: bool) -> Any:
+    """Check (YAML) or convert (command-line string) ``value`` to the field type ``tp``."""
+    base, optional = _strip_optional(tp)
+    where = "command-line override" if from_cli else "recipe"
+    if from_cli and isinstance(value, str) and optional and value.lower() in ("none", "null", "~"):
+        return None
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: null is not allowed ({where}); expected {getattr(base, '__name__', base)}")
+    if typing.get_origin(base) is list:
+        if from_cli and isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = parsed
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key} must be a list of strings ({where}), got {value!r}")
+        return list(value)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if from_cli and isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key} must be true or false ({where}), got {value!r}")
+    if base is int:
+        if from_cli and isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be an integer ({where}), got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer ({where}), got {value!r}")
+        return value
+    if base is float:
+        if from_cli and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a number ({where}), got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number ({where}), got {value!r}")
+        return float(value)
+    if base is str:
+        if not isinstance(value, str):
+            if from_cli or isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{key} must be a string ({where}), got {value!r}")
+            value = str(value)
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")  # pragma: no cover - a programming error
+
+
+def _unknown(cls: type, key: str) -> ConfigError:
+    import difflib
+
+    known = sorted(_field_types(cls))
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else f" Known keys: {', '.join(known)}"
+    return ConfigError(f"unknown config key {key!r} for {cls.__name__}.{hint}")
+
+
+def load_recipe(cls: type[C], path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe (a mapping holding only the changes) and type-check its keys for ``cls``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of key: value, got {type(data).__name__}")
+    types_ = _field_types(cls)
+    out = {}
+    for key, value in data.items():
+        if key not in types_:
+            raise ConfigError(f"{path}: {_unknown(cls, str(key))}")
+        try:
+            out[key] = _coerce(key, value, types_[key], from_cli=False)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    return out
+
+
+def apply_overrides(cls: type[C], argv: list[str]) -> dict[str, Any]:
+    """Parse ``--key value`` / ``--key=value`` pairs (``--flag`` alone means true for booleans)."""
+    types_ = _field_types(cls)
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument {arg!r}: overrides are written --key value")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in types_:
+            raise _unknown(cls, key)
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            is_bool = _strip_optional(types_[key])[0] is bool
+            if nxt is None or (nxt.startswith("--") and len(nxt) > 2):
+                if not is_bool:
+                    raise ConfigError(f"--{key} needs a value")
+                value = "true"
+            else:
+                value = nxt
+                i += 1
+        out[key] = _coerce(key, value, types_[key], from_cli=True)
+        i += 1
+    return out
+
+
+def parse_config(
+    cls: type[C], argv: list[str], default_recipe: str | Path | None = None, program: str = ""
+) -> C:
+    """Build ``cls`` from ``[--config recipe.yaml] [--key value ...]`` (recipe: changes from defaults)."""
+    argv = list(argv)
+    recipe = default_recipe
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a path to a YAML recipe")
+            recipe = argv[i + 1]
+            i += 2
+            continue
+        if argv[i].startswith("--config="):
+            recipe = argv[i].split("=", 1)[1]
+            i += 1
+            continue
+        rest.append(argv[i])
+        i += 1
+    values: dict[str, Any] = {}
+    if recipe is not None:
+        values.update(load_recipe(cls, recipe))
+    values.update(apply_overrides(cls, rest))
+    try:
+        cfg = cls(**values)
+    except TypeError as err:  # pragma: no cover - guarded by the key checks above
+        raise ConfigError(str(err)) from None
+    cfg.command = " ".join(p for p in [program, shlex.join(argv)] if p)
+    return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_resolved_config(cfg: TrainConfig, output_dir: str | Path) -> Path:
+    """Write every resolved value (defaults included) to ``<output_dir>/config.yaml``."""
+    path = Path(output_dir) / RESOLVED_CONFIG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {k: v for k, v in config_to_dict(cfg).items() if k != "command"}
+    header = f"# resolved {type(cfg).__name__}; produced by: {cfg.command}\n" if cfg.command else ""
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    return path

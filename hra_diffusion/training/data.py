@@ -1,0 +1,207 @@
+"""Image-folder data for the trainers: checked loading, RGB conversion, resize/crop/flip, a resumable order.
+
+Every random choice (shuffle order, crop offset, flip, noise) is a pure function of the seed and the
+position in the stream, so a resumed run sees exactly the batches it would have seen (no RNG state).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DataError",
+    "list_images",
+    "load_rgb",
+    "check_images",
+    "ImageTransform",
+    "StreamSampler",
+    "stream_seed",
+    "ImageFolderDataset",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class DataError(ValueError):
+    """Bad training data: a missing/empty folder or an unreadable image (the message names it)."""
+
+
+def stream_seed(*parts: int | str) -> int:
+    """A 63-bit seed derived from ``parts`` (stable across runs, processes and Python versions)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def list_images(folder: str | os.PathLike, what: str = "image") -> list[Path]:
+    """Sorted image files of ``folder``; raises DataError if it is missing, not a folder or empty."""
+    path = Path(folder)
+    if not path.exists():
+        raise DataError(f"{what} folder {str(path)!r} does not exist; check the path (relative paths are from the current directory {os.getcwd()!r})")
+    if not path.is_dir():
+        raise DataError(f"{what} folder {str(path)!r} is not a directory")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise DataError(
+            f"{what} folder {str(path)!r} has no images ({', '.join(IMAGE_EXTENSIONS)}); put your images there"
+        )
+    return files
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open an image as RGB: greyscale, palette and alpha images are converted (alpha over white)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")
+            if img.mode in ("RGBA", "LA", "PA"):
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, rgba).convert("RGB")
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"cannot read image {str(path)!r} ({type(err).__name__}: {err}); fix or remove the file") from None
+
+
+def check_images(files: Sequence[Path]) -> None:
+    """Open every file once so a corrupt image fails before training, naming all bad files."""
+    bad = []
+    for f in files:
+        try:
+            load_rgb(f)
+        except DataError as err:
+            bad.append(str(err))
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise DataError(f"{len(bad)} unreadable image(s): " + "; ".join(bad[:3]) + more)
+
+
+@dataclass
+class ImageTransform:
+    """Resize the shorter side to ``resolution``, crop a square (centre or random), maybe flip; to [-1, 1]."""
+
+    resolution: int
+    center_crop: bool = True
+    random_flip: bool = False
+
+    def params(self, size: tuple[int, int], seed: int) -> tuple[int, int, bool]:
+        """(left, top, flip) for an image of ``size`` after resizing, drawn from ``seed``."""
+        w, h = self.resized_size(size)
+        rng = random.Random(seed)
+        if self.center_crop:
+            left, top = (w - self.resolution) // 2, (h - self.resolution) // 2
+        else:
+            left, top = rng.randint(0, w - self.resolution), rng.randint(0, h - self.resolution)
+        flip = self.random_flip and rng.random() < 0.5
+        return left, top, flip
+
+    def resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        w, h = size
+        scale = self.resolution / min(w, h)
+        return max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))
+
+    def __call__(self, image: Image.Image, seed: int = 0, flip: bool | None = None) -> torch.Tensor:
+        """(3, R, R) float tensor in [-1, 1]; ``flip`` forces the flip decision (latent caching)."""
+        left, top, drawn_flip = self.params(image.size, seed)
+        w, h = self.resized_size(image.size)
+        if (w, h) != image.size:
+            image = image.resize((w, h), Image.BICUBIC)
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if drawn_flip if flip is None else flip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (R, R, 3)
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class StreamSampler:
+    """Batches of stream positions: global batch g, rank k gets positions [g·B·W + k·B, +B).
+
+    Position p of a dataset of n items reads item ``perm_e[p mod n]`` of epoch ``e = p // n``, with
+    ``perm_e`` a seeded permutation: a pure function of (seed, p), so ``start_batch`` resumes exactly.
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start_batch: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size, self.start_batch, self.shuffle = rank, world_size, start_batch, shuffle
+        self._perms: dict[int, list[int]] = {}
+
+    def item(self, position: int) -> tuple[int, int]:
+        """(dataset index, epoch) of stream position ``position``."""
+        epoch, offset = divmod(position, self.n)
+        if not self.shuffle:
+            return offset, epoch
+        perm = self._perms.get(epoch)
+        if perm is None:
+            g = torch.Generator().manual_seed(stream_seed(self.seed, "perm", epoch))
+            perm = torch.randperm(self.n, generator=g).tolist()
+            self._perms = {epoch: perm}
+        return perm[offset], epoch
+
+    def batch_positions(self, batch: int) -> list[int]:
+        first = (batch * self.world_size + self.rank) * self.batch_size
+        return list(range(first, first + self.batch_size))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batch = self.start_batch
+        while True:
+            yield self.batch_positions(batch)
+            batch += 1
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images of one folder with one prompt, indexed by stream position (see :class:`StreamSampler`).
+
+    Items are dicts: ``pixel_values`` (3, R, R) in [-1, 1] (or ``latent_mean``/``latent_std`` when a
+    latent cache is attached), ``prompt`` and the stream ``position``.
+    """
+
+    def __init__(self, folder: str | os.PathLike, prompt: str, transform: ImageTransform, seed: int,
+                 what: str = "image", check: bool = True) -> None:
+        self.files = list_images(folder, what)
+        if check:
+            check_images(self.files)
+        self.prompt = prompt
+        self.transform = transform
+        self.sampler_view = StreamSampler(len(self.files), 1, seed)
+        self.seed = seed
+        self.latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def item_seed(self, position: int) -> tuple[int, int]:
+        index, epoch = self.sampler_view.item(position)
+        return index, stream_seed(self.seed, "aug", epoch, index)
+
+    def __getitem__(self, position: int) -> dict:
+        index, seed = self.item_seed(position)
+        item = {"prompt": self.prompt, "position": position}
+        if self.latent_cache is not None:
+            flip = self.transform.params((1, 1), seed)[2] if self.transform.random_flip else False
+            mean, std = self.latent_cache[(index, flip)]
+            item["latent_mean"], item["latent_std"] = mean, std
+        else:
+            item["pixel_values"] = self.transform(load_rgb(self.files[index]), seed)
+        return item
+
+    def cache_keys(self) -> list[tuple[int, bool]]:
+        flips = (False, True) if self.transform.random_flip else (False,)
+        return [(i, f) for i in range(len(self.files)) for f in flips]
+
+    def cache_pixels(self, key: tuple[int, bool]) -> torch.Tensor:
+        index, flip = key
+        return self.transform(load_rgb(self.files[index]), 0, flip=flip)

@@ -1,0 +1,282 @@
+"""The shared training loop. A trainer supplies a :class:`TrainingTask` (modules, data, loss, validation,
+final save); :func:`run_training` does the rest: optimizer, LR schedule, accelerate (DDP, precision,
+accumulation), exact resume, checkpoints, the NaN/inf guard, validation calls, logging and the progress bar.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from .checkpoint import (
+    checkpoint_step,
+    latest_checkpoint,
+    register_checkpoint_hooks,
+    resolve_resume,
+    save_checkpoint,
+)
+from .config import TrainConfig, config_to_dict
+from .data import StreamSampler, stream_seed
+from .validation import save_and_log_grid
+
+__all__ = [
+    "NonFiniteLossError",
+    "TrainingTask",
+    "TrainResult",
+    "make_accelerator",
+    "make_optimizer",
+    "run_training",
+    "step_generator",
+]
+
+logger = logging.getLogger("hra_diffusion.training")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite: training stopped, no adapter was saved, checkpoints were kept."""
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    adapter_paths: list[Path] = field(default_factory=list)
+    validation_grids: list[Path] = field(default_factory=list)
+    resumed_from: Path | None = None
+    seconds: float = 0.0
+
+
+class TrainingTask(ABC):
+    """What a trainer plugs into :func:`run_training`.
+
+    ``modules`` are the trainable modules (HRA-injected; e.g. ``{"unet": unet}``, or a UNet plus a text
+    encoder, or a ``ControlledUNet`` holding a condition encoder). ``run_training`` wraps them for DDP;
+    ``loss`` receives the wrapped ones (call them, never read their attributes), ``validate`` and
+    ``save`` receive the unwrapped ones.
+    """
+
+    cfg: TrainConfig
+
+    @abstractmethod
+    def modules(self) -> dict[str, nn.Module]:
+        """Trainable modules by name (the names label checkpoint files)."""
+
+    def learning_rates(self) -> dict[str, float]:
+        """Learning rate per module (default: cfg.learning_rate for all)."""
+        return {name: self.cfg.learning_rate for name in self.modules()}
+
+    @abstractmethod
+    def dataset(self) -> tuple[torch.utils.data.Dataset, int, Callable[[list], Any]]:
+        """(dataset indexed by stream position, number of distinct items, collate_fn)."""
+
+    @abstractmethod
+    def loss(self, modules: dict[str, nn.Module], batch: Any, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """The scalar training loss of one micro-batch (draw all randomness from ``generator``)."""
+
+    def validate(self, modules: dict[str, nn.Module], step: int) -> tuple[list[list[Image.Image]], list[str]] | None:
+        """(image rows, row labels) to save as a grid, or None. Runs on the main process only."""
+        return None
+
+    @abstractmethod
+    def save(self, modules: dict[str, nn.Module], output_dir: Path) -> list[Path]:
+        """Write the final adapter(s) from the unwrapped modules (main process only); return their paths."""
+
+
+def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Generator:
+    """The generator for one micro-batch: a pure function of (seed, micro step, rank) -> exact resume."""
+    return torch.Generator().manual_seed(stream_seed(seed, "noise", micro_step, process_index))
+
+
+def make_accelerator(cfg: TrainConfig, project_name: str):
+    """An Accelerator for ``cfg``: precision, accumulation, tensorboard logs under ``<output_dir>/logs``."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.report_to != "none":
+            hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                       for k, v in config_to_dict(cfg).items()}
+            accelerator.init_trackers(project_name, config=hparams)
+    return accelerator
+
+
+def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' 8-bit AdamW when ``use_8bit_adam``) over the parameter groups."""
+    kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError(
+                "use_8bit_adam: true needs bitsandbytes (pip install bitsandbytes, on a CUDA machine); "
+                "or set use_8bit_adam: false"
+            ) from None
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def _all_finite(accelerator, loss: torch.Tensor) -> bool:
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return bad.item() == 0
+
+
+def _mean_logs(accelerator, logs: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for d in logs for k in d})
+    values = torch.tensor([sum(d.get(k, 0.0) for d in logs) / len(logs) for k in keys], dtype=torch.float64,
+                          device=accelerator.device)
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, reduction="mean")
+    return dict(zip(keys, values.tolist(), strict=True))
+
+
+def run_training(task: TrainingTask, accelerator) -> TrainResult:
+    """Train ``task`` for ``cfg.max_train_steps`` optimizer steps (resuming if asked) and save its adapter."""
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    cfg = task.cfg
+    out = Path(cfg.output_dir)
+    started = time.time()
+    modules = task.modules()
+    names = list(modules)
+    lrs = task.learning_rates()
+    scale = cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes if cfg.scale_lr else 1
+    groups = []
+    for name, module in modules.items():
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"the {name} has no trainable parameters (was HRA injected?)")
+        bad = [p.dtype for p in params if p.dtype != torch.float32]
+        if bad:
+            raise TypeError(f"the {name}'s trainable parameters must be fp32 (mixed precision keeps them fp32), got {bad[0]}")
+        groups.append({"params": params, "lr": lrs[name] * scale})
+    optimizer = make_optimizer(cfg, groups)
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer,
+        num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=cfg.max_train_steps * accelerator.num_processes,
+        num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
+    )
+    prepared = accelerator.prepare(*modules.values(), optimizer, lr_scheduler)
+    wrapped = dict(zip(names, prepared[: len(names)], strict=True))
+    optimizer, lr_scheduler = prepared[len(names):]
+    register_checkpoint_hooks(accelerator, names)
+    unwrapped = {name: accelerator.unwrap_model(m) for name, m in wrapped.items()}
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+
+    result = TrainResult(global_step=0)
+    resume = resolve_resume(cfg.resume_from_checkpoint, out)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        result.global_step = checkpoint_step(resume)
+        result.resumed_from = resume
+        accelerator.print(f"resumed from {resume} at step {result.global_step}")
+    elif cfg.resume_from_checkpoint == "latest":
+        accelerator.print(f"no checkpoint under {out / 'checkpoints'} yet: starting from step 0")
+
+    dataset, n_items, collate = task.dataset()
+    sampler = StreamSampler(
+        n_items, cfg.train_batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
+        start_batch=result.global_step * cfg.gradient_accumulation_steps,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.dataloader_num_workers,
+    )
+    batches = iter(loader)
+    progress = tqdm(total=cfg.max_train_steps, initial=result.global_step, desc="train", unit="step",
+                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    try:
+        while result.global_step < cfg.max_train_steps:
+            step_logs = []
+            for micro in range(cfg.gradient_accumulation_steps):
+                micro_step = result.global_step * cfg.gradient_accumulation_steps + micro
+                batch = next(batches)
+                generator = step_generator(cfg.seed, micro_step, accelerator.process_index)
+                with accelerator.accumulate(*wrapped.values()):
+                    loss, logs = task.loss(wrapped, batch, generator)
+                    if not _all_finite(accelerator, loss):
+                        raise NonFiniteLossError(
+                            f"the loss became {loss.item()} at step {result.global_step + 1} (micro-batch {micro_step}); "
+                            "stopping without saving an adapter. Lower learning_rate, use bf16 instead of fp16, "
+                            "or check the data."
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_logs.append({"loss": loss.item(), **logs})
+            if not accelerator.sync_gradients:  # pragma: no cover - accelerate's step counter drifted
+                raise RuntimeError("gradient accumulation out of step with accelerate's counter")
+            result.global_step += 1
+            step = result.global_step
+            logs = _mean_logs(accelerator, step_logs)
+            logs["lr"] = lr_scheduler.get_last_lr()[0]
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
+                accelerator.log(logs, step=step)
+            if step % cfg.checkpointing_steps == 0 and step < cfg.max_train_steps:
+                path = save_checkpoint(accelerator, out, step, cfg.checkpoints_total_limit)
+                progress.write(f"saved checkpoint {path}")
+            if step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
+                grid = _validate(task, accelerator, unwrapped, step, out)
+                if grid is not None:
+                    result.validation_grids.append(grid)
+    except BaseException as err:
+        last = latest_checkpoint(out) if accelerator.is_main_process else None
+        if hasattr(err, "add_note") and accelerator.is_main_process:
+            err.add_note(
+                f"training stopped at step {result.global_step}; "
+                + (f"the last checkpoint {last} is kept: resume with --resume_from_checkpoint latest"
+                   if last else "no checkpoint was written yet")
+            )
+        progress.close()
+        raise
+    progress.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        result.adapter_paths = task.save(unwrapped, out)
+    grid = _validate(task, accelerator, unwrapped, result.global_step, out)
+    if grid is not None:
+        result.validation_grids.append(grid)
+    accelerator.wait_for_everyone()
+    result.seconds = time.time() - started
+    return result
+
+
+def _validate(task: TrainingTask, accelerator, unwrapped: dict[str, nn.Module], step: int, out: Path) -> Path | None:
+    grid = None
+    if accelerator.is_main_process:
+        produced = task.validate(unwrapped, step)
+        if produced is not None:
+            rows, labels = produced
+            grid = save_and_log_grid(accelerator, rows, labels, out, step)
+    accelerator.wait_for_everyone()
+    return grid
+
+
+def total_epochs(n_items: int, cfg: TrainConfig, num_processes: int) -> float:
+    """How many passes over the data ``cfg`` makes (for logs and the model card)."""
+    seen = cfg.max_train_steps * cfg.gradient_accumulation_steps * cfg.train_batch_size * num_processes
+    return seen / max(1, n_items) if n_items else math.nan

@@ -1,0 +1,105 @@
+"""Validation images during training, from the training modules themselves (no second model copy)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image, ImageDraw
+
+__all__ = ["build_pipeline", "generate_images", "image_grid", "save_and_log_grid", "eval_mode"]
+
+
+class eval_mode:
+    """Put modules in eval mode inside the block and restore each one's previous mode after."""
+
+    def __init__(self, *modules: nn.Module) -> None:
+        self.modules = [m for m in modules if m is not None]
+
+    def __enter__(self) -> None:
+        self.previous = [m.training for m in self.modules]
+        for m in self.modules:
+            m.eval()
+
+    def __exit__(self, *exc) -> None:
+        for m, was in zip(self.modules, self.previous, strict=True):
+            m.train(was)
+
+
+def build_pipeline(unet: nn.Module, text_encoder: nn.Module, vae: nn.Module, tokenizer, noise_scheduler,
+                   pipeline_cls=None, **extra):
+    """A StableDiffusionPipeline around the given (unwrapped) modules, DPM-Solver++ sampling.
+
+    The modules are shared, not copied: memory stays at one model.
+    """
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    cls = pipeline_cls or StableDiffusionPipeline
+    pipe = cls(
+        unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
+        scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False, **extra,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate_images(pipe, prompts: Sequence[str], num_images: int, seed: int, steps: int,
+                    guidance_scale: float, resolution: int, autocast_dtype: torch.dtype | None = None,
+                    **call_kwargs) -> list[list[Image.Image]]:
+    """``num_images`` images per prompt; image i of every prompt uses seed ``seed + i`` (fixed across steps)."""
+    device = pipe.unet.device
+    rows = []
+    for prompt in prompts:
+        generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num_images)]
+        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        with ctx:
+            out = pipe(
+                [prompt] * num_images, num_inference_steps=steps, guidance_scale=guidance_scale,
+                generator=generators, height=resolution, width=resolution, **call_kwargs,
+            )
+        rows.append(list(out.images))
+    return rows
+
+
+def image_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str] | None = None,
+               min_cell: int = 128) -> Image.Image:
+    """One image: a row per prompt (label on the left strip's top), images upscaled to ``min_cell``."""
+    w, h = rows[0][0].size
+    scale = max(1, math.ceil(min_cell / max(w, h)))
+    cw, ch = w * scale, h * scale
+    label_h = 14 if labels else 0
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (cols * cw, len(rows) * (ch + label_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, row in enumerate(rows):
+        y = i * (ch + label_h)
+        if labels:
+            draw.text((2, y + 1), labels[i][: cols * cw // 6], fill="black")
+        for j, img in enumerate(row):
+            grid.paste(img.resize((cw, ch), Image.NEAREST), (j * cw, y + label_h))
+    return grid
+
+
+def save_and_log_grid(accelerator, rows: Sequence[Sequence[Image.Image]], labels: Sequence[str],
+                      out_dir: str | os.PathLike, step: int, tag: str = "validation") -> Path:
+    """Save the grid as ``<out_dir>/<tag>/step-<step>.png`` and log it to tensorboard (main process)."""
+    grid = image_grid(rows, labels)
+    path = Path(out_dir) / tag / f"step-{step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            img.save(path.parent / f"step-{step:06d}-p{i}-{j}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(tag, np.asarray(grid), step, dataformats="HWC")
+            tracker.writer.flush()
+    return path
