@@ -61,6 +61,46 @@ def reflection_factors(u: torch.Tensor, apply_gs: bool = False) -> tuple[torch.T
     return u_hat, wy_factor(u_hat)
 
 
+class _RowFactors(torch.autograd.Function):
+    """(a, c) = (Ûᵀ, Tᵀ Ûᵀ) in one autograd node, with the hand-derived backward below.
+
+    Autograd over the ~12 small ops of the forward would record ~20 nodes; on a CPU their fixed
+    per-op cost is comparable to the rank-r matmuls themselves. Backward, with M = T⁻¹:
+      c = Tᵀa:          ∂a += T ∂c,   ∂T = a ∂cᵀ
+      T = M⁻¹:          ∂M = -Tᵀ ∂T Tᵀ
+      M = ½I + triu(G,1), G = a aᵀ:   ∂G = triu(∂M, 1),   ∂a += (∂G + ∂Gᵀ) a
+      a = v / ||v|| (rows, v = uᵀ):   ∂v = (∂a - <∂a, a> a) / ||v||
+    """
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            v = u.transpose(0, 1)  # (r, d)
+            norm = v.norm(dim=1, keepdim=True).clamp_min_(1e-12)  # (r, 1)
+            a = (v / norm).contiguous()
+            m = torch.triu(a @ a.transpose(0, 1), diagonal=1)  # (r, r)
+            m.diagonal().fill_(0.5)
+            t = torch.linalg.solve_triangular(m, torch.eye(m.shape[0], dtype=m.dtype, device=m.device), upper=True)
+            c = t.transpose(0, 1) @ a
+        ctx.save_for_backward(a, t, norm)
+        return a, c
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_a: torch.Tensor | None, grad_c: torch.Tensor | None) -> torch.Tensor:
+        a, t, norm = ctx.saved_tensors
+        with torch.autocast(device_type=a.device.type, enabled=False):
+            ga = torch.zeros_like(a) if grad_a is None else grad_a.to(a.dtype)
+            if grad_c is not None:
+                gc = grad_c.to(a.dtype)
+                ga = ga + t @ gc
+                gm = -(t.transpose(0, 1) @ (a @ gc.transpose(0, 1)) @ t.transpose(0, 1))
+                gg = torch.triu(gm, diagonal=1)
+                ga = ga + (gg + gg.transpose(0, 1)) @ a
+            gv = (ga - (ga * a).sum(dim=1, keepdim=True) * a) / norm
+        return gv.transpose(0, 1)
+
+
 def row_factors(u: torch.Tensor, apply_gs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, c), both (r, d) contiguous, with a = Ûᵀ and c = Tᵀ Ûᵀ, so that Hᵀ = I - aᵀ c and H = I - cᵀ a.
 
@@ -72,13 +112,7 @@ def row_factors(u: torch.Tensor, apply_gs: bool = False) -> tuple[torch.Tensor, 
     if apply_gs:
         a = gram_schmidt(u).transpose(0, 1).contiguous()
         return a, 2.0 * a
-    a = u.transpose(0, 1)
-    a = (a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)).contiguous()  # (r, d), rows û_iᵀ
-    r = a.shape[0]
-    eye = torch.eye(r, dtype=a.dtype, device=a.device)
-    t_inv = 0.5 * eye + torch.triu(a @ a.transpose(0, 1), diagonal=1)
-    t = torch.linalg.solve_triangular(t_inv, eye, upper=True)
-    return a, t.transpose(0, 1) @ a
+    return _RowFactors.apply(u)
 
 
 def apply_h(weight: torch.Tensor, u: torch.Tensor, apply_gs: bool = False) -> torch.Tensor:

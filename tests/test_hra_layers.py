@@ -195,3 +195,14 @@ def test_gram_schmidt_variant_does_not_start_at_identity():
     x = torch.randn(3, 16)
     assert not torch.allclose(layer(x), layer.base_layer(x), atol=1e-3)
     assert torch.isfinite(layer(x)).all()
+
+
+def test_fused_row_factors_gradcheck_and_match_reference():
+    from hra_diffusion.householder import row_factors
+
+    u = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: row_factors(x), (u,))
+    assert torch.autograd.gradcheck(lambda x: row_factors(x)[1], (u,))  # one output unused
+    a, c = row_factors(u)
+    u_hat, t = reflection_factors(u)
+    assert torch.allclose(a, u_hat.T) and torch.allclose(c, t.T @ u_hat.T)
