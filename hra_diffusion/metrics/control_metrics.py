@@ -82,7 +82,7 @@ def canny_edges(image: np.ndarray, low: int = 100, high: int = 200) -> torch.Ten
 
     h, w = image.shape[:2]
     if h % 64 == 0 and w % 64 == 0:
-        from controlnet_aux import CannyDetector
+        from controlnet_aux.canny import CannyDetector
 
         edges = CannyDetector()(image, low, high, detect_resolution=min(h, w), image_resolution=min(h, w),
                                 output_type="np")[..., 0]
@@ -109,7 +109,8 @@ def _resize_map(x: np.ndarray, size: tuple[int, int], nearest: bool = False) -> 
 # ---- loaders: a name / local folder (real weights) or an already-built model (tests) ---------------
 
 def _annotator(kind: str, model: Any, device: str | torch.device):
-    from controlnet_aux import HEDdetector, LineartDetector
+    from controlnet_aux.hed import HEDdetector
+    from controlnet_aux.lineart import LineartDetector
 
     cls = {"hed": HEDdetector, "lineart": LineartDetector}[kind]
     if isinstance(model, cls):
@@ -242,12 +243,14 @@ def score_control(
     skip_unavailable: bool = False,
     device: str | torch.device = "cpu",
     canny_thresholds: tuple[int, int] = (100, 200),
+    annotator_resolution: int = 512,
     progress: Callable | None = None,
 ) -> ScoreResult:
     """Score a samples folder written by ``generate`` from a control adapter; see the module docstring.
 
     models: per metric, a hub id / folder or a built model overriding DEFAULT_WEIGHTS.
     skip_unavailable: record a metric whose weights cannot be loaded as unavailable instead of raising.
+    annotator_resolution: the HED / lineart detectors' working resolution (controlnet-aux default 512).
     """
     names = parse_metric_names(metrics, CONTROL_METRICS, ["canny"])
     rows = read_samples(samples_dir)
@@ -289,10 +292,11 @@ def score_control(
         for kind in ("hed", "lineart"):
             if kind in active:
                 det = loaded[kind]
-                pred = np.asarray(det(gen, detect_resolution=512, image_resolution=512, output_type="np"))
+                pred = np.asarray(det(gen, detect_resolution=annotator_resolution, image_resolution=annotator_resolution, output_type="np"))
                 pred = _resize_map(pred, size)
                 if row.condition_source is not None:
-                    ref = np.asarray(det(_uint8(row.condition_source), detect_resolution=512, image_resolution=512,
+                    ref = np.asarray(det(_uint8(row.condition_source), detect_resolution=annotator_resolution,
+                                         image_resolution=annotator_resolution,
                                          output_type="np"))
                 else:
                     ref = _uint8(_ground_truth_image(row, kind))
