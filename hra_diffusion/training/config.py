@@ -90,7 +90,8 @@ class TrainConfig:
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
     # validation
-    validation_prompts: list[str] = field(default_factory=list)
+    # None: from the subject file, if any; []: no validation. On the command line: one prompt, or a YAML list
+    validation_prompts: list[str] | None = field(default=None, metadata={"whole": True})
     num_validation_images: int = 4
     validation_steps: int = 200
     validation_inference_steps: int = 25
@@ -189,7 +190,12 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _coerce(key: str, value: Any, tp: Any, from_cli: bool) -> Any:
+def _whole_strings(cls: type) -> set[str]:
+    """List fields whose command-line value is one item (prompts hold commas), unless written [a, b]."""
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("whole")}
+
+
+def _coerce(key: str, value: Any, tp: Any, from_cli: bool, whole: bool = False) -> Any:
     """Check (YAML) or convert (command-line string) ``value`` to the field type ``tp``."""
     base, optional = _strip_optional(tp)
     where = "command-line override" if from_cli else "recipe"
@@ -201,8 +207,13 @@ def _coerce(key: str, value: Any, tp: Any, from_cli: bool) -> Any:
         raise ConfigError(f"{key}: null is not allowed ({where}); expected {getattr(base, '__name__', base)}")
     if typing.get_origin(base) is list:
         if from_cli and isinstance(value, str):
-            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
-            value = parsed
+            if value.strip().startswith("["):
+                try:
+                    value = yaml.safe_load(value)
+                except yaml.YAMLError as err:
+                    raise ConfigError(f"{key}: {value!r} is not a valid YAML list ({err})") from None
+            else:
+                value = [value] if whole else [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -296,7 +307,7 @@ def apply_overrides(cls: type[C], argv: list[str]) -> dict[str, Any]:
             else:
                 value = nxt
                 i += 1
-        out[key] = _coerce(key, value, types_[key], from_cli=True)
+        out[key] = _coerce(key, value, types_[key], from_cli=True, whole=key in _whole_strings(cls))
         i += 1
     return out
 

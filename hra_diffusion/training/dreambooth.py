@@ -44,7 +44,7 @@ def apply_subject_file(cfg: DreamBoothConfig) -> DreamBoothConfig:
         cfg.instance_prompt = doc.get("instance_prompt")
     if cfg.class_prompt is None:
         cfg.class_prompt = doc.get("class_prompt")
-    if not cfg.validation_prompts:
+    if cfg.validation_prompts is None:
         cfg.validation_prompts = list(doc.get("validation_prompts") or [])
     return cfg
 

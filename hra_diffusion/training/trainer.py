@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -102,7 +103,11 @@ def make_accelerator(cfg: TrainConfig, project_name: str):
     from accelerate.utils import ProjectConfiguration
 
     out = Path(cfg.output_dir)
+    # launched as several processes on a machine without CUDA (e.g. `accelerate launch --multi_gpu
+    # --num_processes 2` on CPU): accelerate only forms the gloo process group when told cpu=True
+    distributed_cpu = os.environ.get("LOCAL_RANK") is not None and not torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=distributed_cpu,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -254,7 +259,7 @@ def run_training(task: TrainingTask, accelerator) -> TrainResult:
         progress.close()
         raise
     progress.close()
-    accelerator.wait_for_everyone()
+    _check_ranks_agree(accelerator, trainable)
     if accelerator.is_main_process:
         result.adapter_paths = task.save(unwrapped, out)
     grid = _validate(task, accelerator, unwrapped, result.global_step, out)
@@ -263,6 +268,19 @@ def run_training(task: TrainingTask, accelerator) -> TrainResult:
     accelerator.wait_for_everyone()
     result.seconds = time.time() - started
     return result
+
+
+def _check_ranks_agree(accelerator, params: list[torch.Tensor]) -> None:
+    """Every process must hold the same adapter after training (DDP keeps them in sync); raise if not."""
+    digest = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                          for p in params]).flatten().to(accelerator.device)  # (2·n_params,)
+    checksum = digest.sum().item()
+    if accelerator.num_processes > 1:
+        print(f"[rank {accelerator.process_index}/{accelerator.num_processes}] adapter checksum {checksum!r}", flush=True)
+        everyone = accelerator.gather(digest[None])  # (world, 2·n_params)
+        if not bool((everyone == everyone[0]).all()):
+            raise RuntimeError("the processes ended with different adapters (DDP out of sync); not saving")
+    accelerator.wait_for_everyone()
 
 
 def _validate(task: TrainingTask, accelerator, unwrapped: dict[str, nn.Module], step: int, out: Path) -> Path | None:

@@ -1,0 +1,115 @@
+"""Checkpoints: only trainable tensors, atomic, keep-last-K pruning, `latest` ignores half-written ones."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from hra_diffusion import HRAConfig, inject_hra
+from hra_diffusion.training.checkpoint import (
+    MARKER,
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    register_checkpoint_hooks,
+    resolve_resume,
+    save_checkpoint,
+)
+
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    acc = Accelerator(cpu=True)
+    yield acc
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    inject_hra(model, HRAConfig(r=2, target_modules=["0", "2"], seed=0))
+    return model
+
+
+def _train_step(model, opt):
+    loss = model(torch.randn(3, 16)).square().mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_save_prune_latest_and_resume(tmp_path, accelerator):
+    model = _model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model, opt = accelerator.prepare(model, opt)
+    register_checkpoint_hooks(accelerator, ["net"])
+    for step in range(1, 6):
+        _train_step(model, opt)
+        save_checkpoint(accelerator, tmp_path, step, keep=2)
+    steps = [s for s, _ in list_checkpoints(tmp_path)]
+    assert steps == [4, 5]  # exactly the last K=2
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt.name == "checkpoint-5"
+    tensors = load_file(str(ckpt / "net.safetensors"))
+    assert sorted(tensors) == ["0.hra_u", "2.hra_u"]  # adapter only, never the frozen base
+    assert not any(p.name.startswith("model") and p.suffix == ".safetensors" for p in ckpt.iterdir())
+    assert json.loads((ckpt / MARKER).read_text())["step"] == 5
+
+    # half-written checkpoints: a leftover temporary folder, and a folder missing its marker
+    (tmp_path / "checkpoints" / ".checkpoint-9.tmp").mkdir()
+    (tmp_path / "checkpoints" / ".checkpoint-9.tmp" / "net.safetensors").write_bytes(b"partial")
+    (tmp_path / "checkpoints" / "checkpoint-7").mkdir()
+    assert latest_checkpoint(tmp_path).name == "checkpoint-5"
+    assert resolve_resume("latest", tmp_path).name == "checkpoint-5"
+    with pytest.raises(CheckpointError, match=r"checkpoint-7.*not a complete checkpoint"):
+        resolve_resume(str(tmp_path / "checkpoints" / "checkpoint-7"), tmp_path)
+
+    # resume restores the adapter exactly
+    saved = {k: v.clone() for k, v in tensors.items()}
+    _train_step(model, opt)
+    inner = accelerator.unwrap_model(model)
+    assert not torch.equal(inner[0].hra_u.detach(), saved["0.hra_u"])
+    accelerator.load_state(str(ckpt))
+    assert torch.equal(inner[0].hra_u.detach(), saved["0.hra_u"])
+    assert torch.equal(inner[2].hra_u.detach(), saved["2.hra_u"])
+
+    # the next save clears the leftover temporary folder
+    save_checkpoint(accelerator, tmp_path, 6, keep=2)
+    assert not (tmp_path / "checkpoints" / ".checkpoint-9.tmp").exists()
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [5, 6]
+
+
+def test_crash_while_writing_keeps_previous(tmp_path, accelerator, monkeypatch):
+    model = _model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model, opt = accelerator.prepare(model, opt)
+    register_checkpoint_hooks(accelerator, ["net"])
+    save_checkpoint(accelerator, tmp_path, 1, keep=1)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("hra_diffusion.training.checkpoint.save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(accelerator, tmp_path, 2, keep=1)
+    assert latest_checkpoint(tmp_path).name == "checkpoint-1"
+    assert (latest_checkpoint(tmp_path) / "net.safetensors").is_file()
+
+
+def test_load_refuses_a_checkpoint_of_other_modules(tmp_path, accelerator):
+    model = _model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model, opt = accelerator.prepare(model, opt)
+    register_checkpoint_hooks(accelerator, ["net"])
+    path = save_checkpoint(accelerator, tmp_path, 1)
+    (path / "net.safetensors").rename(path / "unet.safetensors")
+    with pytest.raises(CheckpointError, match="no net.safetensors"):
+        accelerator.load_state(str(path))

@@ -1,0 +1,98 @@
+"""Typed config: recipes hold changes, --key value overrides win, bad keys/values name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hra_diffusion.training.config import (
+    ConfigError,
+    DreamBoothConfig,
+    load_recipe,
+    parse_config,
+    save_resolved_config,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "configs" / "dreambooth"
+
+
+def test_defaults_recipe_and_overrides_layer_in_order(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("r: 4\nlearning_rate: 3.0e-4\ntarget_modules: [to_q, to_v]\n")
+    cfg = parse_config(DreamBoothConfig, ["--config", str(recipe), "--learning_rate", "5e-5", "--with_prior_preservation"])
+    assert cfg.r == 4  # recipe
+    assert cfg.learning_rate == 5e-5  # override beats recipe
+    assert cfg.target_modules == ["to_q", "to_v"]
+    assert cfg.with_prior_preservation is True  # bare flag = true
+    assert cfg.max_grad_norm == 1.0  # dataclass default
+    cfg = parse_config(DreamBoothConfig, ["--target_modules", "to_k,to_out.0", "--validation_prompts", "a, b",
+                                          "--class_data_dir", "none", "--checkpoints_total_limit=3"])
+    assert cfg.target_modules == ["to_k", "to_out.0"]
+    assert cfg.validation_prompts == ["a, b"]  # a prompt keeps its commas
+    assert cfg.class_data_dir is None and cfg.checkpoints_total_limit == 3
+    assert parse_config(DreamBoothConfig, ["--validation_prompts", "[x, y]"]).validation_prompts == ["x", "y"]
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--learning_rat", "1e-4"], ["learning_rat", "learning_rate"]),  # unknown key, with a suggestion
+        (["--r", "eight"], ["r", "integer"]),
+        (["--r", "3"], ["r=3", "odd", "even"]),
+        (["--mixed_precision", "fp8"], ["mixed_precision", "fp8"]),
+        (["--center_crop", "maybe"], ["center_crop", "true or false"]),
+        (["--resolution", "30"], ["resolution", "multiple of 8"]),
+        (["--max_train_steps"], ["max_train_steps", "value"]),
+        (["positional"], ["positional", "--key value"]),
+        (["--cache_latents", "--center_crop", "false"], ["cache_latents", "center_crop"]),
+        (["--text_encoder_r", "5"], ["text_encoder_r", "odd"]),
+    ],
+)
+def test_bad_overrides_name_the_key(argv, words):
+    with pytest.raises(ConfigError) as err:
+        parse_config(DreamBoothConfig, argv)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_bad_recipe_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("r: 8\nlearnig_rate: 1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*learnig_rate"):
+        parse_config(DreamBoothConfig, ["--config", str(bad)])
+    bad.write_text("r: '8'\n")
+    with pytest.raises(ConfigError, match=r"r must be an integer"):
+        load_recipe(DreamBoothConfig, bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config(DreamBoothConfig, ["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(ConfigError, match="command"):  # internal fields are not settable
+        parse_config(DreamBoothConfig, ["--command", "x"])
+
+
+def test_resolved_config_roundtrips_as_a_recipe(tmp_path):
+    cfg = parse_config(DreamBoothConfig, ["--r", "4", "--seed", "7"], program="accelerate launch train/dreambooth_hra.py")
+    assert cfg.command == "accelerate launch train/dreambooth_hra.py --r 4 --seed 7"
+    path = save_resolved_config(cfg, tmp_path)
+    assert "accelerate launch train/dreambooth_hra.py --r 4 --seed 7" in path.read_text()
+    again = parse_config(DreamBoothConfig, ["--config", str(path)])
+    assert again.r == 4 and again.seed == 7 and again.target_modules == cfg.target_modules
+
+
+def test_shipped_recipes():
+    for name in ("tiny", "sd15", "sd21"):
+        load_recipe(DreamBoothConfig, RECIPES / f"{name}.yaml")  # every key exists and type-checks
+    sd15 = parse_config(DreamBoothConfig, ["--config", str(RECIPES / "sd15.yaml")])
+    assert sd15.pretrained_model == "runwayml/stable-diffusion-v1-5"
+    assert (sd15.r, sd15.target_modules) == (8, ["to_q", "to_k", "to_v", "to_out.0"])
+    assert sd15.with_prior_preservation and sd15.num_class_images == 200 and sd15.prior_loss_weight == 1.0
+    assert (sd15.learning_rate, sd15.lr_scheduler, sd15.lr_warmup_steps) == (1e-4, "constant", 0)
+    assert (sd15.max_train_steps, sd15.resolution, sd15.train_batch_size, sd15.seed) == (2005, 512, 1, 0)
+    assert (sd15.adam_weight_decay, sd15.max_grad_norm) == (1e-2, 1.0)
+    assert "qwe" in sd15.instance_prompt and "qwe" not in sd15.class_prompt
+    sd21 = parse_config(DreamBoothConfig, ["--config", str(RECIPES / "sd21.yaml")])
+    assert sd21.pretrained_model == "stabilityai/stable-diffusion-2-1" and sd21.resolution == 768
+    tiny = yaml.safe_load((RECIPES / "tiny.yaml").read_text())
+    assert "assets/tiny-sd" in tiny["pretrained_model"]

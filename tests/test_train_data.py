@@ -1,0 +1,95 @@
+"""Image-folder data: clear errors, RGB conversion, transforms, and a resumable, sharded order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hra_diffusion.training.data import (
+    DataError,
+    ImageFolderDataset,
+    ImageTransform,
+    StreamSampler,
+    check_images,
+    list_images,
+    load_rgb,
+)
+
+
+def test_missing_and_empty_folders(tmp_path):
+    with pytest.raises(DataError, match=r"instance image folder .*nope.* does not exist"):
+        list_images(tmp_path / "nope", "instance image")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=r"empty.* has no images"):
+        list_images(tmp_path / "empty")
+
+
+def test_corrupt_and_unreadable_files_are_named(tmp_path):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (tmp_path / "text.jpg").write_text("hello")
+    good = Image.new("RGB", (64, 64), "blue")
+    good.save(tmp_path / "truncated.png")
+    data = (tmp_path / "truncated.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError) as err:
+        check_images(list_images(tmp_path))
+    msg = str(err.value)
+    assert "3 unreadable" in msg
+    for name in ("broken.png", "text.jpg", "truncated.png"):
+        assert name in msg
+    assert "good.png" not in msg
+    with pytest.raises(DataError, match="broken.png"):
+        ImageFolderDataset(tmp_path, "p", ImageTransform(8), seed=0)
+
+
+def test_greyscale_rgba_palette_become_rgb(tmp_path):
+    Image.new("L", (10, 10), 128).save(tmp_path / "grey.png")
+    rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 0))  # fully transparent red -> white background
+    rgba.save(tmp_path / "rgba.png")
+    pal = Image.new("P", (10, 10), 1)
+    pal.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    pal.save(tmp_path / "pal.png")
+    Image.new("LA", (10, 10), (50, 255)).save(tmp_path / "la.png")
+    grey, rgba_img, pal_img, la = (load_rgb(tmp_path / f) for f in ("grey.png", "rgba.png", "pal.png", "la.png"))
+    for img in (grey, rgba_img, pal_img, la):
+        assert img.mode == "RGB" and img.size == (10, 10)
+    assert grey.getpixel((0, 0)) == (128, 128, 128)
+    assert rgba_img.getpixel((0, 0)) == (255, 255, 255)
+    assert pal_img.getpixel((0, 0)) == (0, 255, 0)
+    assert la.getpixel((0, 0)) == (50, 50, 50)
+    ds = ImageFolderDataset(tmp_path, "a photo", ImageTransform(8), seed=0)
+    assert ds[0]["pixel_values"].shape == (3, 8, 8)
+
+
+def test_transform_resize_crop_flip():
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20] = 255  # left half white, right half black
+    img = Image.fromarray(arr)
+    center = ImageTransform(8, center_crop=True)(img)
+    assert center.shape == (3, 8, 8) and center.min() >= -1 and center.max() <= 1
+    assert center[:, :, 0].mean() > 0.9 and center[:, :, -1].mean() < -0.9  # centre spans the border
+    flipped = ImageTransform(8, center_crop=True)(img, flip=True)
+    assert torch.equal(flipped, center.flip(-1))
+    rand = ImageTransform(8, center_crop=False, random_flip=True)
+    crops = {tuple(rand.params(img.size, seed)) for seed in range(40)}
+    assert len({c[0] for c in crops}) > 3 and {c[2] for c in crops} == {True, False}
+    assert torch.equal(rand(img, seed=5), rand(img, seed=5))  # a pure function of the seed
+
+
+def test_stream_sampler_is_resumable_and_sharded():
+    a = StreamSampler(5, batch_size=2, seed=3, rank=0, world_size=2)
+    b = StreamSampler(5, batch_size=2, seed=3, rank=1, world_size=2)
+    it_a, it_b = iter(a), iter(b)
+    batches_a = [next(it_a) for _ in range(4)]
+    batches_b = [next(it_b) for _ in range(4)]
+    assert not set(sum(batches_a, [])) & set(sum(batches_b, []))  # ranks never share a position
+    assert sorted(sum(batches_a, []) + sum(batches_b, [])) == list(range(16))
+    epoch0 = [a.item(p)[0] for p in range(5)]
+    assert sorted(epoch0) == list(range(5))  # each epoch is a permutation
+    resumed = StreamSampler(5, batch_size=2, seed=3, rank=0, world_size=2, start_batch=2)
+    assert next(iter(resumed)) == batches_a[2]
+    assert [a.item(p) for p in range(12)] == [StreamSampler(5, 2, 3).item(p) for p in range(12)]
