@@ -95,9 +95,11 @@ def save_and_log_grid(accelerator, rows: Sequence[Sequence[Image.Image]], labels
     path = Path(out_dir) / tag / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
+    singles = path.with_suffix("")  # <tag>/step-<step>/p<prompt>-<image>.png
+    singles.mkdir(exist_ok=True)
     for i, row in enumerate(rows):
         for j, img in enumerate(row):
-            img.save(path.parent / f"step-{step:06d}-p{i}-{j}.png")
+            img.save(singles / f"p{i}-{j}.png")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image(tag, np.asarray(grid), step, dataformats="HWC")
