@@ -22,6 +22,17 @@ EPILOG = """examples:
 """
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions kept as written; a flag's default shown when it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, True, [], argparse.SUPPRESS) \
+                and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 # ---- generate ------------------------------------------------------------------------------------
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -32,7 +43,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
         description="Generate images from a Stable Diffusion base model with an HRA adapter (ours from either "
                     "trainer, or a PEFT HRA adapter; <adapter>/text_encoder/ is loaded too when present). "
                     "Writes PNGs and manifest.jsonl, which `hra-diffusion score` reads.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors); "
                                      "leave out to sample the base model alone")
@@ -91,17 +102,20 @@ def _add_score_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_score_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     p = sub.add_parser("score", help="score a sample set (subject fidelity or control consistency)",
+                       formatter_class=HelpFormatter,
                        description="Score a folder written by `generate`; writes metrics.json, per_image.csv and "
                                    "a self-contained report.html.")
     kinds = p.add_subparsers(dest="score_kind", metavar="{subject,control}", required=True)
     subj = kinds.add_parser(
         "subject", formatter_class=fmt, help="DINO, CLIP-I, CLIP-T (and LPIPS) against real subject images",
-        description="DreamBooth/HRA protocol: DINO (CLS token) and CLIP-I as mean cosine over ALL real x "
-                    "generated pairs; CLIP-T against each image's prompt (identifier included); LPIPS over "
-                    "the same pairs when the lpips package is installed. All-black images are skipped and "
-                    "counted. Metrics: dino, clip_i, clip_t, lpips.")
+        description="The DreamBooth/HRA protocol:\n"
+                    "  dino    DINO ViT-S/16 CLS-token cosine, mean over ALL real x generated pairs\n"
+                    "  clip_i  CLIP image-image cosine, mean over ALL real x generated pairs\n"
+                    "  clip_t  CLIP image-text cosine with each image's prompt (identifier included)\n"
+                    "  lpips   LPIPS distance over the same pairs (only when the lpips package is installed)\n"
+                    "All-black (safety-filtered) images are skipped and counted. Default: all of the above.")
     _add_score_common(subj)
     subj.add_argument("--reference", help="real subject images (default: reference_dir of the manifest)")
     subj.add_argument("--dino-model", default="facebook/dino-vits16", help="hub id or local folder")
@@ -114,9 +128,12 @@ def add_score_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     ctrl = kinds.add_parser(
         "control", formatter_class=fmt, help="Canny F1/IoU and (with weights) HED/lineart SSIM, depth RMSE, "
                                             "segmentation mIoU, landmark error",
-        description="ControlNet++/OFT protocol: the generated image's map against the condition's. Metrics: canny "
-                    "(F1, IoU; weight-free), hed, lineart (SSIM), depth (RMSE, 0-255), seg (SegFormer mIoU), "
-                    "landmarks (68-point L2 error). Default: canny.")
+        description="The ControlNet++/OFT protocol: the generated image's map against the condition's\n"
+                    "(made from 'condition_source' when the manifest has it, else the condition image itself):\n"
+                    "  canny      F1 and IoU of Canny(100, 200) edges (weight-free; the default)\n"
+                    "  hed        SSIM of HED soft edges          lineart  SSIM of lineart maps\n"
+                    "  depth      RMSE of DPT depth (0-255)       seg      SegFormer ADE20K mIoU\n"
+                    "  landmarks  68-point face-landmark L2 error (face-alignment package)")
     _add_score_common(ctrl)
     for name, default in (("hed", "lllyasviel/Annotators"), ("lineart", "lllyasviel/Annotators"),
                           ("depth", "Intel/dpt-hybrid-midas"), ("seg", "nvidia/segformer-b4-finetuned-ade-512-512")):

@@ -83,9 +83,9 @@ def test_failed_write_leaves_previous_outputs_untouched(tmp_path, monkeypatch):
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.skipif(_chromium() is None, reason="needs Chromium (Debian package: chromium)")
 def test_report_renders_in_headless_chromium(tmp_path):
     chromium = _chromium()
+    assert chromium, "this test needs Chromium: apt-get install chromium (Debian/Ubuntu)"
     result = _result(tmp_path)
     page = write_outputs(result, tmp_path / "out")["report.html"]
     bare = tmp_path / "bare.html"
