@@ -1,0 +1,349 @@
+"""Controllable generation with HRA (OFT/HRA papers' control setting) as a :class:`TrainingTask`.
+
+A condition encoder (ControlNetConditioningEmbedding, zero-initialised last conv) adds its output to the
+UNet's conv_in output, through the library's conv_in hook (``hra_diffusion.control``); the frozen UNet is
+tuned with HRA on the attention projections and ``ff.net.0.proj``. Both train together: the UNet and the
+encoder are two modules of one optimizer (two parameter groups, so the encoder has its own learning rate).
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from ..conditions import ConditionCache, detector_key, make_detector, supported_conditions
+from ..config import CONTROL_TARGETS, HRAConfig
+from ..control import (
+    attach_condition_encoder,
+    build_condition_encoder,
+    prepare_condition,
+    save_control_adapter,
+)
+from ..model import count_hra_parameters
+from .card import write_model_card
+from .config import ConfigError, TrainConfig, save_resolved_config
+from .control_data import (
+    ColumnNames,
+    ControlDataset,
+    ControlRow,
+    attach_computed_conditions,
+    check_rows,
+    collate_control,
+    rows_from_dataset,
+    rows_from_folder,
+)
+from .data import ImageTransform, load_rgb
+from .loss import add_noise, denoising_loss, sample_latents, with_orthogonality
+from .models import SDComponents, add_hra, load_sd_components, weight_dtype_for
+from .trainer import TrainingTask, TrainResult, make_accelerator, run_training
+from .validation import build_pipeline, eval_mode, generate_images
+
+__all__ = ["ControlConfig", "ControlTask", "train_control", "VALIDATION_SCHEDULERS"]
+
+VALIDATION_SCHEDULERS = ("dpm++", "ddim")
+
+
+@dataclass
+class ControlConfig(TrainConfig):
+    """Controllable-generation HRA settings (data source, condition, encoder, validation conditions)."""
+
+    target_modules: list[str] = field(default_factory=lambda: list(CONTROL_TARGETS))
+    # data: a local folder, or a `datasets` name (hub id or save_to_disk folder)
+    train_data_dir: str | None = None
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    dataset_split: str = "train"
+    cache_dir: str | None = None
+    image_column: str = "image"
+    conditioning_image_column: str = "conditioning_image"
+    caption_column: str = "text"
+    max_train_samples: int | None = None
+    proportion_empty_prompts: float = 0.0
+    # compute the condition from the image (no conditioning column): canny, lineart_standard, hed, ...
+    condition: str | None = None
+    condition_model_path: str | None = None
+    condition_cache_dir: str | None = None  # None: <output_dir>/condition_cache
+    canny_low_threshold: int = 100
+    canny_high_threshold: int = 200
+    # the condition encoder (fully trained); None: learning_rate
+    encoder_learning_rate: float | None = None
+    # validation: explicit condition images (+ validation_prompts), or the first rows of a folder / the data
+    validation_conditions: list[str] | None = None
+    validation_data_dir: str | None = None
+    num_validation_conditions: int = 4
+    validation_scheduler: str = "dpm++"
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
+            raise ConfigError(f"proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts!r}")
+        if self.encoder_learning_rate is not None and not self.encoder_learning_rate > 0:
+            raise ConfigError(f"encoder_learning_rate must be > 0 (or null for learning_rate), got {self.encoder_learning_rate!r}")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ConfigError(f"max_train_samples must be >= 1 (or null for all), got {self.max_train_samples!r}")
+        if self.num_validation_conditions < 1:
+            raise ConfigError(f"num_validation_conditions must be >= 1, got {self.num_validation_conditions!r}")
+        if self.validation_scheduler not in VALIDATION_SCHEDULERS:
+            raise ConfigError(f"validation_scheduler must be one of {list(VALIDATION_SCHEDULERS)}, got {self.validation_scheduler!r}")
+        if self.condition is not None and self.condition not in supported_conditions():
+            detector_key(self.condition)  # raises ConditionError listing the supported types
+        if not 0 <= self.canny_low_threshold <= self.canny_high_threshold:
+            raise ConfigError(
+                f"canny thresholds must satisfy 0 <= low <= high, got {self.canny_low_threshold}, {self.canny_high_threshold}"
+            )
+        if self.cache_latents:
+            raise ConfigError("cache_latents is not supported by the control trainer (its data set is usually large); set it to false")
+
+    def columns(self) -> ColumnNames:
+        return ColumnNames(self.image_column, self.conditioning_image_column, self.caption_column)
+
+
+def _require(cfg: ControlConfig) -> None:
+    if bool(cfg.train_data_dir) == bool(cfg.dataset_name):
+        raise ConfigError(
+            "give exactly one data source: --train_data_dir FOLDER (metadata.jsonl of image, conditioning_image, "
+            "text) or --dataset_name NAME (a datasets hub id or a save_to_disk folder)"
+            + (f"; got both {cfg.train_data_dir!r} and {cfg.dataset_name!r}" if cfg.train_data_dir else "")
+        )
+    if cfg.validation_conditions and cfg.validation_prompts is None:
+        raise ConfigError("validation_conditions needs validation_prompts (one per condition image, or one for all)")
+    if cfg.validation_conditions and cfg.validation_prompts and len(cfg.validation_prompts) not in (1, len(cfg.validation_conditions)):
+        raise ConfigError(
+            f"{len(cfg.validation_prompts)} validation_prompts for {len(cfg.validation_conditions)} validation_conditions: "
+            "give one per condition image, or one for all"
+        )
+
+
+def load_rows(cfg: ControlConfig, folder: str | None = None) -> list[ControlRow]:
+    """Rows of ``folder`` (or the configured training source), conditions not yet computed."""
+    need_condition = cfg.condition is None
+    if folder is not None or cfg.train_data_dir:
+        rows = rows_from_folder(folder or cfg.train_data_dir, cfg.columns(), need_condition)
+        check_rows(rows)
+    else:
+        rows = rows_from_dataset(cfg.dataset_name, cfg.columns(), need_condition, cfg.dataset_config_name,
+                                 cfg.dataset_split, cfg.cache_dir)
+    return rows
+
+
+class ControlTask(TrainingTask):
+    """HRA on the UNet + a fully trained condition encoder on (image, condition, caption) rows."""
+
+    def __init__(self, cfg: ControlConfig, accelerator) -> None:
+        _require(cfg)
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.weight_dtype = weight_dtype_for(cfg.mixed_precision)
+        self.autocast_dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
+        # data first: bad columns/files/condition types fail before any model is loaded
+        self.detector = None
+        if cfg.condition is not None:
+            self.detector = make_detector(cfg.condition, cfg.condition_model_path, cfg.canny_low_threshold,
+                                          cfg.canny_high_threshold)
+        rows = load_rows(cfg)
+        if cfg.max_train_samples is not None:
+            rows = rows[: cfg.max_train_samples]
+        self._compute_conditions(rows)
+        transform = ImageTransform(cfg.resolution, cfg.center_crop, cfg.random_flip)
+        self.data = ControlDataset(rows, transform, cfg.seed, cfg.proportion_empty_prompts)
+        self.validation_rows = self._validation_rows(rows)
+
+        self.sd: SDComponents = load_sd_components(cfg.pretrained_model, cfg.revision, cfg.variant, self.weight_dtype)
+        device = accelerator.device
+        for m in (self.sd.unet, self.sd.vae, self.sd.text_encoder):
+            m.to(device)
+        self.unet_hra = HRAConfig(r=cfg.r, target_modules=cfg.target_modules, apply_gs=cfg.apply_gs,
+                                  orth_lambda=cfg.orth_lambda, seed=cfg.seed)
+        add_hra(self.sd.unet, self.unet_hra, "UNet")
+        if cfg.gradient_checkpointing:
+            self.sd.unet.enable_gradient_checkpointing()
+        self.vae_scale_factor = 2 ** (len(self.sd.vae.config.block_out_channels) - 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # the same encoder init on every rank and every (resumed) run
+            self.encoder = build_condition_encoder(self.sd.unet, vae_scale_factor=self.vae_scale_factor)
+        self.encoder.to(device=device, dtype=torch.float32).train()  # fp32 like the adapter tensors
+        # the library's conv_in hook; its encoder is the DDP-wrapped one in training, the plain one in validation
+        self.handle = attach_condition_encoder(self.sd.unet, self.encoder)
+
+    # ---- pieces --------------------------------------------------------------------------------
+    def _compute_conditions(self, rows: list[ControlRow]) -> None:
+        if self.detector is None:
+            return
+        cfg = self.cfg
+        root = Path(cfg.condition_cache_dir or Path(cfg.output_dir) / "condition_cache")
+        cache = ConditionCache(root, detector_key(cfg.condition, cfg.canny_low_threshold, cfg.canny_high_threshold),
+                               self.detector)
+        with self.accelerator.main_process_first():  # rank 0 computes, the others read the cache
+            attach_computed_conditions(rows, cache)
+        self.condition_cache = cache.folder
+
+    def _validation_rows(self, train_rows: list[ControlRow]) -> list[tuple[Image.Image, str]]:
+        """(condition image, prompt) pairs for the validation grid; [] when validation is off."""
+        cfg = self.cfg
+        if cfg.validation_prompts == []:
+            return []
+        if cfg.validation_conditions:
+            conds = [load_rgb(p) for p in cfg.validation_conditions]
+            prompts = cfg.validation_prompts * len(conds) if len(cfg.validation_prompts) == 1 else cfg.validation_prompts
+            return list(zip(conds, prompts, strict=True))
+        rows = train_rows
+        if cfg.validation_data_dir:
+            rows = load_rows(cfg, cfg.validation_data_dir)[: cfg.num_validation_conditions]
+            self._compute_conditions(rows)
+        rows = rows[: cfg.num_validation_conditions]
+        prompts = [r.caption for r in rows]
+        if cfg.validation_prompts:
+            prompts = cfg.validation_prompts * len(rows) if len(cfg.validation_prompts) == 1 else cfg.validation_prompts[: len(rows)]
+        return [(r.load_condition(), p) for r, p in zip(rows, prompts, strict=False)]
+
+    def _tokens(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.sd.tokenizer
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        return ids.input_ids.to(self.accelerator.device)
+
+    # ---- TrainingTask ----------------------------------------------------------------------------
+    def modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.sd.unet, "condition_encoder": self.encoder}
+
+    def learning_rates(self) -> dict[str, float]:
+        return {"unet": self.cfg.learning_rate, "condition_encoder": self.cfg.encoder_learning_rate or self.cfg.learning_rate}
+
+    def dataset(self):
+        return self.data, len(self.data), collate_control
+
+    def loss(self, modules, batch, generator):
+        device = self.accelerator.device
+        with torch.no_grad():
+            dist = self.sd.vae.encode(batch["pixel_values"].to(device, self.weight_dtype)).latent_dist
+            mean, std = dist.mean.float(), dist.std.float()
+            states = self.sd.text_encoder(self._tokens(batch["prompts"]))[0]
+        latents = sample_latents(mean, std, generator, self.sd.vae.config.scaling_factor)
+        noisy = add_noise(self.sd.noise_scheduler, latents, generator)
+        self.handle.encoder = modules["condition_encoder"]  # wrapped: DDP syncs the encoder's gradients
+        self.handle.set_condition(batch["condition"].to(device))
+        try:
+            pred = modules["unet"](noisy.noisy, noisy.timesteps, states).sample
+        finally:
+            self.handle.set_condition(None)
+            self.handle.encoder = self.encoder
+        loss, logs = denoising_loss(pred, noisy.target)
+        loss, orth = with_orthogonality(loss, [self.accelerator.unwrap_model(modules["unet"])], self.cfg.orth_lambda)
+        return loss, {**logs, **orth}
+
+    @torch.no_grad()
+    def generate(self, modules, conditions: list[Image.Image], prompts: list[str], num_images: int, seed: int,
+                 steps: int, guidance_scale: float, scheduler: str = "dpm++") -> list[list[Image.Image]]:
+        """Images per (condition, prompt) from the training modules (no copy); image i uses seed + i."""
+        cfg = self.cfg
+        unet, encoder = modules["unet"], modules["condition_encoder"]
+        pipe = build_pipeline(unet, self.sd.text_encoder, self.sd.vae, self.sd.tokenizer, self.sd.noise_scheduler)
+        if scheduler == "ddim":
+            from diffusers import DDIMScheduler
+
+            pipe.scheduler = DDIMScheduler.from_config(self.sd.noise_scheduler.config)
+        rows = []
+        self.handle.encoder = encoder
+        with eval_mode(unet, encoder):
+            for cond, prompt in zip(conditions, prompts, strict=True):
+                tensor = prepare_condition(cond, cfg.resolution, cfg.resolution).to(self.accelerator.device)
+                self.handle.set_condition(tensor.expand(num_images, -1, -1, -1))  # CFG: both branches, see control.py
+                try:
+                    rows += generate_images(pipe, [prompt], num_images, seed, steps, guidance_scale, cfg.resolution,
+                                            autocast_dtype=self.autocast_dtype)
+                finally:
+                    self.handle.set_condition(None)
+        self.handle.encoder = self.encoder
+        return rows
+
+    def validate(self, modules, step):
+        cfg = self.cfg
+        if not self.validation_rows:
+            return None
+        conds = [c for c, _ in self.validation_rows]
+        prompts = [p for _, p in self.validation_rows]
+        images = self.generate(modules, conds, prompts, cfg.num_validation_images, cfg.validation_seed,
+                               cfg.validation_inference_steps, cfg.validation_guidance_scale, cfg.validation_scheduler)
+        size = (cfg.resolution, cfg.resolution)
+        rows = [[c.resize(size, Image.BILINEAR), *imgs] for c, imgs in zip(conds, images, strict=True)]
+        return rows, [p or "(empty prompt)" for p in prompts]
+
+    def save(self, modules, output_dir: Path) -> list[Path]:
+        cfg = self.cfg
+        path = output_dir / "adapter"
+        save_control_adapter(
+            modules["unet"], modules["condition_encoder"], path, base_model=cfg.pretrained_model,
+            base_model_revision=cfg.revision, trainer="control_hra", condition_type=cfg.condition or "given",
+            resolution=cfg.resolution,
+        )
+        return [path]
+
+
+def train_control(cfg: ControlConfig) -> TrainResult:
+    """Run control-HRA end to end: data and model checks, training, adapter + encoder, card, config, logs."""
+    _require(cfg)
+    accelerator = make_accelerator(cfg, "control_hra")
+    try:
+        out = Path(cfg.output_dir)
+        task = ControlTask(cfg, accelerator)
+        if accelerator.is_main_process:
+            save_resolved_config(cfg, out)
+        result = run_training(task, accelerator)
+        if accelerator.is_main_process:
+            _write_card(cfg, task, result, out)
+        accelerator.wait_for_everyone()
+        return result
+    finally:
+        accelerator.end_training()
+
+
+def _write_card(cfg: ControlConfig, task: ControlTask, result: TrainResult, out: Path) -> None:
+    source = f"`{cfg.train_data_dir}`" if cfg.train_data_dir else f"dataset `{cfg.dataset_name}` ({cfg.dataset_split})"
+    n_encoder = sum(p.numel() for p in task.encoder.parameters())
+    usage = (
+        "from diffusers import StableDiffusionPipeline\nfrom PIL import Image\n"
+        "from hra_diffusion.control import attach_condition_encoder, load_control_adapter, prepare_condition\n\n"
+        f"pipe = StableDiffusionPipeline.from_pretrained({cfg.pretrained_model!r})\n"
+        f'_, encoder = load_control_adapter(pipe.unet, "{out}/adapter")\n'
+        "handle = attach_condition_encoder(pipe.unet, encoder)\n"
+        f'handle.set_condition(prepare_condition(Image.open("condition.png"), {cfg.resolution}, {cfg.resolution}))\n'
+        f"image = pipe({(task.validation_rows[0][1] if task.validation_rows else 'a prompt')!r}, "
+        f"height={cfg.resolution}, width={cfg.resolution}).images[0]\n"
+    )
+    facts = {
+        "base model": f"`{cfg.pretrained_model}`" + (f" @ {cfg.revision}" if cfg.revision else ""),
+        "data": f"{len(task.data)} pairs from {source}",
+        "condition": (f"computed with `{cfg.condition}` (cached in `{task.condition_cache}`)" if cfg.condition
+                      else f"column `{cfg.conditioning_image_column}`"),
+        "empty prompts": f"{cfg.proportion_empty_prompts:.0%}",
+        "HRA": f"r={cfg.r} on {', '.join(cfg.target_modules)}, Gram-Schmidt={cfg.apply_gs}, λ={cfg.orth_lambda}, "
+               f"{count_hra_parameters(task.sd.unet):,} trainable UNet values",
+        "condition encoder": f"{n_encoder:,} values, lr {cfg.encoder_learning_rate or cfg.learning_rate}, "
+                             f"channels {task.encoder.hra_condition_config['block_out_channels']}",
+        "steps": f"{result.global_step} (batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps} "
+                 f"x {task.accelerator.num_processes} process(es))",
+        "optimizer": f"{'8-bit ' if cfg.use_8bit_adam else ''}AdamW lr {cfg.learning_rate}, {cfg.lr_scheduler} "
+                     f"(warm-up {cfg.lr_warmup_steps}), wd {cfg.adam_weight_decay}, clip {cfg.max_grad_norm}",
+        "resolution": cfg.resolution,
+        "mixed precision": cfg.mixed_precision,
+        "validation": f"{cfg.validation_scheduler}, {cfg.validation_inference_steps} steps, CFG {cfg.validation_guidance_scale}",
+        "seed": cfg.seed,
+        "training time": f"{result.seconds:.0f} s" + (f" (resumed from {result.resumed_from.name})" if result.resumed_from else ""),
+    }
+    write_model_card(
+        out, title=f"HRA control adapter ({cfg.condition or 'condition images'})", base_model=cfg.pretrained_model,
+        command=cfg.command or "accelerate launch train/control_hra.py",
+        summary=(
+            "A Householder Reflection Adaptation (HRA) adapter for controllable generation, trained with "
+            "hra-diffusion's `train/control_hra.py`: HRA on the UNet plus a condition encoder whose output is "
+            "added to the UNet's conv_in output. Both live in one adapter folder. Validation grids show the "
+            "condition in the first column, then the generated images."),
+        adapters={str(out / "adapter"): "the UNet's HRA tensors and the condition encoder (`condition_encoder.*`); "
+                  "load with `hra_diffusion.control.load_control_adapter(pipe.unet, ...)`"},
+        facts=facts, sample_images=result.validation_grids[-1:], usage=usage,
+        notes=[f"validation prompts: {', '.join(shlex.quote(p) for _, p in task.validation_rows)}"] if task.validation_rows else [],
+    )
