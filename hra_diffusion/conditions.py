@@ -112,7 +112,6 @@ def make_detector(
         return _canny(low_threshold, high_threshold)
     import importlib
 
-    cls = getattr(importlib.import_module(f"controlnet_aux.{spec.module}"), spec.cls)
     if spec.weight_files:
         folder = Path(model_path) if model_path else None
         missing = [f for f in spec.weight_files if folder is None or not (folder / f).is_file()]
@@ -124,9 +123,8 @@ def make_detector(
                 "is network and pass --condition_model_path FOLDER, or use a weight-free type: "
                 + ", ".join(n for n, s in DETECTORS.items() if not s.weight_files)
             )
-        detector = cls.from_pretrained(str(folder))
-    else:
-        detector = cls()
+    cls = getattr(importlib.import_module(f"controlnet_aux.{spec.module}"), spec.cls)
+    detector = cls.from_pretrained(str(folder)) if spec.weight_files else cls()
 
     def detect(image: Image.Image) -> Image.Image:
         image = image.convert("RGB")
