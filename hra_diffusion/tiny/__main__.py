@@ -1,0 +1,49 @@
+"""``python -m hra_diffusion.tiny build|data``: rebuild the tiny world's model and/or synthetic data."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import fields
+from pathlib import Path
+
+from .paths import TINY_DATA_DIR, TINY_MODEL_DIR
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m hra_diffusion.tiny", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="train the tiny pipeline (VAE, CLIP text encoder, UNet) and write the data")
+    b.add_argument("--out", type=Path, default=TINY_MODEL_DIR, help="pipeline folder to write (default assets/tiny-sd)")
+    b.add_argument("--data-out", type=Path, default=TINY_DATA_DIR, help="data folder (default assets/tiny-data)")
+    b.add_argument("--skip-data", action="store_true", help="only train and write the model")
+    b.add_argument("--steps-scale", type=float, default=1.0, help="multiply every training step count (tests: 0.02)")
+    b.add_argument("--quick", action="store_true", help="a seconds-long smoke build (tiny pool, batches, eval)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a busy machine)")
+    b.add_argument("--quiet", action="store_true")
+    d = sub.add_parser("data", help="only regenerate the synthetic data (subject + control sets)")
+    d.add_argument("--data-out", type=Path, default=TINY_DATA_DIR)
+    d.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.command == "build":
+        from .build import BuildConfig, build_model, quick_config
+
+        base = quick_config() if args.quick else BuildConfig()
+        kw = {f.name: getattr(base, f.name) for f in fields(BuildConfig)}
+        kw.update(seed=args.seed, threads=args.threads, steps_scale=args.steps_scale * base.steps_scale)
+        build_model(args.out, BuildConfig(**kw), verbose=not args.quiet)
+        if args.skip_data:
+            return
+    from .data import write_all
+
+    write_all(args.data_out, seed=args.seed)
+    print(f"wrote the tiny-world data to {args.data_out}")
+
+
+if __name__ == "__main__":
+    main(parse_args())

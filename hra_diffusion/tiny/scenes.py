@@ -1,0 +1,216 @@
+"""Seeded procedural scenes for the tiny world: one named-colour shape on a named-colour background.
+
+Everything is drawn with Pillow at 4x supersampling and downsampled, so edges are anti-aliased; the same
+seed always gives the same pixels. Also holds the deterministic colour checker used by tests and docs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "COLOURS",
+    "SHAPES",
+    "RESOLUTION",
+    "Scene",
+    "SubjectStyle",
+    "SUBJECT",
+    "sample_scene",
+    "sample_scenes",
+    "render",
+    "render_outline",
+    "caption",
+    "caption_variant",
+    "nearest_colour",
+    "dominant_colours",
+]
+
+RESOLUTION = 32
+SUPERSAMPLE = 4
+
+# Six well-separated named colours (RGB); the colour checker maps any pixel to the nearest of these.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (245, 215, 30),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One shape: kind, colour and background names, centre (fraction of the image), radius fraction, angle."""
+
+    shape: str
+    colour: str
+    background: str
+    cx: float
+    cy: float
+    radius: float
+    angle: float
+    stripes: tuple[str, str] | None = None  # two colours in horizontal stripes (the DreamBooth subject)
+
+
+@dataclass(frozen=True)
+class SubjectStyle:
+    """The DreamBooth subject: a star with horizontal stripes in two colours (never in the base's training)."""
+
+    shape: str = "star"
+    stripes: tuple[str, str] = ("red", "yellow")
+    identifier: str = "qwe"
+
+
+SUBJECT = SubjectStyle()
+
+
+def _check_names(shape: str, colour: str, background: str) -> None:
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; the tiny world knows {list(SHAPES)}")
+    for name in (colour, background):
+        if name not in COLOURS:
+            raise ValueError(f"unknown colour {name!r}; the tiny world knows {list(COLOURS)}")
+
+
+def sample_scene(
+    rng: np.random.Generator,
+    shape: str | None = None,
+    colour: str | None = None,
+    background: str | None = None,
+    stripes: tuple[str, str] | None = None,
+) -> Scene:
+    """Draw one scene; unspecified attributes are random, and the background never equals the shape colour(s)."""
+    names = list(COLOURS)
+    shape = shape if shape is not None else SHAPES[rng.integers(len(SHAPES))]
+    colour = colour if colour is not None else names[rng.integers(len(names))]
+    taken = set(stripes) if stripes else {colour}
+    if background is None:
+        choices = [c for c in names if c not in taken]
+        background = choices[rng.integers(len(choices))]
+    _check_names(shape, colour, background)
+    if background in taken:
+        raise ValueError(f"background {background!r} equals the shape colour; choose a different background")
+    radius = float(rng.uniform(0.2, 0.42))
+    margin = radius * 0.8
+    cx = float(rng.uniform(margin, 1 - margin))
+    cy = float(rng.uniform(margin, 1 - margin))
+    angle = float(rng.uniform(0, 2 * math.pi))
+    return Scene(shape, colour, background, cx, cy, radius, angle, stripes)
+
+
+def sample_scenes(seed: int, n: int, **fixed) -> list[Scene]:
+    """``n`` scenes from one seed (deterministic)."""
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng, **fixed) for _ in range(n)]
+
+
+def _polygon(scene: Scene, size: int) -> list[tuple[float, float]] | None:
+    cx, cy, r = scene.cx * size, scene.cy * size, scene.radius * size
+    if scene.shape == "circle":
+        return None
+    if scene.shape == "square":
+        k, rr = 4, r * 0.9
+        return [(cx + rr * math.cos(scene.angle + 2 * math.pi * i / k), cy + rr * math.sin(scene.angle + 2 * math.pi * i / k)) for i in range(k)]
+    if scene.shape == "triangle":
+        return [(cx + r * math.cos(scene.angle + 2 * math.pi * i / 3), cy + r * math.sin(scene.angle + 2 * math.pi * i / 3)) for i in range(3)]
+    pts = []  # five-pointed star: alternate outer/inner radius
+    for i in range(10):
+        rad = r if i % 2 == 0 else r * 0.45
+        a = scene.angle + math.pi * i / 5
+        pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+    return pts
+
+
+def _mask(scene: Scene, size: int, outline: int = 0) -> Image.Image:
+    """A binary 'L' mask of the shape (filled, or only its outline of width ``outline``) at ``size``."""
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    poly = _polygon(scene, size)
+    cx, cy, r = scene.cx * size, scene.cy * size, scene.radius * size
+    if poly is None:
+        box = (cx - r, cy - r, cx + r, cy + r)
+        draw.ellipse(box, fill=0 if outline else 255, outline=255 if outline else None, width=outline or 1)
+    elif outline:
+        draw.line(poly + [poly[0]], fill=255, width=outline, joint="curve")
+    else:
+        draw.polygon(poly, fill=255)
+    return mask
+
+
+def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
+    """The scene as an RGB image of ``resolution`` pixels (anti-aliased)."""
+    size = resolution * SUPERSAMPLE
+    img = Image.new("RGB", (size, size), COLOURS[scene.background])
+    if scene.stripes:
+        fill = Image.new("RGB", (size, size))
+        draw = ImageDraw.Draw(fill)
+        band = max(1, size // 12)  # ~6 stripes across the image
+        for i, y in enumerate(range(0, size, band)):
+            draw.rectangle((0, y, size, y + band), fill=COLOURS[scene.stripes[i % 2]])
+    else:
+        fill = Image.new("RGB", (size, size), COLOURS[scene.colour])
+    img.paste(fill, (0, 0), _mask(scene, size))
+    return img.resize((resolution, resolution), Image.LANCZOS)
+
+
+def render_outline(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
+    """The control condition: the shape's outline, white on black, as RGB."""
+    size = resolution * SUPERSAMPLE
+    mask = _mask(scene, size, outline=max(2, SUPERSAMPLE + SUPERSAMPLE // 2))
+    return mask.resize((resolution, resolution), Image.LANCZOS).convert("RGB")
+
+
+def caption(scene: Scene) -> str:
+    """The full caption, e.g. 'a red star on a blue background'."""
+    return f"a {scene.colour} {scene.shape} on a {scene.background} background"
+
+
+def caption_variant(scene: Scene, u: float) -> str:
+    """A caption variant chosen by ``u`` in [0, 1): full (55%), no colour, no background, shape only, empty (10%).
+
+    Training on the variants makes 'a star' (the DreamBooth class prompt) and partial prompts known, and the
+    empty caption gives classifier-free guidance its unconditional branch.
+    """
+    if u < 0.55:
+        return caption(scene)
+    if u < 0.67:
+        return f"a {scene.shape} on a {scene.background} background"
+    if u < 0.79:
+        return f"a {scene.colour} {scene.shape}"
+    if u < 0.90:
+        return f"a {scene.shape}"
+    return ""
+
+
+def nearest_colour(rgb: np.ndarray) -> np.ndarray:
+    """Index into ``COLOURS`` of the nearest named colour for each RGB row (..., 3) in 0-255."""
+    table = np.asarray(list(COLOURS.values()), dtype=np.float32)  # (K, 3)
+    d = ((np.asarray(rgb, dtype=np.float32)[..., None, :] - table) ** 2).sum(-1)
+    return d.argmin(-1)
+
+
+def dominant_colours(image: Image.Image | np.ndarray, min_fraction: float = 0.03) -> tuple[str, str | None]:
+    """(background, shape) colour names of an image: deterministic, no learning.
+
+    The background is the most common named colour on the 2-pixel border; the shape colour is the most common
+    other named colour among all pixels, or None if it covers less than ``min_fraction`` of the image.
+    """
+    arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"expected an RGB image (H, W, 3), got shape {arr.shape}")
+    names = list(COLOURS)
+    labels = nearest_colour(arr.reshape(-1, 3)).reshape(arr.shape[:2])
+    border = np.concatenate([labels[:2].ravel(), labels[-2:].ravel(), labels[:, :2].ravel(), labels[:, -2:].ravel()])
+    bg = int(np.bincount(border, minlength=len(names)).argmax())
+    counts = np.bincount(labels.ravel(), minlength=len(names))
+    counts[bg] = 0
+    fg = int(counts.argmax())
+    if counts[fg] < min_fraction * labels.size:
+        return names[bg], None
+    return names[bg], names[fg]
