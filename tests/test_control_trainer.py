@@ -1,0 +1,236 @@
+"""Control-HRA trainer: the no-argument command's outputs, zero-init = base, exact resume, 2-process DDP,
+bf16 with fp32 adapter + encoder, computed conditions from a datasets folder, bad input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from hra_diffusion.conditions import ConditionError
+from hra_diffusion.control import ENCODER_PREFIX, load_control_adapter
+from hra_diffusion.tiny.paths import TINY_CONTROL_DIR, TINY_MODEL_DIR
+from hra_diffusion.training import latest_checkpoint, list_checkpoints, make_accelerator
+from hra_diffusion.training.config import ConfigError
+from hra_diffusion.training.control_task import ControlTask
+from hra_diffusion.training.data import DataError
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "train"))
+import control_hra  # noqa: E402
+from test_control_data import make_control_dir  # noqa: E402
+
+
+def has_control_world() -> bool:
+    return (TINY_MODEL_DIR / "model_index.json").is_file() and (TINY_CONTROL_DIR / "train" / "metadata.jsonl").is_file()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps process-wide state; each in-process run starts from a clean one."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def control_dir(tmp_path_factory) -> Path:
+    return make_control_dir(tmp_path_factory.mktemp("control"), n=8)
+
+
+def fast_args(sd: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """A few-second run on the random tiny pipeline: no validation, no tensorboard."""
+    return [
+        "--pretrained_model", str(sd), "--train_data_dir", str(data), "--validation_data_dir", "none",
+        "--output_dir", str(out), "--resolution", "32", "--train_batch_size", "2", "--validation_prompts", "[]",
+        "--report_to", "none", "--max_train_steps", "2", *extra,
+    ]
+
+
+def train(argv: list[str]):
+    return control_hra.main(control_hra.parse_args(argv))
+
+
+def launch(args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+def test_cli_default_command_writes_every_output(tmp_path, tiny_sd_dir, control_dir):
+    """`accelerate launch train/control_hra.py` (default tiny recipe; only steps/out shortened here)."""
+    out = tmp_path / "run"
+    args = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_steps", "2", "--output_dir", str(out)]
+    if not has_control_world():  # until the embedded tiny world lands, point the default recipe at stand-ins
+        args += ["--pretrained_model", str(tiny_sd_dir), "--train_data_dir", str(control_dir),
+                 "--validation_data_dir", str(control_dir)]
+    proc = launch(["--num_processes", "1", "train/control_hra.py", *args])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # one adapter folder: HRA on the control targets + the condition encoder, all fp32
+    from hra_diffusion import read_adapter
+
+    doc, u, extra = read_adapter(out / "adapter")
+    assert doc["hra"]["r"] == 8 and "ff.net.0.proj" in doc["hra"]["target_modules"]
+    assert any(k.endswith("ff.net.0.proj") for k in u) and doc["condition_encoder"]["block_out_channels"]
+    assert extra and all(k.startswith(ENCODER_PREFIX) for k in extra)
+    assert all(t.dtype == torch.float32 for t in [*u.values(), *extra.values()])
+    from diffusers import UNet2DConditionModel
+
+    fresh = UNet2DConditionModel.from_pretrained(doc["base_model"], subfolder="unet")
+    names, encoder = load_control_adapter(fresh, out / "adapter")
+    assert len(names) == len(u) and encoder is not None
+    # resolved config, reusable as a recipe
+    resolved = (out / "config.yaml").read_text()
+    assert "max_train_steps: 4" in resolved and "train/control_hra.py" in resolved
+    # validation grids at step 2 and the end; each row is condition | outputs
+    grids = sorted((out / "validation").glob("step-*[0-9].png"))
+    assert [g.name for g in grids] == ["step-000002.png", "step-000004.png"]
+    singles = out / "validation" / "step-000004"
+    assert len(list(singles.glob("p0-*.png"))) == 1 + 4  # condition + num_validation_images
+    first_condition = (TINY_CONTROL_DIR / "heldout" if has_control_world() else control_dir)
+    import json
+
+    row = json.loads((first_condition / "metadata.jsonl").read_text().splitlines()[0])
+    expected = Image.open(first_condition / row["conditioning_image"]).convert("RGB").resize((32, 32), Image.BILINEAR)
+    assert np.array_equal(np.asarray(Image.open(singles / "p0-0.png")), np.asarray(expected))
+    # model card with the samples and the exact command
+    card = (out / "README.md").read_text()
+    assert "validation/step-000004.png" in card and "load_control_adapter" in card
+    assert "accelerate launch train/control_hra.py --max_train_steps 4" in card
+    # tensorboard: loss and the validation grid
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, images = [], []
+    for ev in (out / "logs").rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(ev.parent))
+        acc.Reload()
+        scalars += acc.Tags()["scalars"]
+        images += acc.Tags()["images"]
+    assert "loss" in scalars and "validation" in images
+    # checkpoint at step 2 (both modules), progress bar
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+    ckpt = latest_checkpoint(out)
+    assert (ckpt / "unet.safetensors").is_file() and (ckpt / "condition_encoder.safetensors").is_file()
+    assert "4/4" in proc.stderr and "loss=" in proc.stderr
+
+
+def test_two_processes_run_real_ddp(tmp_path, tiny_random_sd_dir, control_dir):
+    out = tmp_path / "ddp"
+    proc = launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                   "--dynamo_backend", "no", "train/control_hra.py",
+                   *fast_args(tiny_random_sd_dir, control_dir, out, "--max_train_steps", "3")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "adapter checksum" in ln]
+    assert sorted(ln.split("]")[0] for ln in lines) == ["[rank 0/2", "[rank 1/2"]  # two real ranks
+    assert len({ln.split("checksum")[1] for ln in lines}) == 1  # identical UNet HRA + encoder on both ranks
+    assert len(list(out.rglob("adapter_model.safetensors"))) == 1  # one adapter written
+    tensors = adapter_tensors(out)
+    enc = [v for k, v in tensors.items() if k.startswith(ENCODER_PREFIX + "conv_out")]
+    assert enc and any(v.abs().sum() > 0 for v in enc)  # the zero-init last conv was trained
+
+
+# ---- in-process runs -----------------------------------------------------------------------------
+
+def test_zero_init_pipeline_equals_base(tmp_path, tiny_sd_dir, control_dir):
+    """Before training, generation with the encoder attached (both CFG branches) equals the base model's."""
+    from diffusers import StableDiffusionPipeline
+
+    from hra_diffusion.training.validation import build_pipeline, generate_images
+
+    cfg = control_hra.parse_args(fast_args(tiny_sd_dir, control_dir, tmp_path / "z"))
+    accelerator = make_accelerator(cfg, "test")
+    task = ControlTask(cfg, accelerator)
+    conds = [Image.open(control_dir / f"cond_{i}.png") for i in range(2)]
+    prompts = ["a red square", "a blue square"]
+    ours = task.generate(task.modules(), conds, prompts, 2, seed=5, steps=4, guidance_scale=4.0)
+    base = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir), safety_checker=None, requires_safety_checker=False)
+    pipe = build_pipeline(base.unet, base.text_encoder, base.vae, base.tokenizer, task.sd.noise_scheduler)
+    want = [generate_images(pipe, [p], 2, 5, 4, 4.0, 32)[0] for p in prompts]
+    diff = max(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max()
+               for ra, rb in zip(ours, want, strict=True) for a, b in zip(ra, rb, strict=True))
+    assert diff <= 1  # HRA starts at the identity (up to float rounding), the encoder's last conv at zero
+    with torch.no_grad():  # the check can fail: a non-zero encoder output does change the images
+        task.encoder.conv_out.weight.normal_(0, 0.5)
+    moved = task.generate(task.modules(), conds, prompts, 2, seed=5, steps=4, guidance_scale=4.0)
+    assert max(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max()
+               for ra, rb in zip(moved, want, strict=True) for a, b in zip(ra, rb, strict=True)) > 10
+
+
+def test_resume_is_exact(tmp_path, tiny_random_sd_dir, control_dir):
+    """N steps straight == N/2, stop, resume from the checkpoint, N/2 more (UNet HRA and encoder tensors)."""
+    extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",
+             "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--random_flip", "true", "--center_crop", "false",
+             "--proportion_empty_prompts", "0.5", "--encoder_learning_rate", "3e-3", "--orth_lambda", "1e-3"]
+    straight = tmp_path / "straight"
+    train(fast_args(tiny_random_sd_dir, control_dir, straight, *extra))
+    ckpt = latest_checkpoint(straight)
+    assert ckpt.name == "checkpoint-2"
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, resumed / "checkpoints" / ckpt.name)  # as if the first run had stopped at step 2
+    result = train(fast_args(tiny_random_sd_dir, control_dir, resumed, *extra, "--resume_from_checkpoint", "latest"))
+    assert result.resumed_from.name == "checkpoint-2" and result.global_step == 4
+    a, b = adapter_tensors(straight), adapter_tensors(resumed)
+    assert a.keys() == b.keys() and any(k.startswith(ENCODER_PREFIX) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    half = load_file(str(ckpt / "condition_encoder.safetensors"))
+    assert any(not torch.equal(v, a[ENCODER_PREFIX + k]) for k, v in half.items())  # the second half did train
+
+
+def test_bf16_keeps_adapter_and_encoder_fp32(tmp_path, tiny_random_sd_dir, control_dir):
+    out = tmp_path / "bf16"
+    train(fast_args(tiny_random_sd_dir, control_dir, out, "--mixed_precision", "bf16"))
+    tensors = adapter_tensors(out)
+    assert tensors and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+    assert any(k.startswith(ENCODER_PREFIX) for k in tensors)
+
+
+def test_datasets_input_with_computed_canny_condition(tmp_path, tiny_random_sd_dir, control_dir):
+    import datasets
+
+    ds = datasets.Dataset.from_dict(
+        {"photo": [Image.open(control_dir / f"img_{i}.png").convert("RGB") for i in range(4)],
+         "caption": ["a red square"] * 4},
+        features=datasets.Features({"photo": datasets.Image(), "caption": datasets.Value("string")}))
+    ds.save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "canny"
+    args = fast_args(tiny_random_sd_dir, control_dir, out, "--max_train_steps", "1")
+    args[args.index("--train_data_dir") + 1] = "none"
+    train(args + ["--dataset_name", str(tmp_path / "ds"), "--image_column", "photo", "--caption_column", "caption",
+                  "--condition", "canny"])
+    cached = sorted((out / "condition_cache" / "canny-100-200").glob("*.png"))
+    assert len(cached) == 4 and np.asarray(Image.open(cached[0])).max() == 255
+    from hra_diffusion import read_adapter
+
+    assert read_adapter(out / "adapter")[0]["condition_type"] == "canny"
+
+
+def test_bad_input_is_reported_before_loading_the_model(tmp_path, control_dir):
+    missing_model = str(tmp_path / "no-model")
+    with pytest.raises(ConditionError, match="unknown condition type 'sobel'; supported: canny .*lineart_standard"):
+        control_hra.parse_args(["--condition", "sobel"])
+    with pytest.raises(ConfigError, match="exactly one data source"):
+        train(["--train_data_dir", str(control_dir), "--dataset_name", "x", "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(ConfigError, match=r"proportion_empty_prompts must be in \[0, 1\]"):
+        control_hra.parse_args(["--proportion_empty_prompts", "1.5"])
+    # data errors come first (the model folder does not even exist)
+    with pytest.raises(DataError, match=r"no column 'cond'; columns found: 'image', 'conditioning_image', 'text'"):
+        train(fast_args(missing_model, control_dir, tmp_path / "o1", "--conditioning_image_column", "cond"))
+    with pytest.raises(DataError, match="does not exist"):
+        train(fast_args(missing_model, tmp_path / "nowhere", tmp_path / "o2"))
