@@ -113,7 +113,8 @@ def test_generate_then_score_through_the_cli(tmp_path, capsys, weights):
     assert rc == 0, err
     rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and rows[0]["base"] == str(base.resolve())
-    argv = ["score", "subject", "--samples", str(out), "--dino-model", weights["dino"], "--clip-model", "ViT-S-32",
+    argv = ["score", "subject", "--samples", str(out), "--metrics", "dino,clip_i,clip_t",
+            "--dino-model", weights["dino"], "--clip-model", "ViT-S-32",
             "--clip-pretrained", weights["clip"], "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
     t0 = time.perf_counter()
     rc, stdout, err = _run(argv, capsys)

@@ -15,7 +15,7 @@ from hra_diffusion.metrics.cache import FeatureCache, file_hash
 from hra_diffusion.metrics.control_metrics import canny_edges, score_control
 from hra_diffusion.metrics.extractors import WeightsUnavailableError, load_clip, load_dino
 from hra_diffusion.metrics.samples import load_image
-from hra_diffusion.metrics.subject import lpips_available, score_subject
+from hra_diffusion.metrics.subject import score_subject
 
 # ---- pure metric maths -------------------------------------------------------------------------
 
@@ -196,12 +196,30 @@ def test_features_are_cached_by_file_hash(tmp_path, dino, monkeypatch):
     assert file_hash(samples / "moved.png") in cache.entries
 
 
-def test_lpips_is_optional_and_says_how_to_get_it(tmp_path, dino):
+def test_lpips_is_optional_and_says_how_to_get_it(tmp_path, monkeypatch):
+    from hra_diffusion.metrics import subject as subject_mod
+
     _, samples, _ = _subject_set(tmp_path, black=False)
-    if lpips_available():
-        pytest.skip("lpips is installed here; the missing-package message cannot be checked")
+    monkeypatch.setattr(subject_mod, "lpips_available", lambda: False)
+    assert "lpips" not in subject_mod.default_subject_metrics()
     with pytest.raises(WeightsUnavailableError, match="pip install lpips"):
         score_subject(samples, metrics="lpips", cache_dir=tmp_path / "c")
+
+
+def test_lpips_over_all_pairs(tmp_path):
+    lpips = pytest.importorskip("lpips", reason="LPIPS is optional: pip install lpips")
+    torch.manual_seed(0)
+    model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()  # random VGG, real heads
+    refs, samples, _ = _subject_set(tmp_path)
+    result = score_subject(samples, metrics="lpips", lpips_model=model)
+    kept = [load_image(samples / f"img{i:03d}.png") for i in (0, 2, 3)]
+    reals = [load_image(p) for p in refs]
+    with torch.no_grad():
+        by_hand = [model(r[None] * 2 - 1, g[None] * 2 - 1).item() for r in reals for g in kept]  # same sizes here
+    assert result.summary["lpips"] == pytest.approx(np.mean(by_hand), abs=1e-5)
+    assert result.counts["skipped_black"] == 1
+    # image 3 is a byte copy of reference 0: that pair has distance 0
+    assert by_hand[0 * 3 + 2] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_subject_bad_input(tmp_path, dino):
