@@ -234,3 +234,17 @@ def test_bad_input_is_reported_before_loading_the_model(tmp_path, control_dir):
         train(fast_args(missing_model, control_dir, tmp_path / "o1", "--conditioning_image_column", "cond"))
     with pytest.raises(DataError, match="does not exist"):
         train(fast_args(missing_model, tmp_path / "nowhere", tmp_path / "o2"))
+
+
+def test_recipes_hold_the_official_settings():
+    from hra_diffusion import CONTROL_TARGETS
+
+    default = control_hra.parse_args([])
+    assert default.pretrained_model == "assets/tiny-sd" and default.train_data_dir == "assets/tiny-data/control/train"
+    assert default.target_modules == list(CONTROL_TARGETS)
+    for name in ("sd15_canny", "sd15_segmentation", "sd15_landmarks"):
+        cfg = control_hra.parse_args(["--config", str(REPO / "configs" / "control" / f"{name}.yaml")])
+        assert cfg.pretrained_model == "runwayml/stable-diffusion-v1-5" and cfg.target_modules == list(CONTROL_TARGETS)
+        assert (cfg.r, cfg.learning_rate, cfg.train_batch_size, cfg.resolution) == (8, 9e-4, 8, 512)
+        assert (cfg.validation_scheduler, cfg.validation_inference_steps, cfg.validation_guidance_scale) == ("ddim", 50, 9.0)
+    assert control_hra.parse_args(["--config", str(REPO / "configs/control/sd15_canny.yaml")]).condition == "canny"
