@@ -248,3 +248,23 @@ def test_recipes_hold_the_official_settings():
         assert (cfg.r, cfg.learning_rate, cfg.train_batch_size, cfg.resolution) == (8, 9e-4, 8, 512)
         assert (cfg.validation_scheduler, cfg.validation_inference_steps, cfg.validation_guidance_scale) == ("ddim", 50, 9.0)
     assert control_hra.parse_args(["--config", str(REPO / "configs/control/sd15_canny.yaml")]).condition == "canny"
+
+
+def test_nan_loss_stops_without_an_adapter_and_keeps_the_checkpoint(tmp_path, tiny_random_sd_dir, control_dir, monkeypatch):
+    from hra_diffusion.training import NonFiniteLossError
+
+    real_loss = ControlTask.loss
+    calls = {"n": 0}
+
+    def flaky_loss(self, modules, batch, generator):
+        calls["n"] += 1
+        loss, logs = real_loss(self, modules, batch, generator)
+        return (loss * float("nan") if calls["n"] == 3 else loss), logs
+
+    monkeypatch.setattr(ControlTask, "loss", flaky_loss)
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        train(fast_args(tiny_random_sd_dir, control_dir, out, "--max_train_steps", "4", "--checkpointing_steps", "2"))
+    assert not (out / "adapter").exists() and latest_checkpoint(out).name == "checkpoint-2"
+    state = load_file(str(latest_checkpoint(out) / "condition_encoder.safetensors"))
+    assert state and all(torch.isfinite(t).all() for t in state.values())
