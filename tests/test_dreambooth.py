@@ -22,7 +22,6 @@ from hra_diffusion.training.models import BaseModelError
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "train"))
 import dreambooth_hra  # noqa: E402
-
 from conftest import has_tiny_world  # noqa: E402
 
 
@@ -191,7 +190,9 @@ def _corrupt_subject(root: Path, src: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "corrupt", "targets", "odd_r", "offline_hub", "missing_local"])
+@pytest.mark.parametrize(
+    "case", ["missing", "empty", "corrupt", "targets", "odd_r", "offline_hub", "missing_local", "adam8bit"]
+)
 def test_bad_input_gives_a_clear_message(case, tmp_path, tiny_random_sd_dir, generated_subject_dir):
     args = fast_args(tiny_random_sd_dir, generated_subject_dir, tmp_path / "out")
     if case == "missing":
@@ -214,6 +215,14 @@ def test_bad_input_gives_a_clear_message(case, tmp_path, tiny_random_sd_dir, gen
     elif case == "offline_hub":
         args += ["--pretrained_model", "some-org/not-downloaded-model"]
         err, words = BaseModelError, ["some-org/not-downloaded-model", "offline", "HF_HUB_OFFLINE"]
+    elif case == "adam8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+            pytest.skip("bitsandbytes is installed here: the missing-package message cannot be shown")
+        except ImportError:
+            pass
+        args += ["--use_8bit_adam", "true"]
+        err, words = ImportError, ["use_8bit_adam", "bitsandbytes"]
     else:
         args += ["--pretrained_model", str(tmp_path / "no-such-pipeline")]
         err, words = BaseModelError, ["no-such-pipeline", "not an existing folder"]
