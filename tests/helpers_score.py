@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -58,6 +59,15 @@ def tiny_clip():
 
     torch.manual_seed(0)
     return open_clip.create_model("ViT-S-32", pretrained=None), open_clip.get_tokenizer("ViT-S-32")
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_extractors():
+    """(DINO, CLIP) extractors on the random-weight models, built once per test session."""
+    from hra_diffusion.metrics.extractors import load_clip, load_dino
+
+    model, tokenizer = tiny_clip()
+    return load_dino(tiny_dino()), load_clip(model, tokenizer=tokenizer)
 
 
 def random_hra_adapter(unet, path: Path, targets=None, scale: float = 0.3, **metadata) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_score import random_hra_adapter, random_image, save_png, tiny_clip, tiny_dino
+from helpers_score import random_hra_adapter, random_image, save_png, tiny_extractors
 from PIL import Image
 
 from hra_diffusion.generate import GenerateConfig, generate, read_prompts
@@ -43,7 +43,8 @@ def hra_adapter(base_dir, tmp_path_factory) -> Path:
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(base_dir / "unet")
-    return random_hra_adapter(unet, tmp_path_factory.mktemp("adapters") / "subject", base_model=str(base_dir))
+    return random_hra_adapter(unet, tmp_path_factory.mktemp("adapters") / "subject", scale=1.0,
+                              base_model=str(base_dir))
 
 
 def _pixels(folder: Path) -> dict[str, np.ndarray]:
@@ -58,7 +59,6 @@ def _cfg(out: Path, **kw) -> GenerateConfig:
 
 
 def test_generate_then_score_subject(tmp_path, base_dir, hra_adapter):
-    from hra_diffusion.metrics.extractors import load_clip, load_dino
     from hra_diffusion.metrics.report import write_outputs
     from hra_diffusion.metrics.subject import score_subject
 
@@ -78,9 +78,8 @@ def test_generate_then_score_subject(tmp_path, base_dir, hra_adapter):
     assert rows[0]["reference_dir"] == str(refs.resolve()) and rows[0]["merged"] is False
     assert rows[0]["scheduler"] == "DPMSolverMultistepScheduler" and rows[0]["dtype"] == "fp32"
     assert not list(tmp_path.glob(".samples.tmp-*"))  # the atomic write left nothing behind
-    model, tok = tiny_clip()
-    result = score_subject(out, dino=load_dino(tiny_dino()), clip=load_clip(model, tokenizer=tok),
-                           metrics="dino,clip_i,clip_t", cache_dir=tmp_path / "cache")
+    dino, clip = tiny_extractors()
+    result = score_subject(out, dino=dino, clip=clip, metrics="dino,clip_i,clip_t", cache_dir=tmp_path / "cache")
     assert set(result.summary) == {"dino", "clip_i", "clip_t"} and result.counts["scored"] == 4
     assert all(-1.0 <= v <= 1.0 for v in result.summary.values())
     paths = write_outputs(result, out)
@@ -97,7 +96,8 @@ def test_merged_live_and_peft_give_the_same_images(tmp_path, base_dir, hra_adapt
     unet = UNet2DConditionModel.from_pretrained(base_dir / "unet")
     load_adapter(unet, hra_adapter)
     export_peft(unet, tmp_path / "peft", base_model_name_or_path=str(base_dir))
-    common = dict(prompts=["a photo of qwe toy"], base_model=str(base_dir), seeds=[3, 11])
+    common = dict(prompts=["a photo of qwe toy"], base_model=str(base_dir), seeds=[3, 11], steps=2,
+                  guidance_scale=7.5)  # CFG amplifies the adapter's effect on the random tiny UNet
     live = _pixels(generate(_cfg(tmp_path / "live", adapter=str(hra_adapter), **common)))
     merged = _pixels(generate(_cfg(tmp_path / "merged", adapter=str(hra_adapter), merge=True, **common)))
     peft = _pixels(generate(_cfg(tmp_path / "peft_out", adapter=str(tmp_path / "peft"), **common)))

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers_score import random_image, save_png, tiny_clip, tiny_dino, write_samples
+from helpers_score import random_image, save_png, tiny_extractors, write_samples
 
 from hra_diffusion.metrics import functional as M
 from hra_diffusion.metrics.cache import FeatureCache, file_hash
@@ -76,13 +76,12 @@ def test_black_ssim_rmse_segmentation_landmarks():
 
 @pytest.fixture(scope="module")
 def dino():
-    return load_dino(tiny_dino())
+    return tiny_extractors()[0]
 
 
 @pytest.fixture(scope="module")
 def clip():
-    model, tokenizer = tiny_clip()
-    return load_clip(model, tokenizer=tokenizer)
+    return tiny_extractors()[1]
 
 
 def test_extractors_normalised_and_resize_inside(dino, clip):
