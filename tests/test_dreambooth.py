@@ -111,10 +111,11 @@ def test_two_processes_run_real_ddp(tmp_path, tiny_random_sd_dir, generated_subj
     proc = launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                    "--dynamo_backend", "no", "train/dreambooth_hra.py", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    text = proc.stdout + proc.stderr
-    lines = [ln for ln in text.splitlines() if "adapter checksum" in ln]
-    assert sorted(ln.split("]")[0] for ln in lines) == ["[rank 0/2", "[rank 1/2"]  # two real ranks
-    assert len({ln.split("checksum")[1] for ln in lines}) == 1  # identical adapters on both ranks
+    ranks = json.loads((out / "logs" / "ranks.json").read_text())
+    assert ranks["num_processes"] == 2 and "MULTI_CPU" in ranks["distributed_type"]  # two real (gloo) ranks
+    sums = ranks["adapter_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]  # identical adapters on both ranks (gathered from each)
+    assert "adapter checksums per rank" in proc.stdout + proc.stderr
     assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert len(list(out.rglob("adapter_model.safetensors"))) == 1  # one adapter written
     assert len(list((out / "class_images").glob("class-*.png"))) == 4  # shared out between ranks

@@ -76,4 +76,4 @@ def with_orthogonality(loss: torch.Tensor, models: list[nn.Module], orth_lambda:
     if not orth_lambda:
         return loss, {}
     penalty = sum(orthogonality_loss(m) for m in models)
-    return loss + orth_lambda * penalty, {"loss_orth": float(penalty)}
+    return loss + orth_lambda * penalty, {"loss_orth": float(penalty.detach())}

@@ -5,6 +5,7 @@ accumulation), exact resume, checkpoints, the NaN/inf guard, validation calls, l
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -259,7 +260,7 @@ def run_training(task: TrainingTask, accelerator) -> TrainResult:
         progress.close()
         raise
     progress.close()
-    _check_ranks_agree(accelerator, trainable)
+    _check_ranks_agree(accelerator, trainable, out)
     if accelerator.is_main_process:
         result.adapter_paths = task.save(unwrapped, out)
     grid = _validate(task, accelerator, unwrapped, result.global_step, out)
@@ -270,16 +271,24 @@ def run_training(task: TrainingTask, accelerator) -> TrainResult:
     return result
 
 
-def _check_ranks_agree(accelerator, params: list[torch.Tensor]) -> None:
-    """Every process must hold the same adapter after training (DDP keeps them in sync); raise if not."""
+def _check_ranks_agree(accelerator, params: list[torch.Tensor], out: Path) -> None:
+    """Every process must hold the same adapter after training (DDP keeps them in sync); raise if not.
+
+    The per-rank checksums are recorded in ``<output_dir>/logs/ranks.json``.
+    """
     digest = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
                           for p in params]).flatten().to(accelerator.device)  # (2·n_params,)
-    checksum = digest.sum().item()
-    if accelerator.num_processes > 1:
-        print(f"[rank {accelerator.process_index}/{accelerator.num_processes}] adapter checksum {checksum!r}", flush=True)
-        everyone = accelerator.gather(digest[None])  # (world, 2·n_params)
-        if not bool((everyone == everyone[0]).all()):
-            raise RuntimeError("the processes ended with different adapters (DDP out of sync); not saving")
+    everyone = accelerator.gather(digest[None]) if accelerator.num_processes > 1 else digest[None]  # (world, ·)
+    if accelerator.is_main_process:
+        sums = [float(row.sum()) for row in everyone.cpu()]
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        (out / "logs" / "ranks.json").write_text(json.dumps(
+            {"num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+             "adapter_checksums": sums}, indent=2) + "\n")
+        if accelerator.num_processes > 1:
+            accelerator.print(f"adapter checksums per rank: {sums}")
+    if not bool((everyone == everyone[0]).all()):
+        raise RuntimeError("the processes ended with different adapters (DDP out of sync); not saving")
     accelerator.wait_for_everyone()
 
 
