@@ -35,6 +35,7 @@ figure { margin: 0; width: SIZEpx; }
 figure img { width: SIZEpx; height: SIZEpx; object-fit: contain; display: block; image-rendering: pixelated;
              border: 1px solid #999; }
 figcaption { font-size: 11px; line-height: 1.3; word-wrap: break-word; }
+.pair { display: flex; gap: 4px; padding: 4px; border: 1px solid #ddd; }
 .skipped { opacity: 0.5; } .note { color: #a33; font-size: 12px; }
 """
 
@@ -99,9 +100,10 @@ def render_html(result: ScoreResult, thumbnail: int = 160, images: bool = True) 
         if row.get("skipped"):
             lines.append(f"skipped: {row['skipped']}")
         cond = row.get("condition")
-        if cond and images:
-            parts.append(_figure(cond, ["condition"], thumbnail, images=images))
-        parts.append(_figure(row["file"], lines, thumbnail, "skipped" if row.get("skipped") else "", images=images))
+        figure = _figure(row["file"], lines, thumbnail, "skipped" if row.get("skipped") else "", images=images)
+        if cond:  # control: the condition beside its generated image, kept together when the grid wraps
+            figure = f"<div class='pair'>{_figure(cond, ['condition'], thumbnail, images=images)}{figure}</div>"
+        parts.append(figure)
     parts.append("</div></body></html>\n")
     return "".join(parts)
 
