@@ -86,16 +86,20 @@ def cached_features(
     progress: Callable | None = None,
 ) -> torch.Tensor:
     """Features (N, D) for image files: cached ones are read, the rest extracted in batches and stored."""
+    if not paths:
+        raise ValueError("cached_features: no image files given")
     hashes = [file_hash(p) for p in paths]
     out: dict[str, torch.Tensor] = {}
     todo: list[tuple[str, Path]] = []
+    queued: set[str] = set()
     for h, p in zip(hashes, paths, strict=True):
         hit = cache.get(h) if cache is not None else None
         if hit is not None:
             out[h] = hit
             cache.hits += 1
-        elif h not in out and all(h != t[0] for t in todo):
+        elif h not in out and h not in queued:  # byte-identical files are extracted once
             todo.append((h, Path(p)))
+            queued.add(h)
     batches = range(0, len(todo), batch_size)
     for start in progress(batches) if progress else batches:
         chunk = todo[start : start + batch_size]
@@ -107,6 +111,4 @@ def cached_features(
                 cache.misses += 1
     if cache is not None:
         cache.save()
-    if not hashes:
-        raise ValueError("cached_features: no image files given")
     return torch.stack([out[h] for h in hashes])
