@@ -149,7 +149,7 @@ def default_base_model(adapter_doc: dict[str, Any] | None) -> str:
         from .tiny.paths import TINY_MODEL_DIR
     except ImportError:  # the tiny-world package is optional
         TINY_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-sd"
-    if Path(TINY_MODEL_DIR).is_dir():
+    if (Path(TINY_MODEL_DIR) / "model_index.json").is_file():
         return str(TINY_MODEL_DIR)
     hint = f" (the adapter records {recorded!r}, which is not a local folder)" if recorded else ""
     raise FileNotFoundError(

@@ -224,3 +224,15 @@ def test_generate_bad_input(tmp_path, base_dir, hra_adapter, control_adapter):
     with pytest.raises(ValueError, match=r"p.jsonl:2 has no 'prompt'"):
         read_prompts(bad)
     assert not (tmp_path / "o").exists() and (tmp_path / "full" / "keep.txt").exists()
+
+
+def test_default_base_model(tmp_path):
+    from hra_diffusion.generate import default_base_model
+
+    assert default_base_model({"base_model": str(tmp_path)}) == str(tmp_path)  # a recorded local folder wins
+    tiny = _tiny_world_dir()
+    if tiny is not None:
+        assert default_base_model({"base_model": "runwayml/stable-diffusion-v1-5"}) == str(tiny)
+    else:
+        with pytest.raises(FileNotFoundError, match=r"(?s)stable-diffusion-v1-5.*--base.*hra_diffusion.tiny build"):
+            default_base_model({"base_model": "runwayml/stable-diffusion-v1-5"})
