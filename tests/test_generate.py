@@ -125,12 +125,12 @@ def test_text_encoder_adapter_is_loaded(tmp_path, base_dir, hra_adapter):
     shutil.copytree(hra_adapter, adapter)
     te = CLIPTextModel.from_pretrained(base_dir / "text_encoder")
     random_hra_adapter(te, adapter / "text_encoder", targets=TEXT_ENCODER_TARGETS, scale=1.0)
-    common = dict(prompts=["a photo of qwe toy"], base_model=str(base_dir), seeds=[5])
+    common = dict(prompts=["a photo of qwe toy"], base_model=str(base_dir), seeds=[5], steps=2, guidance_scale=7.5)
     with_te = _pixels(generate(_cfg(tmp_path / "a", adapter=str(adapter), **common)))
     without = _pixels(generate(_cfg(tmp_path / "b", adapter=str(hra_adapter), **common)))
     merged = _pixels(generate(_cfg(tmp_path / "c", adapter=str(adapter), merge=True, **common)))
     name = "p0000_00_s5.png"
-    assert np.abs(with_te[name] - without[name]).max() > 5
+    assert np.abs(with_te[name] - without[name]).max() > 4  # more than the merge tolerance
     assert np.abs(with_te[name] - merged[name]).max() <= 2
     row = json.loads((tmp_path / "a" / "manifest.jsonl").read_text().splitlines()[0])
     assert row["text_encoder_adapter"] == str((adapter / "text_encoder").resolve())
