@@ -73,15 +73,32 @@ def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
 
 # ---- the command line --------------------------------------------------------------------------
 
-def test_cli_default_command_writes_every_output(tmp_path, tiny_sd_dir, control_dir):
-    """`accelerate launch train/control_hra.py` (default tiny recipe; only steps/out shortened here)."""
-    out = tmp_path / "run"
-    args = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_steps", "2", "--output_dir", str(out)]
-    if not has_control_world():  # until the embedded tiny world lands, point the default recipe at stand-ins
-        args += ["--pretrained_model", str(tiny_sd_dir), "--train_data_dir", str(control_dir),
-                 "--validation_data_dir", str(control_dir)]
-    proc = launch(["--num_processes", "1", "train/control_hra.py", *args])
+# The default command, run once per module: its outputs are checked here and its adapter is scored below.
+# With the tiny world: the default recipe, only the step count shortened (CLI_STEPS, or the recipe's own
+# 300 with HRA_CONTROL_LEARNING=1); without it (before `python -m hra_diffusion.tiny build`), stand-ins.
+LEARNING = os.environ.get("HRA_CONTROL_LEARNING") == "1"
+CLI_STEPS, CLI_EVERY = (300, 100) if LEARNING else (12, 6)
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, tiny_sd_dir, control_dir):
+    out = tmp_path_factory.mktemp("default") / "run"
+    args = ["--output_dir", str(out)]
+    steps, every = (CLI_STEPS, CLI_EVERY) if has_control_world() else (4, 2)
+    args += ["--max_train_steps", str(steps)]
+    if has_control_world() and not LEARNING:
+        args += ["--checkpointing_steps", str(every), "--validation_steps", str(every)]
+    if not has_control_world():
+        args += ["--checkpointing_steps", "2", "--validation_steps", "2", "--pretrained_model", str(tiny_sd_dir),
+                 "--train_data_dir", str(control_dir), "--validation_data_dir", str(control_dir)]
+    proc = launch(["--num_processes", "1", "train/control_hra.py", *args], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc, steps, every
+
+
+def test_cli_default_command_writes_every_output(default_run, control_dir):
+    """`accelerate launch train/control_hra.py` (default tiny recipe; only steps/out overridden here)."""
+    out, proc, steps, every = default_run
     # one adapter folder: HRA on the control targets + the condition encoder, all fp32
     from hra_diffusion import read_adapter
 
@@ -92,16 +109,17 @@ def test_cli_default_command_writes_every_output(tmp_path, tiny_sd_dir, control_
     assert all(t.dtype == torch.float32 for t in [*u.values(), *extra.values()])
     from diffusers import UNet2DConditionModel
 
-    fresh = UNet2DConditionModel.from_pretrained(doc["base_model"], subfolder="unet")
+    base = Path(doc["base_model"])
+    fresh = UNet2DConditionModel.from_pretrained(str(base if base.is_absolute() else REPO / base), subfolder="unet")
     names, encoder = load_control_adapter(fresh, out / "adapter")
     assert len(names) == len(u) and encoder is not None
     # resolved config, reusable as a recipe
     resolved = (out / "config.yaml").read_text()
-    assert "max_train_steps: 4" in resolved and "train/control_hra.py" in resolved
-    # validation grids at step 2 and the end; each row is condition | outputs
+    assert f"max_train_steps: {steps}" in resolved and "train/control_hra.py" in resolved
+    # validation grids every `every` steps and at the end; each row is condition | outputs
     grids = sorted((out / "validation").glob("step-*[0-9].png"))
-    assert [g.name for g in grids] == ["step-000002.png", "step-000004.png"]
-    singles = out / "validation" / "step-000004"
+    assert [g.name for g in grids] == [f"step-{every:06d}.png", f"step-{steps:06d}.png"]
+    singles = out / "validation" / f"step-{steps:06d}"
     assert len(list(singles.glob("p0-*.png"))) == 1 + 4  # condition + num_validation_images
     first_condition = (TINY_CONTROL_DIR / "heldout" if has_control_world() else control_dir)
     import json
@@ -111,8 +129,8 @@ def test_cli_default_command_writes_every_output(tmp_path, tiny_sd_dir, control_
     assert np.array_equal(np.asarray(Image.open(singles / "p0-0.png")), np.asarray(expected))
     # model card with the samples and the exact command
     card = (out / "README.md").read_text()
-    assert "validation/step-000004.png" in card and "load_control_adapter" in card
-    assert "accelerate launch train/control_hra.py --max_train_steps 4" in card
+    assert f"validation/step-{steps:06d}.png" in card and "load_control_adapter" in card
+    assert f"accelerate launch train/control_hra.py --output_dir {out} --max_train_steps {steps}" in card
     # tensorboard: loss and the validation grid
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -123,11 +141,52 @@ def test_cli_default_command_writes_every_output(tmp_path, tiny_sd_dir, control_
         scalars += acc.Tags()["scalars"]
         images += acc.Tags()["images"]
     assert "loss" in scalars and "validation" in images
-    # checkpoint at step 2 (both modules), progress bar
-    assert [s for s, _ in list_checkpoints(out)] == [2]
+    # a checkpoint every `every` steps (both modules), progress bar
+    assert [s for s, _ in list_checkpoints(out)] == [every]
     ckpt = latest_checkpoint(out)
     assert (ckpt / "unet.safetensors").is_file() and (ckpt / "condition_encoder.safetensors").is_file()
-    assert "4/4" in proc.stderr and "loss=" in proc.stderr
+    assert f"{steps}/{steps}" in proc.stderr and "loss=" in proc.stderr
+
+
+# Control consistency on the tiny world's held-out split: trained vs base vs a broken controller.
+# Margins (absolute Canny-F1 points) an untrained or condition-ignoring controller cannot reach.
+LEARN_MARGIN = 0.10
+
+
+def heldout_pairs() -> list[tuple[Image.Image, str]]:
+    import json
+
+    folder = TINY_CONTROL_DIR / "heldout"
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    return [(Image.open(folder / r["conditioning_image"]).convert("RGB"), r["text"]) for r in rows]
+
+
+@pytest.mark.skipif(not LEARNING, reason="opt-in (HRA_CONTROL_LEARNING=1): needs the full default run; as measured "
+                    "(docs/control.md) the default recipe does NOT yet reach the margin")
+def test_learns_to_follow_the_condition(default_run):
+    if not has_control_world():
+        pytest.skip("needs the tiny world (assets/tiny-sd + assets/tiny-data/control); build it first")
+    from diffusers import StableDiffusionPipeline
+
+    from hra_diffusion.control import attach_condition_encoder
+    from hra_diffusion.training.control_eval import control_consistency
+    from hra_diffusion.training.validation import build_pipeline
+
+    out = default_run[0]
+    base = StableDiffusionPipeline.from_pretrained(str(TINY_MODEL_DIR), safety_checker=None, requires_safety_checker=False)
+    pipe = build_pipeline(base.unet, base.text_encoder, base.vae, base.tokenizer, base.scheduler)
+    pairs = heldout_pairs()
+    score = dict(steps=20, guidance_scale=4.0, resolution=32, seed=0)
+    f1_base = float(np.mean(control_consistency(pipe, pairs, None, **score)))
+    _, encoder = load_control_adapter(pipe.unet, out / "adapter")
+    handle = attach_condition_encoder(pipe.unet, encoder)
+    f1_trained = float(np.mean(control_consistency(pipe, pairs, handle, **score)))
+    shifted = [(i + len(pairs) // 2) % len(pairs) for i in range(len(pairs))]  # another pair's condition
+    f1_wrong = float(np.mean(control_consistency(pipe, pairs, handle, condition_order=shifted, **score)))
+    print(f"held-out Canny F1 ({len(pairs)} pairs): base {f1_base:.3f}, trained {f1_trained:.3f}, "
+          f"trained with another pair's condition {f1_wrong:.3f}")
+    assert f1_trained > f1_base + LEARN_MARGIN
+    assert f1_trained > f1_wrong + LEARN_MARGIN  # it follows *this* condition, not just draws cleaner edges
 
 
 def test_two_processes_run_real_ddp(tmp_path, tiny_random_sd_dir, control_dir):
