@@ -115,11 +115,21 @@ def bench_layers(r: int, repeats: int) -> list[dict]:
     return rows
 
 
-def sd15_unet():
+def sd15_unet(lean: bool = False):
+    """SD-1.5-shaped UNet, random weights. ``lean``: built on the meta device and filled in place, so
+    building it does not peak above its own size (random init through diffusers peaks at ~3x)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    return UNet2DConditionModel(cross_attention_dim=768, sample_size=32)
+    if not lean:
+        return UNet2DConditionModel(cross_attention_dim=768, sample_size=32)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=32)
+    unet = unet.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0.0, 0.02)
+    return unet
 
 
 def unet_batch():
@@ -155,7 +165,7 @@ def bench_unet_time(r: int, repeats: int) -> dict[str, float]:
 
 def unet_peak_child(kind: str, r: int) -> None:
     """Run in a fresh process: peak RSS of building the UNet + 2 training steps of one variant."""
-    base = sd15_unet()
+    base = sd15_unet(lean=True)
     model = make_variant(kind, base, r, TARGETS)
     del base
     opt = torch.optim.AdamW(params_of(model), lr=1e-4)
