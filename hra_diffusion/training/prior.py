@@ -46,6 +46,8 @@ def generate_class_images(components, class_dir: str | os.PathLike, class_prompt
     folder = Path(class_dir)
     folder.mkdir(parents=True, exist_ok=True)
     todo = missing_class_images(folder, num)
+    if accelerator is not None:  # every rank must split the same list: agree on it before anyone writes
+        accelerator.wait_for_everyone()
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     mine = todo[rank::world]
