@@ -38,23 +38,12 @@ def unet_inputs(unet, batch: int = 2, seed: int = 1, tokens: int = 7):
     return sample, t, enc
 
 
-def _byte_unicode_chars() -> list[str]:
-    """The 256 printable stand-ins for bytes that CLIP's byte-level BPE uses."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def write_tiny_clip_tokenizer(path: Path, max_length: int = 16) -> None:
     """A valid CLIP BPE tokenizer with only byte-level tokens (no merges): enough to run a pipeline."""
+    from hra_diffusion.tiny.tokenizer import _bytes_to_unicode
+
     path.mkdir(parents=True, exist_ok=True)
-    chars = _byte_unicode_chars()
+    chars = list(_bytes_to_unicode().values())  # CLIP's 256 printable stand-ins for bytes
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": i + 256 for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = 512
