@@ -25,11 +25,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = sub.add_parser("data", help="only regenerate the synthetic data (subject + control sets)")
     d.add_argument("--data-out", type=Path, default=TINY_DATA_DIR)
     d.add_argument("--seed", type=int, default=0)
+    f = sub.add_parser("figure", help="a labelled grid of the base model's samples (docs figure)")
+    f.add_argument("--model", type=Path, default=TINY_MODEL_DIR)
+    f.add_argument("--out", type=Path, default=TINY_MODEL_DIR.parent / "figures" / "tiny-world-samples.png")
     return p.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.command == "figure":
+        from .build import load_pipeline
+        from .figure import samples_figure
+        from .paths import require_tiny
+
+        path = samples_figure(load_pipeline(require_tiny(args.model) if args.model == TINY_MODEL_DIR else args.model), args.out)
+        print(f"wrote {path}")
+        return
     if args.command == "build":
         from .build import BuildConfig, build_model, quick_config
 

@@ -1,7 +1,7 @@
 """Train the tiny world's text-to-image model (VAE, CLIP text encoder, UNet) and write a diffusers pipeline folder.
 
 Step-based and seeded, so a rebuild gives the same model up to float noise. The whole build is
-``python -m hra_diffusion.tiny build`` (~25 min on 2 CPU cores); ``--steps-scale`` shrinks it for tests.
+``python -m hra_diffusion.tiny build`` (~22 min on 2 CPU cores); ``--steps-scale`` shrinks it for tests.
 """
 
 from __future__ import annotations
@@ -37,15 +37,21 @@ class BuildConfig:
     resolution: int = 32
     max_length: int = 16  # tokenizer padding length = text encoder positions (train and sample alike)
     pool_size: int = 6000  # pre-rendered training scenes
-    vae_steps: int = 300
-    vae_batch: int = 32
+    vae_steps: int = 200
+    vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 650
-    unet_batch: int = 32
-    unet_lr: float = 8e-4
-    text_lr: float = 8e-4
+    unet_steps: int = 1200
+    unet_batch: int = 16
+    unet_lr: float = 1e-3
+    text_lr: float = 2e-3  # the text pathway learns slowest; colour words need it
     warmup_steps: int = 40
+    # The noise schedule: SD-1.5's betas rescaled to zero terminal SNR, with v-prediction (as SD 2.1 does).
+    # On 16x16 latents SD-1.5's own schedule leaves the colours readable from x_T (SNR ~1 after averaging
+    # over the image), so a model trained on it reads the colours from the noise and ignores the caption,
+    # and at sampling, where x_T is pure noise, draws random colours (measured: chance in three builds).
+    zero_terminal_snr: bool = True
+    prediction_type: str = "v_prediction"
     steps_scale: float = 1.0
     threads: int = 2  # 1 is faster when other processes share the 2 cores
     eval_images: int = 30
@@ -158,7 +164,7 @@ def train_unet(
     unet, text_encoder, tokenizer, noise_scheduler, latents: tuple[torch.Tensor, torch.Tensor],
     pool: list[scenes.Scene], scaling: float, cfg: BuildConfig, rng: np.random.Generator, verbose: bool,
 ) -> float:
-    """Train UNet + text encoder jointly (epsilon prediction) on caption variants; returns the last loss."""
+    """Train UNet + text encoder jointly on caption variants (the scheduler's target); returns the loss EMA."""
     steps = cfg.steps(cfg.unet_steps)
     opt = torch.optim.AdamW(
         [{"params": unet.parameters(), "lr": cfg.unet_lr}, {"params": text_encoder.parameters(), "lr": cfg.text_lr}],
@@ -183,7 +189,7 @@ def train_unet(
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(z0),))
         zt = noise_scheduler.add_noise(z0, noise, t)
         pred = unet(zt, t, text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, diffusion_target(noise_scheduler, z0, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
@@ -198,14 +204,32 @@ def train_unet(
     return float(ema)
 
 
-def make_pipeline(vae, text_encoder, tokenizer, unet):
-    """A ``StableDiffusionPipeline`` from the parts, with a DDIM sampler (SD-1.5 noise schedule) and no safety checker."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def make_scheduler(cfg: BuildConfig):
+    """The noise schedule used to train and to sample: SD-1.5's betas, rescaled to zero terminal SNR if asked.
 
-    scheduler = DDIMScheduler(
+    DDPM (ancestral) sampling with "trailing" timesteps, so sampling starts at t = T where x_T is pure noise.
+    """
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+        clip_sample=False, prediction_type=cfg.prediction_type, rescale_betas_zero_snr=cfg.zero_terminal_snr,
+        timestep_spacing="trailing" if cfg.zero_terminal_snr else "leading", steps_offset=1,
     )
+
+
+def diffusion_target(scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """epsilon or v = sqrt(abar) eps - sqrt(1 - abar) z0, as the scheduler says."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(z0, noise, t)
+    return noise
+
+
+def make_pipeline(vae, text_encoder, tokenizer, unet, cfg: BuildConfig):
+    """A ``StableDiffusionPipeline`` from the parts, with the build's scheduler and no safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    scheduler = make_scheduler(cfg)
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -252,11 +276,10 @@ def evaluate_colour_following(
 
 
 @torch.no_grad()
-def heldout_denoising_loss(vae, text_encoder, tokenizer, unet, n: int = 64, seed: int = EVAL_SEED) -> float:
-    """Mean epsilon-MSE on ``n`` held-out scenes with their full captions, fixed noise and evenly spread timesteps."""
-    from diffusers import DDPMScheduler
-
-    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+def heldout_denoising_loss(vae, text_encoder, tokenizer, unet, sched, n: int = 64, seed: int = EVAL_SEED,
+                           shuffle_captions: bool = False) -> float:
+    """Mean MSE to the scheduler's target on ``n`` held-out scenes with their full captions, fixed noise and evenly
+    spread timesteps. ``shuffle_captions`` pairs each scene with another scene's caption (a text-use probe)."""
     held = scenes.sample_scenes(seed, n)
     pixels = images_to_tensor([scenes.render(s) for s in held]).to(vae.dtype)
     z0 = vae.encode(pixels).latent_dist.mean.float() * vae.config.scaling_factor
@@ -264,15 +287,17 @@ def heldout_denoising_loss(vae, text_encoder, tokenizer, unet, n: int = 64, seed
     noise = torch.randn(z0.shape, generator=g)
     t = torch.linspace(0, 999, n).round().long()
     zt = sched.add_noise(z0, noise, t)
-    ids = _tokenize(tokenizer, [scenes.caption(s) for s in held], tokenizer.model_max_length)
+    captions = [scenes.caption(s) for s in held]
+    if shuffle_captions:
+        captions = captions[1:] + captions[:1]
+    ids = _tokenize(tokenizer, captions, tokenizer.model_max_length)
     emb = text_encoder(ids)[0]
     pred = unet(zt.to(unet.dtype), t, emb.to(unet.dtype)).sample.float()
-    return float(F.mse_loss(pred, noise))
+    return float(F.mse_loss(pred, diffusion_target(sched, z0, noise, t)))
 
 
 def build_model(out_dir: Path, cfg: BuildConfig | None = None, verbose: bool = True) -> dict[str, Any]:
     """Train all parts from ``cfg.seed`` and write a complete pipeline folder to ``out_dir`` with build_report.json."""
-    from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
 
     cfg = cfg or BuildConfig()
@@ -300,12 +325,12 @@ def build_model(out_dir: Path, cfg: BuildConfig | None = None, verbose: bool = T
     _log(f"vae trained in {time.time() - t_vae:.0f}s; latent std {1 / scaling:.3f} -> scaling_factor {scaling:.4f}", verbose)
 
     t_unet = time.time()
-    noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    noise_scheduler = make_scheduler(cfg)
     train_loss = train_unet(unet, text_encoder, tokenizer, noise_scheduler, (mean, std), pool, scaling, cfg, rng, verbose)
     _log(f"unet + text encoder trained in {time.time() - t_unet:.0f}s", verbose)
     train_seconds = time.time() - t0
 
-    pipe = make_pipeline(vae, text_encoder, tokenizer, unet)
+    pipe = make_pipeline(vae, text_encoder, tokenizer, unet, cfg)
     if cfg.save_fp16:
         pipe.to(torch.float16)
     pipe.save_pretrained(tmp / "pipeline", safe_serialization=True)
@@ -349,11 +374,14 @@ def measure_quality(path: Path, cfg: BuildConfig) -> dict[str, Any]:
     """The quality figures of a saved folder: colour following and held-out loss vs an untrained model."""
     pipe = load_pipeline(path)
     colour = evaluate_colour_following(pipe, cfg.eval_images, cfg.eval_inference_steps, cfg.eval_guidance)
-    loss = heldout_denoising_loss(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet)
+    sched = pipe.scheduler
+    loss = heldout_denoising_loss(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, sched)
+    loss_shuffled = heldout_denoising_loss(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, sched, shuffle_captions=True)
     _, te0, unet0 = make_models(replace(cfg), seed=cfg.seed + 999)
-    loss0 = heldout_denoising_loss(pipe.vae, te0.eval(), pipe.tokenizer, unet0.eval())
+    loss0 = heldout_denoising_loss(pipe.vae, te0.eval(), pipe.tokenizer, unet0.eval(), sched)
     return {
-        "colour_following": colour, "heldout_loss": loss, "untrained_heldout_loss": loss0,
+        "colour_following": colour, "heldout_loss": loss, "heldout_loss_shuffled_captions": loss_shuffled,
+        "untrained_heldout_loss": loss0,
         "background_rate": colour["background_rate"], "shape_colour_rate": colour["shape_colour_rate"],
         "both_rate": colour["both_rate"],
     }
