@@ -20,10 +20,14 @@ from PIL import Image
 
 from .adapter_io import load_adapter, read_adapter, save_adapter
 
-try:  # diffusers >= 0.29
-    from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
-except ImportError:  # older diffusers
-    from diffusers.models.controlnet import ControlNetConditioningEmbedding
+
+def _embedding_class():
+    """diffusers' ControlNetConditioningEmbedding, imported on first use (the controlnets package costs seconds)."""
+    try:  # diffusers >= 0.29
+        from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+    except ImportError:  # older diffusers
+        from diffusers.models.controlnet import ControlNetConditioningEmbedding
+    return ControlNetConditioningEmbedding
 
 __all__ = [
     "ENCODER_PREFIX",
@@ -54,10 +58,10 @@ def build_condition_encoder(
     block_out_channels: Sequence[int] | None = None,
     vae_scale_factor: int = 8,
     conditioning_channels: int = 3,
-) -> ControlNetConditioningEmbedding:
+) -> nn.Module:
     """The condition encoder for ``unet``: image (B, c, H, W) -> (B, conv_in channels, H/f, W/f)."""
     channels = tuple(block_out_channels or default_block_out_channels(vae_scale_factor))
-    encoder = ControlNetConditioningEmbedding(
+    encoder = _embedding_class()(
         conditioning_embedding_channels=unet.conv_in.out_channels,
         conditioning_channels=conditioning_channels,
         block_out_channels=channels,
@@ -155,7 +159,7 @@ def save_control_adapter(
 
 def load_control_adapter(
     unet: nn.Module, path: str | os.PathLike
-) -> tuple[list[str], ControlNetConditioningEmbedding | None]:
+) -> tuple[list[str], nn.Module | None]:
     """Load an adapter; if it carries a condition encoder, rebuild it. Returns (layer names, encoder)."""
     names = load_adapter(unet, path)
     doc, _, extras = read_adapter(path)
