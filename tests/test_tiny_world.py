@@ -127,6 +127,9 @@ def test_base_follows_colour_prompts_and_untrained_does_not(pipe):
     assert got["background_rate"] >= MIN_BACKGROUND_RATE, got
     assert got["shape_colour_rate"] >= MIN_SHAPE_COLOUR_RATE, got
     assert got["both_rate"] >= MIN_BOTH_RATE, got
+    # an unseen word where the colour goes (the DreamBooth identifier) leaves the rest of the prompt working
+    ident = evaluate_colour_following(pipe, n=18, word="qwe")
+    assert ident["background_rate"] >= MIN_BACKGROUND_RATE, ident
     vae, te, unet = make_models(BuildConfig(), seed=999)
     untrained = make_pipeline(vae.eval(), te.eval(), pipe.tokenizer, unet.eval(), BuildConfig())
     untrained.set_progress_bar_config(disable=True)

@@ -1,4 +1,5 @@
-"""``python -m hra_diffusion.tiny build|data``: rebuild the tiny world's model and/or synthetic data."""
+"""``python -m hra_diffusion.tiny build|data|measure|figure``: rebuild the tiny world's model and/or synthetic data,
+re-measure a built model's quality figures, or draw its labelled sample grid."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = sub.add_parser("data", help="only regenerate the synthetic data (subject + control sets)")
     d.add_argument("--data-out", type=Path, default=TINY_DATA_DIR)
     d.add_argument("--seed", type=int, default=0)
+    m = sub.add_parser("measure", help="re-measure a built model's quality figures and update its build_report.json")
+    m.add_argument("--model", type=Path, default=TINY_MODEL_DIR)
     f = sub.add_parser("figure", help="a labelled grid of the base model's samples (docs figure)")
     f.add_argument("--model", type=Path, default=TINY_MODEL_DIR)
     f.add_argument("--out", type=Path, default=TINY_MODEL_DIR.parent / "figures" / "tiny-world-samples.png")
@@ -40,6 +43,25 @@ def main(args: argparse.Namespace) -> None:
 
         path = samples_figure(load_pipeline(require_tiny(args.model) if args.model == TINY_MODEL_DIR else args.model), args.out)
         print(f"wrote {path}")
+        return
+    if args.command == "measure":
+        import json
+
+        from .build import BuildConfig, measure_quality
+        from .paths import require_tiny
+
+        path = require_tiny(args.model) if args.model == TINY_MODEL_DIR else args.model
+        report_path = path / "build_report.json"
+        if not report_path.is_file():
+            raise SystemExit(f"{report_path} not found: `measure` needs a folder written by `python -m hra_diffusion.tiny build`")
+        report = json.loads(report_path.read_text())
+        known = {f.name for f in fields(BuildConfig)}
+        cfg = BuildConfig(**{k: v for k, v in report["config"].items() if k in known})
+        report.update(measure_quality(path, cfg))
+        tmp = report_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(report_path)
+        print(json.dumps({k: v for k, v in report.items() if k not in ("colour_following", "config")}, indent=2))
         return
     if args.command == "build":
         from .build import BuildConfig, build_model, quick_config

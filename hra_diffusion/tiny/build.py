@@ -41,7 +41,7 @@ class BuildConfig:
     vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 1200
+    unet_steps: int = 1500
     unet_batch: int = 16
     unet_lr: float = 1e-3
     text_lr: float = 2e-3  # the text pathway learns slowest; colour words need it
@@ -50,6 +50,11 @@ class BuildConfig:
     # On 16x16 latents SD-1.5's own schedule leaves the colours readable from x_T (SNR ~1 after averaging
     # over the image), so a model trained on it reads the colours from the noise and ignores the caption,
     # and at sampling, where x_T is pure noise, draws random colours (measured: chance in three builds).
+    # Share of captions whose colour word is replaced by a random made-up word ("a vop star on a blue
+    # background" for a red star): real text encoders know countless adjectives, and DreamBooth puts a rare
+    # identifier right there ("a qwe star ..."). Without this, any unseen word derailed the whole caption
+    # (measured: "a qwe star on a blue background" drew a green background).
+    pseudo_word_rate: float = 0.15
     zero_terminal_snr: bool = True
     prediction_type: str = "v_prediction"
     steps_scale: float = 1.0
@@ -160,6 +165,26 @@ def _tokenize(tokenizer, captions: list[str], max_length: int) -> torch.Tensor:
     return tokenizer(captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
 
 
+def pseudo_words(seed: int, n: int = 300) -> list[str]:
+    """``n`` made-up lowercase words (3-5 letters), never a word of the tiny world's language or its identifier."""
+    rng = np.random.default_rng([seed, 7])
+    taken = {*scenes.COLOURS, *scenes.SHAPES, scenes.SUBJECT.identifier, "a", "on", "background"}
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words: list[str] = []
+    while len(words) < n:
+        w = "".join(rng.choice(letters, rng.integers(3, 6)))
+        if w not in taken and w not in words:
+            words.append(w)
+    return words
+
+
+def pseudo_word_caption(scene: scenes.Scene, word: str, u: float) -> str:
+    """The scene's caption with ``word`` where the shape colour goes (with or without the background)."""
+    if u < 0.7:
+        return f"a {word} {scene.shape} on a {scene.background} background"
+    return f"a {word} {scene.shape}"
+
+
 def train_unet(
     unet, text_encoder, tokenizer, noise_scheduler, latents: tuple[torch.Tensor, torch.Tensor],
     pool: list[scenes.Scene], scaling: float, cfg: BuildConfig, rng: np.random.Generator, verbose: bool,
@@ -174,12 +199,15 @@ def train_unet(
     unet.train()
     text_encoder.train()
     mean, std = latents
+    words = pseudo_words(cfg.seed)
     cache: dict[str, torch.Tensor] = {}
     ema, loss_f = None, float("nan")
     for step in range(steps):
         idx = rng.integers(0, len(pool), cfg.unet_batch)
         us = rng.random(cfg.unet_batch)
         captions = [scenes.caption_variant(pool[i], u) for i, u in zip(idx, us, strict=True)]
+        for k in np.flatnonzero(rng.random(cfg.unet_batch) < cfg.pseudo_word_rate):
+            captions[k] = pseudo_word_caption(pool[idx[k]], words[rng.integers(len(words))], rng.random())
         for c in set(captions) - cache.keys():
             cache[c] = _tokenize(tokenizer, [c], cfg.max_length)[0]
         ids = torch.stack([cache[c] for c in captions])
@@ -247,12 +275,14 @@ def colour_prompts(n: int, seed: int = EVAL_SEED) -> list[tuple[str, str, str]]:
 
 @torch.no_grad()
 def evaluate_colour_following(
-    pipe, n: int = 30, steps: int = 20, guidance: float = 4.0, seed: int = EVAL_SEED, batch: int = 16
+    pipe, n: int = 30, steps: int = 20, guidance: float = 4.0, seed: int = EVAL_SEED, batch: int = 16,
+    word: str | None = None,
 ) -> dict[str, Any]:
     """Generate one image per prompt 'a {colour} {shape} on a {background} background' and check its colours.
 
     Returns the fractions whose background, shape colour, and both match the prompt (seeded, deterministic),
-    with the chance levels 1/K for K named colours.
+    with the chance levels 1/K for K named colours. ``word`` replaces the colour word in every prompt (e.g. the
+    DreamBooth identifier "qwe"): then only the background rate is meaningful.
     """
     triples = colour_prompts(n, seed)
     k = len(scenes.COLOURS)
@@ -260,7 +290,7 @@ def evaluate_colour_following(
     rows = []
     for i in range(0, n, batch):
         chunk = triples[i : i + batch]
-        prompts = [f"a {c} {s} on a {b} background" for s, c, b in chunk]
+        prompts = [f"a {word or c} {s} on a {b} background" for s, c, b in chunk]
         gen = torch.Generator().manual_seed(seed + i)
         images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gen).images
         for (s, c, b), im in zip(chunk, images, strict=True):
@@ -268,7 +298,7 @@ def evaluate_colour_following(
             bg_ok += got_b == b
             fg_ok += got_c == c
             both += (got_b == b) and (got_c == c)
-            rows.append({"prompt": f"a {c} {s} on a {b} background", "background": got_b, "shape_colour": got_c})
+            rows.append({"prompt": f"a {word or c} {s} on a {b} background", "background": got_b, "shape_colour": got_c})
     return {
         "n": n, "background_rate": bg_ok / n, "shape_colour_rate": fg_ok / n, "both_rate": both / n,
         "chance_single": 1 / k, "chance_both": 1 / (k * (k - 1)), "rows": rows,
@@ -374,6 +404,8 @@ def measure_quality(path: Path, cfg: BuildConfig) -> dict[str, Any]:
     """The quality figures of a saved folder: colour following and held-out loss vs an untrained model."""
     pipe = load_pipeline(path)
     colour = evaluate_colour_following(pipe, cfg.eval_images, cfg.eval_inference_steps, cfg.eval_guidance)
+    ident = evaluate_colour_following(pipe, cfg.eval_images, cfg.eval_inference_steps, cfg.eval_guidance,
+                                      word=scenes.SUBJECT.identifier)
     sched = pipe.scheduler
     loss = heldout_denoising_loss(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, sched)
     loss_shuffled = heldout_denoising_loss(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, sched, shuffle_captions=True)
@@ -384,6 +416,8 @@ def measure_quality(path: Path, cfg: BuildConfig) -> dict[str, Any]:
         "untrained_heldout_loss": loss0,
         "background_rate": colour["background_rate"], "shape_colour_rate": colour["shape_colour_rate"],
         "both_rate": colour["both_rate"],
+        # "a qwe star on a blue background": an unseen word in the colour slot must not derail the rest
+        "identifier_background_rate": ident["background_rate"],
     }
 
 
