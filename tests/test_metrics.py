@@ -53,6 +53,26 @@ def test_edge_f1_iou_identical_disjoint_and_partial():
         M.edge_f1_iou(a, a[:4])
 
 
+def test_edge_f1_tolerant_forgives_a_one_pixel_shift_only():
+    a = torch.zeros(12, 12, dtype=torch.bool)
+    a[3, 2:9] = True
+    shifted = torch.roll(a, 1, dims=0)  # the same edge one row lower
+    far = torch.roll(a, 4, dims=0)
+    assert M.edge_f1_tolerant(a, a, 1) == 1.0
+    assert M.edge_f1_tolerant(shifted, a, 0) == 0.0 and M.edge_f1_tolerant(shifted, a, 1) == 1.0
+    assert M.edge_f1_tolerant(far, a, 1) == 0.0 and M.edge_f1_tolerant(far, a, 4) == 1.0
+    c = torch.zeros_like(a)
+    c[3, 5:12] = True  # partial overlap: tolerance 0 is exactly the pixel-wise F1
+    assert M.edge_f1_tolerant(c, a, 0) == pytest.approx(M.edge_f1_iou(c, a)[0])
+    # precision and recall are counted separately: a prediction with extra edges loses precision only
+    extra = a | far
+    assert M.edge_f1_tolerant(extra, a, 1) == pytest.approx(2 * 0.5 * 1.0 / 1.5)
+    assert M.edge_f1_tolerant(torch.zeros_like(a), torch.zeros_like(a), 1) == 1.0
+    assert M.edge_f1_tolerant(torch.zeros_like(a), a, 1) == 0.0
+    with pytest.raises(ValueError, match="tolerance must be >= 0"):
+        M.edge_f1_tolerant(a, a, -1)
+
+
 def test_black_ssim_rmse_segmentation_landmarks():
     x = torch.rand(3, 3, 16, 16)
     x[1] = 0

@@ -12,6 +12,7 @@ __all__ = [
     "matched_cosine",
     "is_all_black",
     "edge_f1_iou",
+    "edge_f1_tolerant",
     "binarize_edges",
     "ssim",
     "rmse",
@@ -76,6 +77,34 @@ def edge_f1_iou(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]
     f1 = 2 * tp / (2 * tp + fp + fn)
     iou = tp / (tp + fp + fn)
     return f1, iou
+
+
+def edge_f1_tolerant(pred: torch.Tensor, target: torch.Tensor, tolerance: int = 1) -> float:
+    """Boundary F1 with a distance tolerance (the BSDS boundary-benchmark convention): a predicted edge pixel is
+    correct if a target edge lies within ``tolerance`` pixels (Chebyshev distance), and a target pixel is
+    recalled if a predicted edge lies that close. ``tolerance=0`` is the pixel-wise F1 of :func:`edge_f1_iou`.
+
+    At low resolution (32 px) the pixel-wise F1 punishes a one-pixel shift as hard as a missing edge.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"edge maps differ in size: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
+    p, t = pred.bool(), target.bool()
+    if not p.any() and not t.any():
+        return 1.0
+    if not p.any() or not t.any():
+        return 0.0
+
+    def grow(m: torch.Tensor) -> torch.Tensor:
+        if tolerance == 0:
+            return m
+        k = 2 * tolerance + 1
+        return torch.nn.functional.max_pool2d(m[None, None].float(), k, 1, tolerance)[0, 0] > 0
+
+    precision = (p & grow(t)).sum().item() / p.sum().item()
+    recall = (t & grow(p)).sum().item() / t.sum().item()
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
 def _gaussian_window(size: int, sigma: float, device, dtype) -> torch.Tensor:

@@ -15,33 +15,38 @@ from PIL import Image
 
 from ..control import ConditionHandle, prepare_condition
 from ..metrics.control_metrics import canny_edges
-from ..metrics.functional import binarize_edges, edge_f1_iou
+from ..metrics.functional import binarize_edges, edge_f1_tolerant
 from .validation import generate_images
 
 __all__ = ["edge_consistency", "control_consistency"]
 
 
-def edge_consistency(generated: Image.Image, condition: Image.Image, low: int = 100, high: int = 200) -> float:
-    """Canny-edge F1 between a generated image and its (edge) condition, at the generated size."""
+def edge_consistency(generated: Image.Image, condition: Image.Image, low: int = 100, high: int = 200,
+                     tolerance: int = 0) -> float:
+    """Canny-edge F1 between a generated image and its (edge) condition, at the generated size; pixel-wise
+    (ControlNet++) for ``tolerance=0``, else edges within ``tolerance`` pixels count as matched."""
     gen = np.asarray(generated.convert("RGB"), dtype=np.uint8)
     cond = np.asarray(condition.convert("RGB").resize(generated.size, Image.NEAREST), dtype=np.uint8)
     target = binarize_edges(torch.from_numpy(cond.copy()).permute(2, 0, 1))  # (H, W) bool
-    f1, _ = edge_f1_iou(canny_edges(gen, low, high), target)
-    return f1
+    return edge_f1_tolerant(canny_edges(gen, low, high), target, tolerance)
 
 
 @torch.no_grad()
 def control_consistency(
     pipe, pairs: Sequence[tuple[Image.Image, str]], handle: ConditionHandle | None, resolution: int,
     seed: int = 0, steps: int = 20, guidance_scale: float = 4.0, condition_order: Sequence[int] | None = None,
-) -> list[float]:
+    tolerances: Sequence[int] = (0,),
+) -> list[float] | dict[int, list[float]]:
     """Per-pair F1 of one image generated per (condition, prompt); image i uses seed ``seed + i``.
+
+    With one tolerance (default: pixel-wise) a list of scores; with several, {tolerance: scores} from the
+    same images.
 
     ``handle`` None: the pipeline as is (the base model). ``condition_order``: feed the encoder the
     condition of pair ``condition_order[i]`` while scoring against pair i's own (a broken controller).
     """
     device = pipe.unet.device
-    scores = []
+    scores: dict[int, list[float]] = {}
     for i, (cond, prompt) in enumerate(pairs):
         if handle is not None:
             fed = pairs[condition_order[i]][0] if condition_order is not None else cond
@@ -51,5 +56,6 @@ def control_consistency(
         finally:
             if handle is not None:
                 handle.set_condition(None)
-        scores.append(edge_consistency(image, cond))
-    return scores
+        for k in tolerances:
+            scores.setdefault(k, []).append(edge_consistency(image, cond, tolerance=k))
+    return scores[tolerances[0]] if len(tolerances) == 1 else scores
