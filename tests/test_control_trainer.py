@@ -75,23 +75,20 @@ def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
 # ---- the command line --------------------------------------------------------------------------
 
 # The default command, run once per module: its outputs are checked here and its adapter is scored below.
-# With the tiny world: the default recipe, only the step count shortened (CLI_STEPS, or the recipe's own
-# 300 with HRA_CONTROL_LEARNING=1); without it (before `python -m hra_diffusion.tiny build`), stand-ins.
-LEARNING = os.environ.get("HRA_CONTROL_LEARNING") == "1"
-CLI_STEPS, CLI_EVERY = (300, 100) if LEARNING else (12, 6)
+# With the tiny world it is exactly `accelerate launch train/control_hra.py` (the recipe's 300 steps; only the
+# output folder is given); without it (before `python -m hra_diffusion.tiny build`), stand-ins and 4 steps.
+RECIPE = {"steps": 300, "every": 100, "keep": 2}  # configs/control/tiny.yaml (checked below)
 
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory, tiny_sd_dir, control_dir):
     out = tmp_path_factory.mktemp("default") / "run"
     args = ["--output_dir", str(out)]
-    steps, every = (CLI_STEPS, CLI_EVERY) if has_control_world() else (4, 2)
-    args += ["--max_train_steps", str(steps)]
-    if has_control_world() and not LEARNING:
-        args += ["--checkpointing_steps", str(every), "--validation_steps", str(every)]
+    steps, every = (RECIPE["steps"], RECIPE["every"]) if has_control_world() else (4, 2)
     if not has_control_world():
-        args += ["--checkpointing_steps", "2", "--validation_steps", "2", "--pretrained_model", str(tiny_sd_dir),
-                 "--train_data_dir", str(control_dir), "--validation_data_dir", str(control_dir)]
+        args += ["--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_steps", "2",
+                 "--pretrained_model", str(tiny_sd_dir), "--train_data_dir", str(control_dir),
+                 "--validation_data_dir", str(control_dir)]
     proc = launch(["--num_processes", "1", "train/control_hra.py", *args], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc, steps, every
@@ -119,7 +116,7 @@ def test_cli_default_command_writes_every_output(default_run, control_dir):
     assert f"max_train_steps: {steps}" in resolved and "train/control_hra.py" in resolved
     # validation grids every `every` steps and at the end; each row is condition | outputs
     grids = sorted((out / "validation").glob("step-*[0-9].png"))
-    assert [g.name for g in grids] == [f"step-{every:06d}.png", f"step-{steps:06d}.png"]
+    assert [g.name for g in grids] == [f"step-{k:06d}.png" for k in range(every, steps + 1, every)]
     singles = out / "validation" / f"step-{steps:06d}"
     assert len(list(singles.glob("p0-*.png"))) == 1 + 4  # condition + num_validation_images
     first_condition = (TINY_CONTROL_DIR / "heldout" if has_control_world() else control_dir)
@@ -131,7 +128,7 @@ def test_cli_default_command_writes_every_output(default_run, control_dir):
     # model card with the samples and the exact command
     card = (out / "README.md").read_text()
     assert f"validation/step-{steps:06d}.png" in card and "load_control_adapter" in card
-    assert f"accelerate launch train/control_hra.py --output_dir {out} --max_train_steps {steps}" in card
+    assert f"accelerate launch train/control_hra.py --output_dir {out}" in card
     # tensorboard: loss and the validation grid
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -143,27 +140,34 @@ def test_cli_default_command_writes_every_output(default_run, control_dir):
         images += acc.Tags()["images"]
     assert "loss" in scalars and "validation" in images
     # a checkpoint every `every` steps (both modules), progress bar
-    assert [s for s, _ in list_checkpoints(out)] == [every]
+    assert [s for s, _ in list_checkpoints(out)] == list(range(every, steps, every))[-RECIPE["keep"]:]
     ckpt = latest_checkpoint(out)
     assert (ckpt / "unet.safetensors").is_file() and (ckpt / "condition_encoder.safetensors").is_file()
     assert f"{steps}/{steps}" in proc.stderr and "loss=" in proc.stderr
 
 
-# Control consistency on the tiny world's held-out split: trained vs base vs a broken controller.
-# Margins (absolute Canny-F1 points) an untrained or condition-ignoring controller cannot reach.
-LEARN_MARGIN = 0.10
+# Control consistency on the tiny world's held-out split: trained vs base vs a broken controller (fed another
+# pair's condition). Canny F1 pixel-wise (ControlNet++) and with a 1-pixel tolerance (at 32 px a shape drawn
+# one pixel off scores 0 pixel-wise). Margins in absolute F1 points, well under the measured gaps
+# (docs/control.md) and far above what an untrained or condition-ignoring controller reaches.
+MARGIN = {0: 0.05, 1: 0.12}
 
 
 def heldout_pairs() -> list[tuple[Image.Image, str]]:
-    import json
-
     folder = TINY_CONTROL_DIR / "heldout"
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
     return [(Image.open(folder / r["conditioning_image"]).convert("RGB"), r["text"]) for r in rows]
 
 
-@pytest.mark.skipif(not LEARNING, reason="opt-in (HRA_CONTROL_LEARNING=1): needs the full default run; as measured "
-                    "(docs/control.md) the default recipe does NOT yet reach the margin")
+def test_default_recipe_is_what_the_default_run_expects():
+    import yaml
+
+    recipe = yaml.safe_load((REPO / "configs" / "control" / "tiny.yaml").read_text())
+    assert (recipe["max_train_steps"], recipe["validation_steps"], recipe["checkpoints_total_limit"]) == (
+        RECIPE["steps"], RECIPE["every"], RECIPE["keep"])
+    assert recipe["checkpointing_steps"] == RECIPE["every"]
+
+
 def test_learns_to_follow_the_condition(default_run):
     if not has_control_world():
         pytest.skip("needs the tiny world (assets/tiny-sd + assets/tiny-data/control); build it first")
@@ -176,18 +180,21 @@ def test_learns_to_follow_the_condition(default_run):
     out = default_run[0]
     base = StableDiffusionPipeline.from_pretrained(str(TINY_MODEL_DIR), safety_checker=None, requires_safety_checker=False)
     pipe = build_pipeline(base.unet, base.text_encoder, base.vae, base.tokenizer, base.scheduler)
+    pipe.set_progress_bar_config(disable=True)
     pairs = heldout_pairs()
-    score = dict(steps=20, guidance_scale=4.0, resolution=32, seed=0)
-    f1_base = float(np.mean(control_consistency(pipe, pairs, None, **score)))
+    score = dict(steps=20, guidance_scale=4.0, resolution=32, seed=0, tolerances=tuple(MARGIN))
+    f1_base = control_consistency(pipe, pairs, None, **score)
     _, encoder = load_control_adapter(pipe.unet, out / "adapter")
     handle = attach_condition_encoder(pipe.unet, encoder)
-    f1_trained = float(np.mean(control_consistency(pipe, pairs, handle, **score)))
+    f1_trained = control_consistency(pipe, pairs, handle, **score)
     shifted = [(i + len(pairs) // 2) % len(pairs) for i in range(len(pairs))]  # another pair's condition
-    f1_wrong = float(np.mean(control_consistency(pipe, pairs, handle, condition_order=shifted, **score)))
-    print(f"held-out Canny F1 ({len(pairs)} pairs): base {f1_base:.3f}, trained {f1_trained:.3f}, "
-          f"trained with another pair's condition {f1_wrong:.3f}")
-    assert f1_trained > f1_base + LEARN_MARGIN
-    assert f1_trained > f1_wrong + LEARN_MARGIN  # it follows *this* condition, not just draws cleaner edges
+    f1_wrong = control_consistency(pipe, pairs, handle, condition_order=shifted, **score)
+    for k, margin in MARGIN.items():
+        b, t, w = (float(np.mean(x[k])) for x in (f1_base, f1_trained, f1_wrong))
+        print(f"held-out Canny F1, tolerance {k} px ({len(pairs)} pairs): base {b:.3f}, trained {t:.3f}, "
+              f"trained with another pair's condition {w:.3f}")
+        assert t > b + margin, (k, b, t)
+        assert t > w + margin, (k, w, t)  # it follows *this* condition, not just draws cleaner edges
 
 
 def test_two_processes_run_real_ddp(tmp_path, tiny_random_sd_dir, control_dir):
