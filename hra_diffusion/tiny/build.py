@@ -1,7 +1,7 @@
 """Train the tiny world's text-to-image model (VAE, CLIP text encoder, UNet) and write a diffusers pipeline folder.
 
 Step-based and seeded, so a rebuild gives the same model up to float noise. The whole build is
-``python -m hra_diffusion.tiny build`` (~22 min on 2 CPU cores); ``--steps-scale`` shrinks it for tests.
+``python -m hra_diffusion.tiny build`` (25-35 min on 2 CPU cores); ``--steps-scale`` shrinks it for tests.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..training.loss import diffusion_target
 from . import scenes
 from .tokenizer import VOCAB_SIZE, write_clip_tokenizer
 
@@ -46,15 +47,15 @@ class BuildConfig:
     unet_lr: float = 1e-3
     text_lr: float = 2e-3  # the text pathway learns slowest; colour words need it
     warmup_steps: int = 40
-    # The noise schedule: SD-1.5's betas rescaled to zero terminal SNR, with v-prediction (as SD 2.1 does).
-    # On 16x16 latents SD-1.5's own schedule leaves the colours readable from x_T (SNR ~1 after averaging
-    # over the image), so a model trained on it reads the colours from the noise and ignores the caption,
-    # and at sampling, where x_T is pure noise, draws random colours (measured: chance in three builds).
     # Share of captions whose colour word is replaced by a random made-up word ("a vop star on a blue
     # background" for a red star): real text encoders know countless adjectives, and DreamBooth puts a rare
     # identifier right there ("a qwe star ..."). Without this, any unseen word derailed the whole caption
     # (measured: "a qwe star on a blue background" drew a green background).
     pseudo_word_rate: float = 0.15
+    # The noise schedule: SD-1.5's betas rescaled to zero terminal SNR, with v-prediction (as SD 2.1 does).
+    # On 16x16 latents SD-1.5's own schedule leaves the colours readable from x_T (SNR ~1 after averaging
+    # over the image), so a model trained on it reads the colours from the noise and ignores the caption,
+    # and at sampling, where x_T is pure noise, draws random colours (measured: chance in three builds).
     zero_terminal_snr: bool = True
     prediction_type: str = "v_prediction"
     steps_scale: float = 1.0
@@ -244,13 +245,6 @@ def make_scheduler(cfg: BuildConfig):
         clip_sample=False, prediction_type=cfg.prediction_type, rescale_betas_zero_snr=cfg.zero_terminal_snr,
         timestep_spacing="trailing" if cfg.zero_terminal_snr else "leading", steps_offset=1,
     )
-
-
-def diffusion_target(scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """epsilon or v = sqrt(abar) eps - sqrt(1 - abar) z0, as the scheduler says."""
-    if scheduler.config.prediction_type == "v_prediction":
-        return scheduler.get_velocity(z0, noise, t)
-    return noise
 
 
 def make_pipeline(vae, text_encoder, tokenizer, unet, cfg: BuildConfig):
