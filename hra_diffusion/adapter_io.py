@@ -35,6 +35,7 @@ __all__ = [
     "export_peft",
     "export_merged",
     "atomic_directory",
+    "load_any_adapter",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -348,3 +349,11 @@ def export_merged(model: nn.Module, path: str | os.PathLike) -> Path:
                 "use merge_hra(model) and save its state_dict yourself"
             )
     return Path(path)
+
+
+def load_any_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load an HRA adapter (ours or PEFT's) or a PEFT LoRA/OFT/BOFT baseline folder into ``model``;
+    returns the adapted layer names (``hra_diffusion.baselines`` holds the PEFT side)."""
+    from .baselines import adapter_type, load_peft_adapter
+
+    return load_adapter(model, path) if adapter_type(path) == "hra" else load_peft_adapter(model, path)

@@ -40,8 +40,10 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
 
     p = sub.add_parser(
         "generate", help="make images from a base model + HRA adapter (PNGs + manifest.jsonl)",
-        description="Generate images from a Stable Diffusion base model with an HRA adapter (ours from either "
-                    "trainer, or a PEFT HRA adapter; <adapter>/text_encoder/ is loaded too when present). "
+        description="Generate images from a Stable Diffusion base model with an adapter: HRA (ours from either "
+                    "trainer, or a PEFT HRA adapter; <adapter>/text_encoder/ is loaded too when present), or a "
+                    "PEFT LoRA/OFT/BOFT baseline in PEFT's format (a control baseline's condition_encoder."
+                    "safetensors beside it is loaded too). "
                     "Writes PNGs and manifest.jsonl, which `hra-diffusion score` reads.",
         formatter_class=HelpFormatter,
     )

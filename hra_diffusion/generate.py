@@ -242,9 +242,19 @@ def generate(cfg: GenerateConfig) -> Path:
         raise FileExistsError(f"output folder {str(out_dir)!r} is not empty; pass --overwrite to replace it")
     entries = _entries(cfg)
     adapter_doc: dict[str, Any] | None = None
-    if cfg.adapter is not None:
-        adapter_doc, _, _ = read_adapter(cfg.adapter)  # validates the folder before the model is loaded
-    is_control = bool(adapter_doc and adapter_doc.get("condition_encoder"))
+    kind = None
+    is_control = False
+    if cfg.adapter is not None:  # validate the folder before the model is loaded
+        from .baselines import CONDITION_ENCODER_FILE, adapter_type, read_adapter_metadata
+
+        kind = adapter_type(cfg.adapter)
+        if kind == "hra":
+            adapter_doc, _, _ = read_adapter(cfg.adapter)
+            is_control = bool(adapter_doc.get("condition_encoder"))
+        else:  # a PEFT baseline: PEFT's config, our metadata from the weights' header, encoder beside it
+            adapter_doc = {**json.loads((Path(cfg.adapter) / ADAPTER_CONFIG).read_text()),
+                           **read_adapter_metadata(cfg.adapter), "source": "peft"}
+            is_control = (Path(cfg.adapter) / CONDITION_ENCODER_FILE).is_file()
     has_condition = any(e.condition is not None for e in entries)
     if is_control and not has_condition:
         raise ValueError(f"adapter {cfg.adapter} is a control adapter: give condition images with --condition "
@@ -262,7 +272,14 @@ def generate(cfg: GenerateConfig) -> Path:
     handle = None
     text_adapter = None
     if cfg.adapter is not None:
-        if is_control:
+        if kind != "hra":
+            from .baselines import load_trained_adapter
+            from .control import attach_condition_encoder
+
+            _, _, encoder = load_trained_adapter(pipe.unet, cfg.adapter)
+            if encoder is not None:
+                handle = attach_condition_encoder(pipe.unet, encoder)
+        elif is_control:
             from .control import attach_condition_encoder, load_control_adapter
 
             _, encoder = load_control_adapter(pipe.unet, cfg.adapter)
@@ -274,7 +291,9 @@ def generate(cfg: GenerateConfig) -> Path:
             load_adapter(pipe.text_encoder, te_dir)
             text_adapter = str(te_dir.resolve())
         if cfg.merge:
-            merge_hra(pipe.unet)
+            from .baselines import merge_adapter
+
+            merge_adapter(pipe.unet, kind)
             if text_adapter:
                 merge_hra(pipe.text_encoder)
 
@@ -289,6 +308,7 @@ def generate(cfg: GenerateConfig) -> Path:
         "adapter": str(Path(cfg.adapter).resolve()) if cfg.adapter else None,
         "adapter_source": (adapter_doc or {}).get("source", "hra-diffusion" if adapter_doc else None),
         "adapter_kind": "control" if is_control else ("subject" if adapter_doc else None),
+        "adapter_type": kind,
         "text_encoder_adapter": text_adapter, "merged": bool(cfg.merge and cfg.adapter),
         "base": str(Path(base).resolve()) if Path(base).is_dir() else base, "dtype": dtype_name,
         "device": str(device),

@@ -75,3 +75,25 @@ def write_model_card(
     path = root / "README.md"
     path.write_text("\n".join(lines))
     return path
+
+
+ADAPTER_NAMES = {"hra": "HRA", "lora": "LoRA", "oft": "OFT", "boft": "BOFT"}
+
+
+def adapter_facts(cfg, trainable: int) -> tuple[str, str, str]:
+    """(display name, one-line description with the trainable count, Python lines that load it into a pipe).
+
+    ``cfg`` is a TrainConfig; the adapter folder is ``<output_dir>/adapter``.
+    """
+    folder = f"{cfg.output_dir}/adapter"
+    name = ADAPTER_NAMES[cfg.adapter]
+    targets = ", ".join(cfg.target_modules)
+    if cfg.adapter == "hra":
+        fact = (f"HRA r={cfg.r} on {targets}, Gram-Schmidt={cfg.apply_gs}, λ={cfg.orth_lambda}, "
+                f"{trainable:,} trainable UNet values")
+        return name, fact, ""
+    fact = f"{cfg.baseline_spec().describe()} on {targets} (PEFT's format), {trainable:,} trainable UNet values"
+    load = (f'from hra_diffusion.baselines import load_peft_adapter\nload_peft_adapter(pipe.unet, "{folder}")\n')
+    if cfg.adapter == "lora":
+        load += f'# or, with diffusers alone: pipe.load_lora_weights("{folder}")\n'
+    return name, fact, load

@@ -62,11 +62,14 @@ class TrainConfig:
     random_flip: bool = False
     dataloader_num_workers: int = 0
     cache_latents: bool = False
-    # HRA on the UNet
-    r: int = 8
+    # the adapter on the UNet: hra (this library's; the default), or a PEFT baseline lora | oft | boft
+    adapter: str = "hra"
+    r: int = 8  # HRA: reflections; LoRA: rank; unused by OFT/BOFT (their size is block_size)
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    apply_gs: bool = False
-    orth_lambda: float = 0.0
+    apply_gs: bool = False  # HRA only
+    orth_lambda: float = 0.0  # HRA only
+    block_size: int | None = None  # OFT/BOFT only; None: 16 (OFT) / 8 (BOFT), budgets near HRA r=8's
+    lora_alpha: float | None = None  # LoRA only; None: r (scale 1)
     # optimisation
     train_batch_size: int = 1
     max_train_steps: int = 1000
@@ -132,7 +135,8 @@ class TrainConfig:
             raise ConfigError(f"resolution must be a multiple of 8 (the VAE downsamples), got {self.resolution}")
         if not self.target_modules:
             raise ConfigError("target_modules must name at least one module-name suffix, e.g. [to_q, to_v]")
-        if self.r % 2 and not self.apply_gs:
+        self._validate_adapter()
+        if self.adapter == "hra" and self.r % 2 and not self.apply_gs:
             raise ConfigError(
                 f"r={self.r} is odd: HRA's identity initialisation pairs equal reflections, so r must be even "
                 f"(e.g. r={self.r + 1}); or set apply_gs: true (Gram-Schmidt, which starts non-identity)"
@@ -141,6 +145,42 @@ class TrainConfig:
             raise ConfigError(
                 "cache_latents needs center_crop: true (a cached latent cannot be re-cropped at random)"
             )
+
+    def _validate_adapter(self) -> None:
+        """The adapter kind is known and every adapter-specific option set applies to it."""
+        from ..baselines import ADAPTERS
+
+        if self.adapter not in ADAPTERS:
+            raise ConfigError(f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}")
+        wrong = []
+        if self.adapter != "hra":
+            wrong += [k for k, default in (("apply_gs", False), ("orth_lambda", 0.0)) if getattr(self, k) != default]
+        if self.adapter in ("oft", "boft") and self.r != 8:
+            wrong.append("r")  # OFT/BOFT are sized by block_size
+        if self.adapter not in ("oft", "boft") and self.block_size is not None:
+            wrong.append("block_size")
+        if self.adapter != "lora" and self.lora_alpha is not None:
+            wrong.append("lora_alpha")
+        if wrong:
+            owners = {"apply_gs": "hra", "orth_lambda": "hra", "r": "hra, lora", "block_size": "oft, boft",
+                      "lora_alpha": "lora"}
+            raise ConfigError(
+                f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to adapter {self.adapter!r} ("
+                + "; ".join(f"{k} is for {owners[k]}" for k in wrong)
+                + f"); leave {'it' if len(wrong) == 1 else 'them'} unset, or choose another adapter ({', '.join(ADAPTERS)})")
+        if self.block_size is not None and (self.block_size < 2 or (self.adapter == "boft" and self.block_size % 2)):
+            raise ConfigError(f"block_size must be >= 2{' and even for boft' if self.adapter == 'boft' else ''}, "
+                              f"got {self.block_size}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ConfigError(f"lora_alpha must be > 0 (or null for r), got {self.lora_alpha!r}")
+
+    def baseline_spec(self, seed: int | None = None):
+        """The PEFT baseline for this config (``adapter`` must not be hra)."""
+        from ..baselines import BaselineSpec
+
+        return BaselineSpec(self.adapter, r=self.r, target_modules=list(self.target_modules),
+                            block_size=self.block_size, lora_alpha=self.lora_alpha,
+                            seed=self.seed if seed is None else seed)
 
 
 @dataclass
@@ -170,6 +210,9 @@ class DreamBoothConfig(TrainConfig):
             raise ConfigError(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight!r}")
         if self.text_encoder_r % 2:
             raise ConfigError(f"text_encoder_r={self.text_encoder_r} is odd: use an even r (e.g. {self.text_encoder_r + 1})")
+        if self.train_text_encoder and self.adapter != "hra":
+            raise ConfigError(f"train_text_encoder is supported with adapter 'hra' only, got adapter {self.adapter!r}; "
+                              "set train_text_encoder: false to train the UNet's baseline adapter alone")
         if self.text_encoder_lr is not None and not self.text_encoder_lr > 0:
             raise ConfigError(f"text_encoder_lr must be > 0 (or null for learning_rate), got {self.text_encoder_lr!r}")
 

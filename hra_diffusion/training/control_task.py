@@ -16,16 +16,15 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from ..baselines import count_trainable, save_trained_adapter
 from ..conditions import ConditionCache, detector_key, make_detector, supported_conditions
-from ..config import CONTROL_TARGETS, HRAConfig
+from ..config import CONTROL_TARGETS
 from ..control import (
     attach_condition_encoder,
     build_condition_encoder,
     prepare_condition,
-    save_control_adapter,
 )
-from ..model import count_hra_parameters
-from .card import write_model_card
+from .card import adapter_facts, write_model_card
 from .config import ConfigError, TrainConfig, save_resolved_config
 from .control_data import (
     ColumnNames,
@@ -39,7 +38,7 @@ from .control_data import (
 )
 from .data import ImageTransform, load_rgb
 from .loss import add_noise, denoising_loss, sample_latents, with_orthogonality
-from .models import SDComponents, add_hra, load_sd_components, weight_dtype_for
+from .models import SDComponents, add_unet_adapter, load_sd_components, weight_dtype_for
 from .trainer import TrainingTask, TrainResult, make_accelerator, run_training
 from .validation import build_pipeline, eval_mode, generate_images
 
@@ -157,9 +156,8 @@ class ControlTask(TrainingTask):
         device = accelerator.device
         for m in (self.sd.unet, self.sd.vae, self.sd.text_encoder):
             m.to(device)
-        self.unet_hra = HRAConfig(r=cfg.r, target_modules=cfg.target_modules, apply_gs=cfg.apply_gs,
-                                  orth_lambda=cfg.orth_lambda, seed=cfg.seed)
-        add_hra(self.sd.unet, self.unet_hra, "UNet")
+        self.unet_hra = add_unet_adapter(self.sd.unet, cfg, "UNet")  # HRA, or a PEFT baseline (None)
+        self.trainable_unet = count_trainable(self.sd.unet)
         if cfg.gradient_checkpointing:
             self.sd.unet.enable_gradient_checkpointing()
         self.vae_scale_factor = 2 ** (len(self.sd.vae.config.block_out_channels) - 1)
@@ -275,8 +273,8 @@ class ControlTask(TrainingTask):
     def save(self, modules, output_dir: Path) -> list[Path]:
         cfg = self.cfg
         path = output_dir / "adapter"
-        save_control_adapter(
-            modules["unet"], modules["condition_encoder"], path, base_model=cfg.pretrained_model,
+        save_trained_adapter(
+            modules["unet"], path, cfg.adapter, encoder=modules["condition_encoder"], base_model=cfg.pretrained_model,
             base_model_revision=cfg.revision, trainer="control_hra", condition_type=cfg.condition or "given",
             resolution=cfg.resolution,
         )
@@ -304,11 +302,16 @@ def train_control(cfg: ControlConfig) -> TrainResult:
 def _write_card(cfg: ControlConfig, task: ControlTask, result: TrainResult, out: Path) -> None:
     source = f"`{cfg.train_data_dir}`" if cfg.train_data_dir else f"dataset `{cfg.dataset_name}` ({cfg.dataset_split})"
     n_encoder = sum(p.numel() for p in task.encoder.parameters())
+    name, adapter_fact, _ = adapter_facts(cfg, task.trainable_unet)
+    loader = ("from hra_diffusion.control import attach_condition_encoder, load_control_adapter, prepare_condition\n\n"
+              if cfg.adapter == "hra" else
+              "from hra_diffusion.baselines import load_trained_adapter\n"
+              "from hra_diffusion.control import attach_condition_encoder, prepare_condition\n\n")
+    load_line = (f'_, encoder = load_control_adapter(pipe.unet, "{out}/adapter")\n' if cfg.adapter == "hra" else
+                 f'_, _, encoder = load_trained_adapter(pipe.unet, "{out}/adapter")  # PEFT {name} + encoder\n')
     usage = (
-        "from diffusers import StableDiffusionPipeline\nfrom PIL import Image\n"
-        "from hra_diffusion.control import attach_condition_encoder, load_control_adapter, prepare_condition\n\n"
-        f"pipe = StableDiffusionPipeline.from_pretrained({cfg.pretrained_model!r})\n"
-        f'_, encoder = load_control_adapter(pipe.unet, "{out}/adapter")\n'
+        "from diffusers import StableDiffusionPipeline\nfrom PIL import Image\n" + loader +
+        f"pipe = StableDiffusionPipeline.from_pretrained({cfg.pretrained_model!r})\n" + load_line +
         "handle = attach_condition_encoder(pipe.unet, encoder)\n"
         f'handle.set_condition(prepare_condition(Image.open("condition.png"), {cfg.resolution}, {cfg.resolution}))\n'
         f"image = pipe({(task.validation_rows[0][1] if task.validation_rows else 'a prompt')!r}, "
@@ -320,8 +323,7 @@ def _write_card(cfg: ControlConfig, task: ControlTask, result: TrainResult, out:
         "condition": (f"computed with `{cfg.condition}` (cached in `{task.condition_cache}`)" if cfg.condition
                       else f"column `{cfg.conditioning_image_column}`"),
         "empty prompts": f"{cfg.proportion_empty_prompts:.0%}",
-        "HRA": f"r={cfg.r} on {', '.join(cfg.target_modules)}, Gram-Schmidt={cfg.apply_gs}, λ={cfg.orth_lambda}, "
-               f"{count_hra_parameters(task.sd.unet):,} trainable UNet values",
+        "adapter": adapter_fact,
         "condition encoder": f"{n_encoder:,} values, lr {cfg.encoder_learning_rate or cfg.learning_rate}, "
                              f"channels {task.encoder.hra_condition_config['block_out_channels']}",
         "steps": f"{result.global_step} (batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps} "
@@ -335,15 +337,19 @@ def _write_card(cfg: ControlConfig, task: ControlTask, result: TrainResult, out:
         "training time": f"{result.seconds:.0f} s" + (f" (resumed from {result.resumed_from.name})" if result.resumed_from else ""),
     }
     write_model_card(
-        out, title=f"HRA control adapter ({cfg.condition or 'condition images'})", base_model=cfg.pretrained_model,
+        out, title=f"{name} control adapter ({cfg.condition or 'condition images'})", base_model=cfg.pretrained_model,
         command=cfg.command or "accelerate launch train/control_hra.py",
         summary=(
-            "A Householder Reflection Adaptation (HRA) adapter for controllable generation, trained with "
-            "hra-diffusion's `train/control_hra.py`: HRA on the UNet plus a condition encoder whose output is "
+            ("A Householder Reflection Adaptation (HRA) adapter" if cfg.adapter == "hra" else
+             f"A {name} adapter (PEFT's, a baseline for HRA)") + " for controllable generation, trained with "
+            f"hra-diffusion's `train/control_hra.py`: {name} on the UNet plus a condition encoder whose output is "
             "added to the UNet's conv_in output. Both live in one adapter folder. Validation grids show the "
             "condition in the first column, then the generated images."),
         adapters={str(out / "adapter"): "the UNet's HRA tensors and the condition encoder (`condition_encoder.*`); "
-                  "load with `hra_diffusion.control.load_control_adapter(pipe.unet, ...)`"},
+                  "load with `hra_diffusion.control.load_control_adapter(pipe.unet, ...)`"} if cfg.adapter == "hra" else
+        {str(out / "adapter"): f"the UNet's {name} adapter in PEFT's format and the condition encoder "
+                               "(`condition_encoder.safetensors`); load both with "
+                               "`hra_diffusion.baselines.load_trained_adapter(pipe.unet, ...)`"},
         facts=facts, sample_images=result.validation_grids[-1:], usage=usage,
         notes=[f"validation prompts: {', '.join(shlex.quote(p) for _, p in task.validation_rows)}"] if task.validation_rows else [],
     )

@@ -10,13 +10,13 @@ import torch
 import torch.nn as nn
 
 from ..adapter_io import save_adapter
+from ..baselines import count_trainable, save_trained_adapter
 from ..config import HRAConfig
-from ..model import count_hra_parameters
-from .card import write_model_card
+from .card import adapter_facts, write_model_card
 from .config import ConfigError, DreamBoothConfig, save_resolved_config
 from .data import ImageFolderDataset, ImageTransform
 from .loss import add_noise, denoising_loss, sample_latents, with_orthogonality
-from .models import SDComponents, add_hra, load_sd_components, weight_dtype_for
+from .models import SDComponents, add_hra, add_unet_adapter, load_sd_components, weight_dtype_for
 from .prior import generate_class_images
 from .trainer import TrainingTask, TrainResult, make_accelerator, run_training
 from .validation import build_pipeline, eval_mode, generate_images
@@ -86,10 +86,9 @@ class DreamBoothTask(TrainingTask):
             if made:
                 accelerator.print(f"generated {made} class images in {class_dir}")
             self.classes = ImageFolderDataset(class_dir, cfg.class_prompt, transform, cfg.seed + 1, "class image")
-        # HRA: the base was cast to weight_dtype above; the adapter tensors are created fp32
-        self.unet_hra = HRAConfig(r=cfg.r, target_modules=cfg.target_modules, apply_gs=cfg.apply_gs,
-                                  orth_lambda=cfg.orth_lambda, seed=cfg.seed)
-        add_hra(self.sd.unet, self.unet_hra, "UNet")
+        # the adapter (HRA, or a PEFT baseline): the base was cast to weight_dtype above; adapter tensors are fp32
+        self.unet_hra = add_unet_adapter(self.sd.unet, cfg, "UNet")
+        self.trainable_unet = count_trainable(self.sd.unet)
         self.text_hra = None
         if cfg.train_text_encoder:
             self.text_hra = HRAConfig(r=cfg.text_encoder_r, target_modules=cfg.text_encoder_target_modules,
@@ -189,7 +188,7 @@ class DreamBoothTask(TrainingTask):
         cfg = self.cfg
         meta = dict(base_model=cfg.pretrained_model, base_model_revision=cfg.revision,
                     instance_prompt=cfg.instance_prompt, trainer="dreambooth_hra")
-        paths = [save_adapter(modules["unet"], output_dir / "adapter", **meta)]
+        paths = [save_trained_adapter(modules["unet"], output_dir / "adapter", cfg.adapter, **meta)]
         if "text_encoder" in modules:
             paths.append(save_adapter(modules["text_encoder"], output_dir / "adapter" / TEXT_ENCODER_ADAPTER_SUBDIR, **meta))
         return paths
@@ -226,8 +225,13 @@ def train_dreambooth(cfg: DreamBoothConfig) -> TrainResult:
 
 
 def _write_card(cfg: DreamBoothConfig, task: DreamBoothTask, result: TrainResult, out: Path) -> None:
+    name, adapter_fact, peft_load = adapter_facts(cfg, task.trainable_unet)
     adapters = {str(out / "adapter"): f"the UNet's HRA adapter (r={cfg.r}, {', '.join(cfg.target_modules)}); "
                 "load with `hra_diffusion.load_adapter(pipe.unet, ...)`"}
+    if cfg.adapter != "hra":
+        adapters = {str(out / "adapter"): f"the UNet's {name} adapter in PEFT's format; load with "
+                    "`hra_diffusion.baselines.load_peft_adapter(pipe.unet, ...)`"
+                    + (" or diffusers' `pipe.load_lora_weights(...)`" if cfg.adapter == "lora" else "")}
     if cfg.train_text_encoder:
         adapters[str(out / "adapter" / TEXT_ENCODER_ADAPTER_SUBDIR)] = (
             f"the text encoder's HRA adapter (r={cfg.text_encoder_r}, {', '.join(cfg.text_encoder_target_modules)}); "
@@ -235,10 +239,11 @@ def _write_card(cfg: DreamBoothConfig, task: DreamBoothTask, result: TrainResult
     samples = result.validation_grids[-1:]
     te_line = (f'load_adapter(pipe.text_encoder, "{out}/adapter/{TEXT_ENCODER_ADAPTER_SUBDIR}")\n'
                if cfg.train_text_encoder else "")
+    load = (f'from hra_diffusion import load_adapter\nload_adapter(pipe.unet, "{out}/adapter")\n{te_line}'
+            if cfg.adapter == "hra" else peft_load)
     usage = (
-        "from diffusers import StableDiffusionPipeline\nfrom hra_diffusion import load_adapter\n\n"
-        f"pipe = StableDiffusionPipeline.from_pretrained({cfg.pretrained_model!r})\n"
-        f'load_adapter(pipe.unet, "{out}/adapter")\n{te_line}'
+        "from diffusers import StableDiffusionPipeline\n\n"
+        f"pipe = StableDiffusionPipeline.from_pretrained({cfg.pretrained_model!r})\n{load}"
         f"image = pipe({(cfg.validation_prompts or [cfg.instance_prompt])[0]!r}).images[0]\n"
     )
     facts = {
@@ -247,8 +252,7 @@ def _write_card(cfg: DreamBoothConfig, task: DreamBoothTask, result: TrainResult
         "instance images": f"{len(task.instance)} from `{cfg.instance_data_dir}`",
         "prior preservation": (f"yes: {cfg.num_class_images} class images (`{cfg.class_prompt}`) in `{cfg.class_data_dir}`, "
                                f"weight {cfg.prior_loss_weight}") if cfg.with_prior_preservation else "no",
-        "HRA": f"r={cfg.r}, Gram-Schmidt={cfg.apply_gs}, λ={cfg.orth_lambda}, "
-               f"{count_hra_parameters(task.sd.unet):,} trainable UNet values",
+        "adapter": adapter_fact,
         "text encoder HRA": f"r={cfg.text_encoder_r} on {cfg.text_encoder_target_modules}" if cfg.train_text_encoder else "no",
         "steps": f"{result.global_step} (batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps} "
                  f"x {task.accelerator.num_processes} process(es))",
@@ -261,9 +265,10 @@ def _write_card(cfg: DreamBoothConfig, task: DreamBoothTask, result: TrainResult
     }
     command = cfg.command or "accelerate launch train/dreambooth_hra.py"
     write_model_card(
-        out, title=f"HRA DreamBooth adapter: {cfg.instance_prompt}", base_model=cfg.pretrained_model,
+        out, title=f"{name} DreamBooth adapter: {cfg.instance_prompt}", base_model=cfg.pretrained_model,
         command=command, summary=(
-            "A Householder Reflection Adaptation (HRA) adapter for subject-driven generation, trained with "
+            ("A Householder Reflection Adaptation (HRA) adapter" if cfg.adapter == "hra" else
+             f"A {name} adapter (PEFT's, a baseline for HRA)") + " for subject-driven generation, trained with "
             f"hra-diffusion's `train/dreambooth_hra.py`. Use the prompt `{cfg.instance_prompt}` (or any prompt "
             "with its identifier) to generate the subject."),
         adapters=adapters, facts=facts, sample_images=samples, usage=usage,

@@ -13,7 +13,8 @@ import torch.nn as nn
 from ..config import HRAConfig
 from ..model import inject_hra
 
-__all__ = ["BaseModelError", "SDComponents", "load_sd_components", "weight_dtype_for", "add_hra", "is_offline"]
+__all__ = ["BaseModelError", "SDComponents", "load_sd_components", "weight_dtype_for", "add_hra", "add_unet_adapter",
+           "is_offline"]
 
 
 class BaseModelError(OSError):
@@ -108,3 +109,21 @@ def add_hra(model: nn.Module, config: HRAConfig, what: str = "model") -> list[st
         raise ValueError(f"HRA on the {what}: {err}") from None
     model.train()
     return names
+
+
+def add_unet_adapter(unet: nn.Module, cfg, what: str = "UNet") -> HRAConfig | None:
+    """Put ``cfg.adapter`` on the UNet at ``cfg.target_modules``: HRA (returns its HRAConfig) or a PEFT
+    baseline (returns None), both seeded by ``cfg.seed``; the adapter tensors are fp32, the rest frozen."""
+    if cfg.adapter == "hra":
+        hra = HRAConfig(r=cfg.r, target_modules=cfg.target_modules, apply_gs=cfg.apply_gs,
+                        orth_lambda=cfg.orth_lambda, seed=cfg.seed)
+        add_hra(unet, hra, what)
+        return hra
+    from ..baselines import inject_baseline
+
+    try:
+        inject_baseline(unet, cfg.baseline_spec())
+    except ValueError as err:
+        raise ValueError(f"{cfg.adapter} on the {what}: {err}") from None
+    unet.train()
+    return None

@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("hra_diffusion.training")
+STATS_NAME = "train_stats.json"  # <output_dir>/logs/: trainable values, time per step, peak memory
 
 
 class NonFiniteLossError(RuntimeError):
@@ -55,6 +56,7 @@ class TrainResult:
     validation_grids: list[Path] = field(default_factory=list)
     resumed_from: Path | None = None
     seconds: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)  # trainable values, time per step, peak memory
 
 
 class TrainingTask(ABC):
@@ -208,11 +210,13 @@ def run_training(task: TrainingTask, accelerator) -> TrainResult:
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.dataloader_num_workers,
     )
     batches = iter(loader)
+    meter = _StepMeter(accelerator.device)
     progress = tqdm(total=cfg.max_train_steps, initial=result.global_step, desc="train", unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     try:
         while result.global_step < cfg.max_train_steps:
             step_logs = []
+            meter.start()
             for micro in range(cfg.gradient_accumulation_steps):
                 micro_step = result.global_step * cfg.gradient_accumulation_steps + micro
                 batch = next(batches)
@@ -234,6 +238,7 @@ def run_training(task: TrainingTask, accelerator) -> TrainResult:
                 step_logs.append({"loss": loss.item(), **logs})
             if not accelerator.sync_gradients:  # pragma: no cover - accelerate's step counter drifted
                 raise RuntimeError("gradient accumulation out of step with accelerate's counter")
+            meter.stop()
             result.global_step += 1
             step = result.global_step
             logs = _mean_logs(accelerator, step_logs)
@@ -261,7 +266,13 @@ def run_training(task: TrainingTask, accelerator) -> TrainResult:
         raise
     progress.close()
     _check_ranks_agree(accelerator, trainable, out)
+    result.stats = {"adapter": getattr(cfg, "adapter", "hra"),
+                    "trainable_parameters": {n: sum(p.numel() for p in m.parameters() if p.requires_grad)
+                                             for n, m in unwrapped.items()},
+                    **meter.summary()}
     if accelerator.is_main_process:
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        (out / "logs" / STATS_NAME).write_text(json.dumps(result.stats, indent=2) + "\n")
         result.adapter_paths = task.save(unwrapped, out)
     grid = _validate(task, accelerator, unwrapped, result.global_step, out)
     if grid is not None:
@@ -269,6 +280,53 @@ def run_training(task: TrainingTask, accelerator) -> TrainResult:
     accelerator.wait_for_everyone()
     result.seconds = time.time() - started
     return result
+
+
+class _StepMeter:
+    """Wall time of each optimizer step (data, forward, backward, update; not checkpoints or validation)
+    and the process's peak memory: resident set size, and CUDA's allocator peak over the steps on a GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.times: list[float] = []
+        self.rss_before_kib = _peak_rss_kib()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.device = device
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter() - self.t0)
+
+    def summary(self) -> dict[str, Any]:
+        import statistics
+
+        times = self.times[1:] if len(self.times) > 1 else self.times  # the first step warms up
+        out: dict[str, Any] = {
+            "steps_timed": len(times),
+            "step_seconds_median": statistics.median(times) if times else None,
+            "step_seconds_mean": statistics.fmean(times) if times else None,
+            "peak_rss_mib": _peak_rss_kib() / 1024,
+            "peak_rss_mib_before_training": self.rss_before_kib / 1024,
+        }
+        if self.cuda:
+            out["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return out
+
+
+def _peak_rss_kib() -> float:
+    """This process's peak resident set size so far (KiB; Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform == "darwin" else float(peak)
 
 
 def _check_ranks_agree(accelerator, params: list[torch.Tensor], out: Path) -> None:

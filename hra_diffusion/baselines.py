@@ -1,0 +1,403 @@
+"""The PEFT baselines (LoRA, OFT, BOFT) beside HRA: one place that builds their config, injects, counts,
+saves and loads them, so both trainers, ``generate`` and the comparison use the same code.
+
+The baselines are PEFT's own layers (``peft.inject_adapter_in_model``), never re-implemented here.
+They target the same module-name suffixes as HRA's config and are saved in PEFT's format:
+
+  adapter_config.json              PeftConfig.save_pretrained (peft_type LORA / OFT / BOFT)
+  adapter_model.safetensors        keys ``base_model.model.<module>.<tensor>`` (PeftModel.from_pretrained)
+  pytorch_lora_weights.safetensors LoRA only: keys ``unet.<module>.lora_{A,B}.weight`` (diffusers'
+                                   ``pipe.load_lora_weights(folder)``)
+  condition_encoder.safetensors    control adapters only: the condition encoder (shape in its metadata)
+
+Trainer metadata (base model, trainer, prompts) is kept in the safetensors header under ``hra_diffusion``,
+so adapter_config.json stays exactly PEFT's. Parameter budgets per layer of input width d, output d_out:
+HRA r·d; LoRA r·(d + d_out) (r = 4 ≈ HRA r = 8 on square layers); OFT (d / b)·b(b-1)/2 = d(b-1)/2
+(block b = 16 ≈ HRA r = 8); BOFT with one butterfly factor d·b + d_out (b = 8).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, atomic_directory
+from .config import DEFAULT_TARGETS
+from .model import _existing_names_hint, matches_target
+
+__all__ = [
+    "ADAPTERS",
+    "BASELINES",
+    "DEFAULT_BLOCK_SIZE",
+    "DIFFUSERS_LORA_WEIGHTS",
+    "CONDITION_ENCODER_FILE",
+    "BaselineSpec",
+    "peft_config",
+    "inject_baseline",
+    "peft_layers",
+    "count_trainable",
+    "save_peft_adapter",
+    "load_peft_adapter",
+    "read_adapter_metadata",
+    "adapter_type",
+    "save_condition_encoder",
+    "load_condition_encoder",
+    "save_trained_adapter",
+    "load_trained_adapter",
+    "merge_adapter",
+]
+
+ADAPTERS = ("hra", "lora", "oft", "boft")
+"""Every adapter kind the trainers take (``--adapter``); ``hra`` is this library's, the rest PEFT's."""
+BASELINES = ("lora", "oft", "boft")
+DEFAULT_BLOCK_SIZE = {"oft": 16, "boft": 8}
+"""Block sizes whose parameter counts are in HRA r = 8's range (module docstring)."""
+DIFFUSERS_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+CONDITION_ENCODER_FILE = "condition_encoder.safetensors"
+_ADAPTER_NAME = "default"
+_TENSOR_PREFIX = {"lora": "lora_", "oft": "oft_", "boft": "boft_"}
+
+
+def _choices() -> str:
+    return ", ".join(ADAPTERS)
+
+
+@dataclass
+class BaselineSpec:
+    """What a PEFT baseline needs: kind, size, targets (module-name suffixes, as HRA's), init seed.
+
+    r: LoRA's rank (unused by OFT/BOFT). block_size: OFT/BOFT block size (None: DEFAULT_BLOCK_SIZE;
+    unused by LoRA). lora_alpha: LoRA's scale numerator (None: r, i.e. scale 1).
+    """
+
+    kind: str
+    r: int = 4
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    block_size: int | None = None
+    lora_alpha: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in BASELINES:
+            raise ValueError(f"unknown PEFT baseline {self.kind!r}; choose one of {', '.join(BASELINES)} "
+                             f"(or 'hra' through inject_hra); every adapter: {_choices()}")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        self.target_modules = list(self.target_modules)
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one module-name suffix, e.g. [to_q, to_v]")
+        if self.kind == "lora" and self.r < 1:
+            raise ValueError(f"LoRA's r must be >= 1, got {self.r}")
+        if self.block_size is not None and self.kind == "lora":
+            raise ValueError("block_size is an OFT/BOFT option; LoRA's size is r")
+        if self.lora_alpha is not None and self.kind != "lora":
+            raise ValueError(f"lora_alpha is a LoRA option; it does not apply to {self.kind}")
+        if self.kind in DEFAULT_BLOCK_SIZE:
+            b = self.block_size if self.block_size is not None else DEFAULT_BLOCK_SIZE[self.kind]
+            if b < 2 or (self.kind == "boft" and b % 2):
+                raise ValueError(f"{self.kind} block_size must be >= 2" + (" and even" if self.kind == "boft" else "")
+                                 + f", got {b}")
+            self.block_size = b
+
+    def describe(self) -> str:
+        """One line for logs, model cards and the comparison table."""
+        if self.kind == "lora":
+            return f"PEFT LoRA r={self.r}, alpha={self.lora_alpha or self.r}"
+        if self.kind == "oft":
+            return f"PEFT OFT block {self.block_size} (exact Cayley)"
+        return f"PEFT BOFT block {self.block_size}, 1 butterfly factor"
+
+
+def peft_config(spec: BaselineSpec):
+    """The PEFT config for ``spec`` (identity initialisation: the adapted model equals the base at step 0)."""
+    from peft import BOFTConfig, LoraConfig, OFTConfig
+
+    targets = list(spec.target_modules)
+    if spec.kind == "lora":
+        return LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha or spec.r, target_modules=targets,
+                          lora_dropout=0.0, init_lora_weights=True)
+    if spec.kind == "oft":
+        return OFTConfig(r=0, oft_block_size=spec.block_size, target_modules=targets, init_weights=True,
+                         module_dropout=0.0)
+    # one butterfly factor: PEFT forces 1 whenever its CUDA kernel is missing (always on CPU), so the same
+    # setting everywhere keeps CPU and GPU runs comparable
+    return BOFTConfig(boft_block_size=spec.block_size, boft_block_num=0, boft_n_butterfly_factor=1,
+                      target_modules=targets, init_weights=True, boft_dropout=0.0)
+
+
+@contextlib.contextmanager
+def _peft_quiet(kind: str) -> Iterator[None]:
+    """Without CUDA, PEFT's BOFT tries (and fails) to compile its CUDA kernel once per layer, warning each
+    time; record the failure once so it falls back to its pure-torch path quietly."""
+    if kind != "boft" or torch.cuda.is_available():
+        yield
+        return
+    import peft.tuners.boft.layer as boft_layer
+
+    if getattr(boft_layer, "_FBD_CUDA", None) is None:
+        boft_layer._FBD_CUDA = False  # get_fbd_cuda() returns it as is: falsy -> the pure-torch path
+    yield
+
+
+def _target_layers(model: nn.Module, spec: BaselineSpec) -> list[tuple[str, nn.Module]]:
+    found = [(n, m) for n, m in model.named_modules()
+             if n and matches_target(n, spec.target_modules) and isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not found:
+        raise ValueError(f"target_modules {spec.target_modules} match no module of this {type(model).__name__}. "
+                         f"Linear/Conv2d modules that exist end like: {_existing_names_hint(model)}")
+    if spec.kind in DEFAULT_BLOCK_SIZE:
+        for name, m in found:
+            d = m.in_features if isinstance(m, nn.Linear) else m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+            if d % spec.block_size:
+                raise ValueError(f"{spec.kind} block_size={spec.block_size} does not divide the input width {d} of "
+                                 f"{name!r}; pick a block size that divides every target's input width "
+                                 f"(PEFT would silently change it per layer)")
+    return found
+
+
+def inject_baseline(model: nn.Module, spec: BaselineSpec) -> list[str]:
+    """Put PEFT's ``spec.kind`` layers on ``model`` (in place) at HRA's targets; freeze the rest.
+
+    The adapter tensors are fp32 whatever the base dtype; the init is drawn from ``spec.seed``, so every
+    rank and every resumed run starts alike. Returns the adapted module names.
+    """
+    from peft import inject_adapter_in_model
+
+    if peft_layers(model):
+        raise ValueError("this model already has PEFT adapter layers; load into a fresh model")
+    _target_layers(model, spec)
+    model.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]), _peft_quiet(spec.kind):
+        if spec.seed is not None:
+            torch.manual_seed(spec.seed)
+        inject_adapter_in_model(peft_config(spec), model, adapter_name=_ADAPTER_NAME)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return [n for n, _ in peft_layers(model)]
+
+
+def peft_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) for every PEFT adapter layer (LoRA/OFT/BOFT/... wrapper) in ``model``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def count_trainable(model: nn.Module) -> int:
+    """Values that require grad: the adapter alone once it is injected (the base is frozen)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---- save / load ---------------------------------------------------------------------------------
+
+def _peft_kind(config) -> str:
+    kind = str(getattr(config.peft_type, "value", config.peft_type)).lower()
+    if kind not in BASELINES:
+        raise ValueError(f"PEFT adapter type {kind!r} is not one of the baselines {', '.join(BASELINES)}")
+    return kind
+
+
+def save_condition_encoder(encoder: nn.Module, file: str | os.PathLike) -> Path:
+    """The control trainer's condition encoder as one safetensors file; its shape is in the file's metadata."""
+    from safetensors.torch import save_file
+
+    config = getattr(encoder, "hra_condition_config", None)
+    if config is None:
+        raise ValueError("the encoder was not made by hra_diffusion.control.build_condition_encoder(); its shape is unknown")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
+    save_file(state, str(file), metadata={"format": "pt", "condition_encoder": json.dumps(config)})
+    return Path(file)
+
+
+def load_condition_encoder(unet: nn.Module, folder: str | os.PathLike) -> nn.Module | None:
+    """Rebuild the condition encoder saved beside a PEFT adapter (None when the folder has none)."""
+    from safetensors import safe_open
+
+    from .control import build_condition_encoder
+
+    file = Path(folder) / CONDITION_ENCODER_FILE
+    if not file.is_file():
+        return None
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if "condition_encoder" not in meta:
+        raise ValueError(f"{file} has no 'condition_encoder' metadata (its shape); it was not written by "
+                         "save_condition_encoder()")
+    config = json.loads(meta["condition_encoder"])
+    encoder = build_condition_encoder(unet, block_out_channels=config["block_out_channels"],
+                                      conditioning_channels=config["conditioning_channels"])
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{file}: the weights do not fit the recorded encoder shape "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return encoder.to(next(unet.parameters()).device).eval()
+
+
+def save_peft_adapter(model: nn.Module, path: str | os.PathLike, *, encoder: nn.Module | None = None,
+                      diffusers_prefix: str | None = "unet", **metadata: Any) -> Path:
+    """Write ``model``'s PEFT baseline to folder ``path`` in PEFT's format (atomically; fp32 tensors).
+
+    ``metadata`` (e.g. base_model=..., trainer=...) goes to the safetensors header; ``base_model`` also
+    becomes PEFT's ``base_model_name_or_path``. LoRA adapters also get diffusers' LoRA file, keys prefixed
+    by ``diffusers_prefix`` (the pipeline component, ``unet``). ``encoder``: a condition encoder, saved as
+    ``condition_encoder.safetensors`` in the same folder.
+    """
+    import copy
+
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    configs = getattr(model, "peft_config", None) or {}
+    if _ADAPTER_NAME not in configs or not peft_layers(model):
+        raise ValueError("the model has no PEFT baseline to save; call inject_baseline() first")
+    config = copy.copy(configs[_ADAPTER_NAME])
+    kind = _peft_kind(config)
+    config.inference_mode = True
+    config.base_model_name_or_path = metadata.get("base_model")
+    config.revision = metadata.get("base_model_revision")
+    state = get_peft_model_state_dict(model, adapter_name=_ADAPTER_NAME)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    if not state:
+        raise ValueError("the PEFT baseline has no tensors to save")
+    doc = {"adapter": kind, **metadata, "trainable_parameters": int(sum(v.numel() for v in state.values()))}
+    header = {"format": "pt", "hra_diffusion": json.dumps(doc, default=str)}
+    with atomic_directory(path) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file({PEFT_PREFIX + k: v for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS), metadata=header)
+        if kind == "lora" and diffusers_prefix:
+            save_file({f"{diffusers_prefix}.{k}": v for k, v in state.items()}, str(tmp / DIFFUSERS_LORA_WEIGHTS),
+                      metadata=header)
+        if encoder is not None:
+            save_condition_encoder(encoder, tmp / CONDITION_ENCODER_FILE)
+    return Path(path)
+
+
+def read_adapter_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The trainer metadata stored in a PEFT baseline's safetensors header ({} when there is none)."""
+    from safetensors import safe_open
+
+    file = Path(path) / ADAPTER_WEIGHTS
+    if not file.is_file():
+        raise FileNotFoundError(f"{str(file)!r} is missing")
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["hra_diffusion"]) if "hra_diffusion" in meta else {}
+
+
+def adapter_type(path: str | os.PathLike) -> str:
+    """'hra' (ours, or PEFT's HRA), 'lora', 'oft' or 'boft', from the folder's adapter_config.json."""
+    file = Path(path) / ADAPTER_CONFIG
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist")
+    if not file.is_file():
+        raise FileNotFoundError(f"{str(file)!r} is missing: an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    try:
+        doc = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(file)!r} is not valid JSON ({err})") from None
+    if doc.get("format") == "hra-diffusion":
+        return "hra"
+    peft_type = str(doc.get("peft_type") or "").lower()
+    if peft_type in ("hra", *BASELINES):
+        return peft_type
+    raise ValueError(f"{file} is neither an hra-diffusion adapter nor a PEFT adapter of a supported type "
+                     f"(peft_type {doc.get('peft_type')!r}); supported: {_choices()}")
+
+
+def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load a PEFT LoRA/OFT/BOFT adapter folder into a plain ``model`` (injects, then copies the tensors).
+
+    Returns the adapted module names. A file that does not fit the model names the first offending key.
+    """
+    from peft import PeftConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    kind = adapter_type(path)
+    if kind not in BASELINES:
+        raise ValueError(f"{path} is an HRA adapter: load it with hra_diffusion.load_adapter")
+    config = PeftConfig.from_pretrained(str(path))
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        hint = " (a .bin adapter is a pickle; this library only reads safetensors)" if (path / "adapter_model.bin").exists() else ""
+        raise FileNotFoundError(f"{str(weights)!r} is missing{hint}")
+    state = {(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): v for k, v in load_file(str(weights)).items()}
+    if peft_layers(model):
+        raise ValueError("this model already has PEFT adapter layers; load into a fresh model")
+    from peft import inject_adapter_in_model
+
+    with torch.random.fork_rng(devices=[]), _peft_quiet(kind):
+        inject_adapter_in_model(config, model, adapter_name=_ADAPTER_NAME)
+    if not peft_layers(model):
+        raise ValueError(f"adapter {path}: its target_modules {config.target_modules} match no module of this "
+                         f"{type(model).__name__}")
+    try:
+        result = set_peft_model_state_dict(model, state, adapter_name=_ADAPTER_NAME)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"adapter {path} does not fit this model (different base model?): "
+                         f"{str(err).splitlines()[0]}") from None
+    prefix = _TENSOR_PREFIX[kind]
+    unexpected = [k for k in result.unexpected_keys if prefix in k]
+    missing = [k for k in result.missing_keys if prefix in k]
+    if unexpected or missing:
+        raise ValueError(f"adapter {path} does not fit this model: "
+                         + (f"file has {unexpected[0]!r} which the model lacks; " if unexpected else "")
+                         + (f"model has {missing[0]!r} which the file lacks" if missing else ""))
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return [n for n, _ in peft_layers(model)]
+
+
+def save_trained_adapter(unet: nn.Module, path: str | os.PathLike, kind: str, *, encoder: nn.Module | None = None,
+                         **metadata: Any) -> Path:
+    """A trainer's final adapter: ours for HRA (encoder inside, as before), PEFT's format for a baseline."""
+    if kind == "hra":
+        if encoder is not None:
+            from .control import save_control_adapter
+
+            save_control_adapter(unet, encoder, path, adapter="hra", **metadata)
+            return Path(path)
+        from .adapter_io import save_adapter
+
+        return save_adapter(unet, path, adapter="hra", **metadata)
+    if kind not in BASELINES:
+        raise ValueError(f"unknown adapter {kind!r}; choose one of {_choices()}")
+    return save_peft_adapter(unet, path, encoder=encoder, **metadata)
+
+
+def load_trained_adapter(unet: nn.Module, path: str | os.PathLike) -> tuple[str, list[str], nn.Module | None]:
+    """Load any adapter folder a trainer wrote (or PEFT's HRA/LoRA/OFT/BOFT) into ``unet``.
+
+    Returns (adapter type, adapted module names, condition encoder or None).
+    """
+    kind = adapter_type(path)
+    if kind == "hra":
+        from .control import load_control_adapter
+
+        names, encoder = load_control_adapter(unet, path)
+        return kind, names, encoder
+    names = load_peft_adapter(unet, path)
+    return kind, names, load_condition_encoder(unet, path)
+
+
+def merge_adapter(model: nn.Module, kind: str) -> nn.Module:
+    """Fold the adapter into the base weights (HRA: W <- W H; PEFT layers: their own ``merge()``)."""
+    if kind == "hra":
+        from .model import merge_hra
+
+        return merge_hra(model)
+    for _, layer in peft_layers(model):
+        layer.merge()
+    return model
