@@ -162,7 +162,7 @@ class TrainConfig:
         if self.adapter != "lora" and self.lora_alpha is not None:
             wrong.append("lora_alpha")
         if wrong:
-            owners = {"apply_gs": "hra", "orth_lambda": "hra", "r": "hra, lora", "block_size": "oft, boft",
+            owners = {"apply_gs": "hra", "orth_lambda": "hra", "r": "hra, lora; oft and boft are sized by block_size", "block_size": "oft, boft",
                       "lora_alpha": "lora"}
             raise ConfigError(
                 f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to adapter {self.adapter!r} ("
