@@ -1,14 +1,18 @@
-"""Speed and memory of HRA (ours) vs PEFT HRA vs PEFT LoRA, measured side by side in one run.
+"""Speed and memory of HRA (ours) vs PEFT's HRA, LoRA, OFT and BOFT, measured side by side in one run.
 
 1. Per layer, forward + backward at SD-1.5 projection shapes: frozen base, ours, PEFT HRA, PEFT LoRA
    (same r). Time: median of interleaved repeats. Memory: bytes autograd keeps for backward (exact,
    deterministic; the frozen weight itself excluded).
 2. One training step (forward + backward + AdamW) of the SD-1.5-shaped UNet (random weights, 32x32
    latent, batch 1): time interleaved in one process (the variants share the frozen base weights), and
-   peak resident memory measured in a fresh subprocess per variant.
+   peak resident memory measured in a fresh subprocess per variant. Variants: ours and PEFT HRA (r),
+   PEFT LoRA at the same rank r and at r/2 (the same parameter budget as HRA r), PEFT OFT (block 16) and
+   BOFT (block 8, one butterfly factor), injected by hra_diffusion.baselines exactly as the trainers do.
 
-Usage: python benchmarks/bench_hra.py [--repeats 7] [--unet-repeats 3] [--skip-unet] [--r 8]
-Prints markdown tables and the ratios the project's goals are stated in.
+Usage: python benchmarks/bench_hra.py [--repeats 7] [--unet-repeats 3] [--skip-unet] [--skip-layers] [--r 8]
+       [--unet-variants ours,peft_lora_half,peft_oft,peft_boft]
+Prints markdown tables and the ratios the project's goals are stated in, and every whole-step ratio
+against LoRA (both ranks) measured side by side.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from hra_diffusion import HRAConfig, inject_hra
 SHAPES = [(320, 320, 4096 * 2), (640, 640, 1024 * 2), (1280, 1280, 256 * 2), (1280, 1280, 64 * 2), (768, 320, 77 * 2)]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 VARIANTS = ["base", "ours", "peft_hra", "peft_lora"]
+UNET_VARIANTS = ["ours", "peft_hra", "peft_lora", "peft_lora_half", "peft_oft", "peft_boft"]
+UNET_LABELS = {"ours": "ours (HRA r)", "peft_hra": "PEFT HRA r", "peft_lora": "PEFT LoRA r",
+               "peft_lora_half": "PEFT LoRA r/2", "peft_oft": "PEFT OFT block 16", "peft_boft": "PEFT BOFT block 8"}
 
 
 class Holder(nn.Module):
@@ -50,6 +57,12 @@ def make_variant(kind: str, base: nn.Module, r: int, targets: list[str]) -> nn.M
         p.requires_grad_(False)
     if kind == "ours":
         inject_hra(model, HRAConfig(r=r, target_modules=targets, init_identity=False))
+    elif kind in ("peft_lora_half", "peft_oft", "peft_boft"):
+        from hra_diffusion.baselines import BaselineSpec, inject_baseline
+
+        spec = {"peft_lora_half": dict(kind="lora", r=max(1, r // 2)), "peft_oft": dict(kind="oft", block_size=16),
+                "peft_boft": dict(kind="boft", block_size=8)}[kind]
+        inject_baseline(model, BaselineSpec(target_modules=targets, seed=0, **spec))
     elif kind in ("peft_hra", "peft_lora"):
         from peft import HRAConfig as PeftHRAConfig
         from peft import LoraConfig, inject_adapter_in_model
@@ -145,9 +158,8 @@ def train_step(model, opt, batch):
     opt.zero_grad(set_to_none=True)
 
 
-def bench_unet_time(r: int, repeats: int) -> dict[str, float]:
+def bench_unet_time(r: int, repeats: int, kinds: list[str]) -> dict[str, float]:
     base = sd15_unet()
-    kinds = ["ours", "peft_hra", "peft_lora"]
     models = {k: make_variant(k, base, r, TARGETS) for k in kinds}
     opts = {k: torch.optim.AdamW(params_of(m), lr=1e-4) for k, m in models.items()}
     batch = unet_batch()
@@ -178,9 +190,9 @@ def unet_peak_child(kind: str, r: int) -> None:
     print(json.dumps({"peak_kib": peak, "after_build_kib": after_build, "trainable": n}))
 
 
-def bench_unet_memory(r: int) -> dict[str, dict]:
+def bench_unet_memory(r: int, kinds: list[str]) -> dict[str, dict]:
     out = {}
-    for kind in ["ours", "peft_hra", "peft_lora"]:
+    for kind in kinds:
         proc = subprocess.run(
             [sys.executable, __file__, "--peak-child", kind, "--r", str(r)],
             capture_output=True, text=True, check=True,
@@ -190,12 +202,44 @@ def bench_unet_memory(r: int) -> dict[str, dict]:
     return out
 
 
+def whole_step_report(t: dict[str, float], mem: dict[str, dict]) -> str:
+    """The whole-UNet table and every variant's ratios to LoRA (same rank r and same budget r/2)."""
+    kinds = list(t)
+    lines = ["| variant | trainable | step (median s) | peak RSS (GiB) | peak above built model (MiB) |"
+             + " time / LoRA r | time / LoRA r/2 | peak RSS / LoRA r/2 |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def ratio(k: str, ref: str, table: dict, key=None) -> str:
+        if ref not in table:
+            return "-"
+        a, b = (table[k], table[ref]) if key is None else (table[k][key], table[ref][key])
+        return f"{a / b:.2f}x"
+
+    for k in kinds:
+        m = mem.get(k)
+        cells = [UNET_LABELS.get(k, k), f"{m['trainable']:,}" if m else "-", f"{t[k]:.2f}",
+                 f"{m['peak_kib'] / 2**20:.2f}" if m else "-",
+                 f"{(m['peak_kib'] - m['after_build_kib']) / 1024:.0f}" if m else "-",
+                 ratio(k, "peft_lora", t), ratio(k, "peft_lora_half", t),
+                 ratio(k, "peft_lora_half", mem, "peak_kib") if m else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    out = "\n".join(lines)
+    if {"ours", "peft_lora", "peft_hra"} <= set(t):
+        out += (f"\n\nratios: time ours/LoRA = **{t['ours'] / t['peft_lora']:.2f}x**, "
+                f"PEFT HRA/ours = **{t['peft_hra'] / t['ours']:.2f}x**, "
+                f"peak RSS ours/LoRA = **{mem['ours']['peak_kib'] / mem['peft_lora']['peak_kib']:.3f}x**")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats per layer shape")
     ap.add_argument("--unet-repeats", type=int, default=3, help="interleaved whole-UNet training steps")
     ap.add_argument("--skip-unet", action="store_true", help="only the per-layer table")
+    ap.add_argument("--skip-layers", action="store_true", help="only the whole-UNet step")
+    ap.add_argument("--unet-variants", default=",".join(UNET_VARIANTS),
+                    help=f"comma-separated whole-UNet variants, from {', '.join(UNET_VARIANTS)}")
     ap.add_argument("--json", help="also write all figures to this JSON file")
     ap.add_argument("--peak-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -203,8 +247,30 @@ def main(argv: list[str] | None = None) -> None:
         unet_peak_child(args.peak_child, args.r)
         return
 
+    kinds = [k.strip() for k in args.unet_variants.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in UNET_VARIANTS]
+    if unknown or not kinds:
+        ap.error(f"unknown --unet-variants {unknown}; choose from {', '.join(UNET_VARIANTS)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, r = {args.r}\n")
-    rows = bench_layers(args.r, args.repeats)
+    result: dict = {}
+    if not args.skip_layers:
+        result["layers"] = print_layers(args.r, args.repeats)
+    if not args.skip_unet:
+        t = bench_unet_time(args.r, args.unet_repeats, kinds)
+        mem = bench_unet_memory(args.r, kinds)
+        result["unet_step_s"] = t
+        result["unet_memory"] = mem
+        print("\n### Whole SD-1.5-shaped UNet training step (32x32 latent, batch 1, random weights)\n")
+        print(whole_step_report(t, mem))
+    print("\ngoals: ours <= 1.15x LoRA time at every shape and for the whole step; PEFT HRA >= 3x slower than "
+          "ours at the 1280-wide shapes; whole-step peak memory <= 1.05x LoRA's")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def print_layers(r: int, repeats: int) -> list[dict]:
+    rows = bench_layers(r, repeats)
     print("### Per layer, forward + backward (median ms; MiB kept for backward)\n")
     print("| shape (in, out, tokens) | base | ours | PEFT HRA | PEFT LoRA | ours / LoRA | PEFT HRA / ours | memory ours / LoRA |")
     print("|---|---|---|---|---|---|---|---|")
@@ -215,31 +281,7 @@ def main(argv: list[str] | None = None) -> None:
             f"**{row['peft_hra_ms'] / row['ours_ms']:.1f}x** | "
             f"{row['ours_mib']:.2f} / {row['peft_lora_mib']:.2f} MiB (PEFT HRA {row['peft_hra_mib']:.2f}) |"
         )
-    result: dict = {"layers": rows}
-    if not args.skip_unet:
-        t = bench_unet_time(args.r, args.unet_repeats)
-        mem = bench_unet_memory(args.r)
-        result["unet_step_s"] = t
-        result["unet_memory"] = mem
-        print("\n### Whole SD-1.5-shaped UNet training step (32x32 latent, batch 1, random weights)\n")
-        print("| variant | trainable | step (median s) | peak RSS (GiB) | peak above built model (MiB) |")
-        print("|---|---|---|---|---|")
-        for k in ["ours", "peft_hra", "peft_lora"]:
-            m = mem[k]
-            print(
-                f"| {k} | {m['trainable']:,} | {t[k]:.2f} | {m['peak_kib'] / 2**20:.2f} | "
-                f"{(m['peak_kib'] - m['after_build_kib']) / 1024:.0f} |"
-            )
-        print(
-            f"\nratios: time ours/LoRA = **{t['ours'] / t['peft_lora']:.2f}x**, "
-            f"PEFT HRA/ours = **{t['peft_hra'] / t['ours']:.2f}x**, "
-            f"peak RSS ours/LoRA = **{mem['ours']['peak_kib'] / mem['peft_lora']['peak_kib']:.3f}x**"
-        )
-    print("\ngoals: ours <= 1.15x LoRA time at every shape and for the whole step; PEFT HRA >= 3x slower than "
-          "ours at the 1280-wide shapes; whole-step peak memory <= 1.05x LoRA's")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    return rows
 
 
 if __name__ == "__main__":

@@ -278,3 +278,38 @@ def test_compare_script_prints_the_table(tmp_path, tiny_random_sd_dir, generated
     losses = {m: result["evaluation"]["metrics"][m]["heldout_subject_loss"] for m in ("base", "hra", "lora")}
     assert all(v > 0 for v in losses.values())
     assert json.loads((out / "compare.json").read_text())["config"]["methods"] == ["hra", "lora"]
+
+
+# ---- the benchmark's variants ------------------------------------------------------------------------------
+
+def test_benchmark_variants_are_the_trainers_baselines():
+    """bench_hra.py's whole-UNet variants: the trainers' injection and budgets; its ratio table (no timings)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_hra
+    finally:
+        sys.path.pop(0)
+    counts = {}
+    base = tiny_unet()
+    for kind in bench_hra.UNET_VARIANTS:
+        model = bench_hra.make_variant(kind, base, 8, bench_hra.TARGETS)
+        counts[kind] = count_trainable(model)
+        if kind in ("peft_oft", "peft_boft"):
+            reference = tiny_unet()
+            inject_baseline(reference, BaselineSpec(kind.removeprefix("peft_"), target_modules=bench_hra.TARGETS,
+                                                    **SPECS[kind.removeprefix("peft_")]))
+            assert counts[kind] == count_trainable(reference)
+        opt = torch.optim.AdamW(bench_hra.params_of(model), lr=1e-2)
+        before = [p.detach().clone() for p in bench_hra.params_of(model)]
+        sample, t, enc = unet_inputs(model, batch=1)
+        bench_hra.train_step(model, opt, (sample, t, enc))
+        assert any(not torch.equal(a, p) for a, p in zip(before, bench_hra.params_of(model), strict=True)), kind
+    assert counts["peft_lora_half"] * 2 == counts["peft_lora"] and counts["ours"] == counts["peft_hra"]
+    assert all(0.75 < counts[k] / counts["ours"] < 1.25 for k in ("peft_lora_half", "peft_oft", "peft_boft"))
+    times = {"ours": 3.0, "peft_lora": 2.0, "peft_lora_half": 1.5, "peft_oft": 6.0}
+    mem = {k: {"trainable": counts[k], "peak_kib": 2**20 * (2 if k == "ours" else 1), "after_build_kib": 2**19}
+           for k in times}
+    report = bench_hra.whole_step_report(times, mem)
+    row = next(line for line in report.splitlines() if line.startswith("| ours"))
+    assert "| 1.50x | 2.00x | 2.00x |" in row  # time vs LoRA r, vs LoRA r/2, peak vs LoRA r/2
+    assert "| 4.00x |" in next(line for line in report.splitlines() if line.startswith("| PEFT OFT"))
