@@ -96,3 +96,27 @@ def test_shipped_recipes():
     assert sd21.pretrained_model == "stabilityai/stable-diffusion-2-1" and sd21.resolution == 768
     tiny = yaml.safe_load((RECIPES / "tiny.yaml").read_text())
     assert "assets/tiny-sd" in tiny["pretrained_model"]
+
+
+@pytest.mark.parametrize("script, keys", [
+    ("dreambooth_hra.py", ["--instance_prompt", "--with_prior_preservation"]),
+    ("control_hra.py", ["--condition", "--encoder_learning_rate"]),
+])
+def test_trainer_help_lists_every_key_and_bad_keys_exit_cleanly(script, keys):
+    """`train/X.py --help` prints every key with its default, the recipe's value and its comment; a bad key
+    exits 2 with one line naming it (no traceback)."""
+    import subprocess
+    import sys
+
+    run = dict(capture_output=True, text=True, cwd=REPO, timeout=300)
+    shown = subprocess.run([sys.executable, f"train/{script}", "--help"], **run)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"usage: accelerate launch train/{script} [--config RECIPE.yaml]")
+    for key in ["--adapter", "--block_size", "--lora_alpha", "--learning_rate", *keys]:
+        assert f"\n  {key} " in shown.stdout, key
+    assert "recipe: 'assets/tiny-sd'" in shown.stdout  # the default recipe's value beside the default
+    assert "LoRA only; None: r (scale 1)" in shown.stdout  # a field's own comment
+    assert "# base model" in shown.stdout  # section comments
+    bad = subprocess.run([sys.executable, f"train/{script}", "--lerning_rate", "1e-4"], **run)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert f"{script}: error: unknown config key 'lerning_rate'" in bad.stderr and "learning_rate" in bad.stderr

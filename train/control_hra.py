@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from hra_diffusion.training import parse_config
+from hra_diffusion.training import ConfigError, parse_config
 from hra_diffusion.training.control_task import ControlConfig, train_control
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "control" / "tiny.yaml"
@@ -25,4 +25,9 @@ def main(cfg: ControlConfig):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        config = parse_args()
+    except ConfigError as err:  # a bad key or value: the message names it; no traceback
+        print(f"control_hra.py: error: {err}\n(run with --help for every key)", file=sys.stderr)
+        sys.exit(2)
+    main(config)

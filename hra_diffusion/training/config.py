@@ -25,6 +25,7 @@ __all__ = [
     "TrainConfig",
     "DreamBoothConfig",
     "parse_config",
+    "config_help",
     "load_recipe",
     "apply_overrides",
     "config_to_dict",
@@ -355,11 +356,69 @@ def apply_overrides(cls: type[C], argv: list[str]) -> dict[str, Any]:
     return out
 
 
+def _field_comments(cls: type) -> dict[str, tuple[list[str], str]]:
+    """Each field's comments in the class source: (the comment lines just above it, its same-line comment)."""
+    import inspect
+    import re
+
+    out: dict[str, tuple[list[str], str]] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):  # no source (e.g. frozen): help without comments
+            continue
+        names = {f.name for f in dataclasses.fields(klass)}
+        above: list[str] = []
+        for line in lines:
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                above.append(stripped.lstrip("#").strip())
+                continue
+            m = re.match(r"\s+(\w+): [^=]+=.*?(?:#\s*(.*))?$", line)
+            if m and m.group(1) in names:
+                out[m.group(1)] = (above, m.group(2) or "")
+            above = []
+    return out
+
+
+def config_help(cls: type, default_recipe: str | Path | None = None, program: str = "") -> str:
+    """``--help`` text: usage, then every key with its type, default (and the recipe's value) and meaning."""
+    recipe = load_recipe(cls, default_recipe) if default_recipe and Path(default_recipe).is_file() else {}
+    comments = _field_comments(cls)
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+                for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    lines = [f"usage: {program or cls.__name__} [--config RECIPE.yaml] [--key value ...]", ""]
+    if default_recipe:
+        lines += [f"With no --config the recipe is {default_recipe}; a recipe holds only changes from the defaults.",
+                  "Booleans: --flag alone means true; lists: --key a,b or --key '[a, b]'. Unknown keys are errors."]
+    lines.append("Keys (type, default; 'recipe:' where the default recipe changes it):")
+    for name, tp in _field_types(cls).items():
+        above, inline = comments.get(name, ([], ""))
+        if above:
+            lines.append("")
+            lines += [f"  # {c}" for c in above]
+        base, optional = _strip_optional(tp)
+        tname = "list" if typing.get_origin(base) is list else getattr(base, "__name__", str(base))
+        shown = f"  --{name} {tname.upper()}{' | null' if optional else ''}  (default: {defaults[name]!r}"
+        if name in recipe and recipe[name] != defaults[name]:
+            shown += f"; recipe: {recipe[name]!r}"
+        lines.append(shown + ")" + (f"  {inline}" if inline else ""))
+    return "\n".join(lines)
+
+
 def parse_config(
     cls: type[C], argv: list[str], default_recipe: str | Path | None = None, program: str = ""
 ) -> C:
-    """Build ``cls`` from ``[--config recipe.yaml] [--key value ...]`` (recipe: changes from defaults)."""
+    """Build ``cls`` from ``[--config recipe.yaml] [--key value ...]`` (recipe: changes from defaults).
+
+    ``-h``/``--help`` prints every key (config_help) and exits, as argparse does.
+    """
     argv = list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(config_help(cls, default_recipe, program))
+        raise SystemExit(0)
     recipe = default_recipe
     rest: list[str] = []
     i = 0
