@@ -112,7 +112,7 @@ class BaselineSpec:
         if self.kind == "lora":
             return f"PEFT LoRA r={self.r}, alpha={self.lora_alpha or self.r}"
         if self.kind == "oft":
-            return f"PEFT OFT block {self.block_size} (exact Cayley)"
+            return f"PEFT OFT block {self.block_size} (PEFT's default parametrisation)"
         return f"PEFT BOFT block {self.block_size}, 1 butterfly factor"
 
 
