@@ -6,8 +6,10 @@
 
 Every method is trained by the real trainer (train/dreambooth_hra.py or train/control_hra.py, its default
 recipe unless --config is given) with the same data, seed, schedule and steps, each in its own process, then
-generated from and scored with the same seeds. Parameter budgets are chosen to match (METHODS): HRA r=8,
-LoRA r=4, OFT block 16, BOFT block 8 (the counts are printed). The table has, per method: trainable values,
+generated from and scored with the same seeds. Parameter budgets are matched (--budget match, the default):
+HRA runs at r=8 and each baseline at the size whose trainable count, on this task's UNet and targets, is
+closest to HRA's (LoRA's rank; OFT's and BOFT's block size); on attention projections alone that is LoRA r=4,
+OFT block 16, BOFT block 8, the fixed sizes of --budget fixed (METHODS). The counts are printed. The table has, per method: trainable values,
 median time per training step and peak memory (from the trainer's logs/train_stats.json), and the task's
 metrics:
 - dreambooth: DINO, CLIP-I, CLIP-T, LPIPS (hra_diffusion.metrics; each needs its weights, and is reported
@@ -42,8 +44,10 @@ METHODS = {
     "oft": ["--adapter", "oft", "--block_size", "16"],
     "boft": ["--adapter", "boft", "--block_size", "8"],
 }
-LABELS = {"base": "base model (no adapter)", "hra": "HRA r=8 (ours)", "lora": "LoRA r=4 (PEFT)",
-          "oft": "OFT block 16 (PEFT)", "boft": "BOFT block 8 (PEFT)"}
+BUDGETS = ("match", "fixed")
+# the sizes --budget match tries (OFT/BOFT blocks must divide every adapted layer's input width)
+CANDIDATES = {"lora": ("--r", range(1, 65)), "oft": ("--block_size", (2, 4, 8, 16, 32, 64, 128)),
+              "boft": ("--block_size", (2, 4, 8, 16, 32, 64))}
 SUBJECT_METRICS = ("dino", "clip_i", "clip_t", "lpips")
 
 
@@ -58,6 +62,7 @@ class CompareConfig:
     max_train_steps: int | None = None  # None: the recipe's
     seed: int = 0
     train_args: list[str] = field(default_factory=list)  # extra overrides for every method's trainer
+    budget: str = "match"  # match: each baseline sized to HRA's trainable count; fixed: METHODS' sizes
     reuse: bool = False  # keep a method's finished run (adapter + train_stats.json) instead of retraining
     # evaluation
     num_images: int = 4
@@ -74,6 +79,8 @@ class CompareConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ValueError(f"max_train_steps must be >= 1, got {self.max_train_steps}")
         if self.num_images < 1:
@@ -93,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> CompareConfig:
     p.add_argument("--max_train_steps", type=int, help="default: the recipe's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train_args", default="", help="extra trainer overrides for every method, one quoted string")
+    p.add_argument("--budget", default="match", choices=BUDGETS,
+                   help="match (default): size each baseline to HRA r=8's trainable count on this task; "
+                        "fixed: LoRA r=4, OFT block 16, BOFT block 8")
     p.add_argument("--reuse", action="store_true", help="keep finished runs in output_dir instead of retraining")
     p.add_argument("--num_images", type=int, default=4, help="dreambooth: images per prompt")
     p.add_argument("--eval_steps", type=int, help="sampling steps (dreambooth: 25, control: 20)")
@@ -118,7 +128,79 @@ def common_args(cfg: CompareConfig) -> list[str]:
     return args + list(cfg.train_args)
 
 
-def trainer_config(cfg: CompareConfig, method: str, run_dir: Path):
+def label(method: str, args: list[str]) -> str:
+    """The table's name of a method at its size, e.g. "LoRA r=3 (PEFT)"."""
+    if method == "base":
+        return "base model (no adapter)"
+    opts = dict(zip(args[::2], args[1::2], strict=True))
+    if method == "hra":
+        return f"HRA r={opts['--r']} (ours)"
+    if method == "lora":
+        return f"LoRA r={opts['--r']} (PEFT)"
+    return f"{method.upper()} block {opts['--block_size']} (PEFT)"
+
+
+def _meta_unet(pretrained_model: str, revision: str | None):
+    """The task's UNet built on the meta device from its config (no weights read: counting only)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    try:
+        config = UNet2DConditionModel.load_config(pretrained_model, subfolder="unet", revision=revision)
+    except OSError as err:
+        raise ValueError(f"cannot read the UNet config of {pretrained_model!r} to match parameter budgets "
+                         f"({str(err).splitlines()[0]}); pass a local model folder, or --budget fixed") from None
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    return unet.requires_grad_(False)
+
+
+def match_budgets(cfg: CompareConfig) -> dict[str, dict]:
+    """Per method: its size arguments and trainable count. ``match``: each baseline at the candidate size
+    whose count on this task's UNet and targets is closest to HRA's (ties: the smaller); ``fixed``: METHODS."""
+    from hra_diffusion import HRAConfig, inject_hra
+    from hra_diffusion.baselines import BaselineSpec, count_trainable, inject_baseline
+
+    tcfg = trainer_config(cfg, "hra", cfg.out / "hra" / "train")
+    targets = list(tcfg.target_modules)
+    hra_r = int(METHODS["hra"][-1])
+
+    def count(method: str, size: int) -> int | None:
+        unet = _meta_unet(tcfg.pretrained_model, tcfg.revision)
+        try:
+            if method == "hra":
+                inject_hra(unet, HRAConfig(r=size, target_modules=targets))
+            else:
+                key = "r" if method == "lora" else "block_size"
+                inject_baseline(unet, BaselineSpec(method, target_modules=targets, **{key: size}))
+        except ValueError:  # e.g. a block size that does not divide some layer's width
+            return None
+        return count_trainable(unet)
+
+    target = count("hra", hra_r)
+    chosen = {"hra": {"args": METHODS["hra"], "trainable": target}}
+    for method in cfg.methods:
+        if method == "hra":
+            continue
+        flag = CANDIDATES[method][0]
+        if cfg.budget == "fixed":
+            size = int(METHODS[method][-1])
+            chosen[method] = {"args": METHODS[method], "trainable": count(method, size)}
+            continue
+        if method == "lora":  # LoRA's count is linear in r: one injection gives every rank's
+            per_rank = count("lora", 1)
+            counts = {r: r * per_rank for r in CANDIDATES["lora"][1]}
+        else:
+            counts = {b: n for b in CANDIDATES[method][1] if (n := count(method, b)) is not None}
+        if not counts:
+            raise ValueError(f"no {method} block size in {CANDIDATES[method][1]} fits every target layer "
+                             f"({targets}); use --methods without {method}")
+        size = min(counts, key=lambda k: (abs(counts[k] - target), k))
+        chosen[method] = {"args": ["--adapter", method, flag, str(size)], "trainable": counts[size]}
+    return {m: chosen[m] for m in cfg.methods}
+
+
+def trainer_config(cfg: CompareConfig, method: str, run_dir: Path, sizes: dict | None = None):
     """The resolved trainer config of one method (parsed exactly as its command line will be)."""
     sys.path.insert(0, str(REPO / "train"))
     try:
@@ -128,11 +210,13 @@ def trainer_config(cfg: CompareConfig, method: str, run_dir: Path):
             import control_hra as trainer
     finally:
         sys.path.pop(0)
-    return trainer.parse_args(train_argv(cfg, method, run_dir))
+    return trainer.parse_args(train_argv(cfg, method, run_dir, sizes))
 
 
-def train_argv(cfg: CompareConfig, method: str, run_dir: Path) -> list[str]:
-    argv = [*common_args(cfg), *METHODS[method], "--output_dir", str(run_dir)]
+def train_argv(cfg: CompareConfig, method: str, run_dir: Path, sizes: dict | None = None) -> list[str]:
+    """One method's trainer command line; ``sizes``: {method: size arguments} (None: METHODS' fixed sizes)."""
+    args = (sizes or {}).get(method, METHODS[method])
+    argv = [*common_args(cfg), "--adapter", method, *args[2:], "--output_dir", str(run_dir)]
     if cfg.task == "dreambooth":
         argv += ["--class_data_dir", str(cfg.out / "class_images")]  # one class-image set for every method
     return argv
@@ -157,18 +241,22 @@ def prepare_class_images(cfg: CompareConfig) -> None:
         print(f"generated {made} class images in {tcfg.class_data_dir}", flush=True)
 
 
-def train_method(cfg: CompareConfig, method: str) -> dict:
+def train_method(cfg: CompareConfig, method: str, sizes: dict) -> dict:
     """Train one method in its own process (clean memory figures); returns its logs/train_stats.json."""
     run_dir = cfg.out / method / "train"
     stats_file = run_dir / "logs" / "train_stats.json"
-    if not (cfg.reuse and stats_file.is_file() and (run_dir / "adapter" / "adapter_config.json").is_file()):
-        cmd = [sys.executable, str(REPO / "train" / TRAINERS[cfg.task]), *train_argv(cfg, method, run_dir)]
+    argv = train_argv(cfg, method, run_dir, sizes)
+    argv_file = run_dir / "compare_argv.json"  # a reused run must have been trained with the same arguments
+    same = argv_file.is_file() and json.loads(argv_file.read_text()) == argv
+    if not (cfg.reuse and same and stats_file.is_file() and (run_dir / "adapter" / "adapter_config.json").is_file()):
+        cmd = [sys.executable, str(REPO / "train" / TRAINERS[cfg.task]), *argv]
         print("+ " + shlex.join(cmd), flush=True)
         started = time.time()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)  # same cwd: same relative paths
         if proc.returncode != 0:
             raise RuntimeError(f"training {method} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        argv_file.write_text(json.dumps(argv) + "\n")
         print(f"  {method}: trained in {time.time() - started:.0f} s", flush=True)
     stats = json.loads(stats_file.read_text())
     stats["adapter_dir"] = str(run_dir / "adapter")
@@ -308,7 +396,7 @@ COLUMNS = {
 }
 
 
-def format_table(task: str, runs: dict[str, dict], evaluation: dict) -> str:
+def format_table(task: str, runs: dict[str, dict], evaluation: dict, labels: dict[str, str]) -> str:
     cols = COLUMNS[task]
     head = ["method", "trainable", "s / step", "peak RSS (MiB)", "RSS growth in training (MiB)"]
     cuda = any("cuda_peak_allocated_mib" in r for r in runs.values())
@@ -319,12 +407,12 @@ def format_table(task: str, runs: dict[str, dict], evaluation: dict) -> str:
     for method in ["base", *runs]:
         m = evaluation["metrics"].get(method, {})
         if method == "base":
-            cells = [LABELS["base"], "0", "", "", ""] + ([""] if cuda else [])
+            cells = [labels["base"], "0", "", "", ""] + ([""] if cuda else [])
         else:
             r = runs[method]
             n = sum(r["trainable_parameters"].values()) if isinstance(r["trainable_parameters"], dict) else r["trainable_parameters"]
             unet = r["trainable_parameters"].get("unet", n) if isinstance(r["trainable_parameters"], dict) else n
-            cells = [LABELS[method], f"{unet:,}" + (f" (+{n - unet:,} encoder)" if n != unet else ""),
+            cells = [labels[method], f"{unet:,}" + (f" (+{n - unet:,} encoder)" if n != unet else ""),
                      f"{r['step_seconds_median']:.3f}", f"{r['peak_rss_mib']:.0f}",
                      f"{r['peak_rss_mib'] - r['peak_rss_mib_before_training']:.0f}"]
             if cuda:
@@ -341,10 +429,15 @@ def main(cfg: CompareConfig) -> dict:
     started = time.time()
     if cfg.task == "dreambooth":
         prepare_class_images(cfg)
-    runs = {m: train_method(cfg, m) for m in cfg.methods}
+    budgets = match_budgets(cfg)
+    sizes = {m: b["args"] for m, b in budgets.items()}
+    labels = {"base": label("base", []), **{m: label(m, sizes[m]) for m in cfg.methods}}
+    print(f"parameter budgets ({cfg.budget}): " + "; ".join(f"{labels[m]}: {b['trainable']:,}"
+                                                           for m, b in budgets.items()), flush=True)
+    runs = {m: train_method(cfg, m, sizes) for m in cfg.methods}
     train_seconds = time.time() - started
     evaluation = (evaluate_dreambooth if cfg.task == "dreambooth" else evaluate_control)(cfg, runs)
-    table = format_table(cfg.task, runs, evaluation)
+    table = format_table(cfg.task, runs, evaluation, labels)
     total = time.time() - started
     notes = [f"- {k}: n/a, {why}" for k, why in evaluation["unavailable"].items()]
     report = (f"### {cfg.task}: HRA vs PEFT baselines, same loop, data, seed and schedule\n\n{table}\n\n"
@@ -352,8 +445,8 @@ def main(cfg: CompareConfig) -> dict:
               + f"Wall-clock: {total / 60:.1f} min ({train_seconds / 60:.1f} min training, "
                 f"{(total - train_seconds) / 60:.1f} min evaluation).\n")
     print("\n" + report)
-    result = {"config": asdict(cfg), "train_args": {m: train_argv(cfg, m, out / m / "train") for m in cfg.methods},
-              "runs": runs, "evaluation": evaluation, "table_markdown": table,
+    result = {"config": asdict(cfg), "budgets": budgets, "labels": labels,
+              "train_args": {m: train_argv(cfg, m, out / m / "train", sizes) for m in cfg.methods}, "runs": runs, "evaluation": evaluation, "table_markdown": table,
               "seconds": {"total": total, "training": train_seconds}}
     (out / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (out / "compare.md").write_text(report)

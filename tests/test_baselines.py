@@ -313,3 +313,35 @@ def test_benchmark_variants_are_the_trainers_baselines():
     row = next(line for line in report.splitlines() if line.startswith("| ours"))
     assert "| 1.50x | 2.00x | 2.00x |" in row  # time vs LoRA r, vs LoRA r/2, peak vs LoRA r/2
     assert "| 4.00x |" in next(line for line in report.splitlines() if line.startswith("| PEFT OFT"))
+
+
+def test_compare_matches_each_baselines_budget_to_hra(tmp_path, tiny_random_sd_dir, generated_subject_dir):
+    """--budget match picks, per baseline, the size whose count is closest to HRA r=8's on the task's targets
+    (with the GEGLU projection, d -> 8d, LoRA r=4 would be far over HRA's budget); --budget fixed keeps
+    METHODS' sizes."""
+    import compare
+    from diffusers import UNet2DConditionModel
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"]
+    args = ["--output_dir", str(tmp_path), "--train_args",
+            f"--pretrained_model {tiny_random_sd_dir} --subject_file {generated_subject_dir / 'subject.json'} "
+            f"--target_modules [{','.join(targets)}]"]
+    matched = compare.match_budgets(compare.parse_args(args))
+    fixed = compare.match_budgets(compare.parse_args([*args, "--budget", "fixed"]))
+    layers = [m for n, m in UNet2DConditionModel.from_pretrained(tiny_random_sd_dir, subfolder="unet").named_modules()
+              if any(n.endswith("." + t) for t in targets)]
+    hra = matched["hra"]["trainable"]
+    assert hra == sum(8 * m.in_features for m in layers)
+    per_rank = sum(m.in_features + m.out_features for m in layers)
+    r = int(matched["lora"]["args"][-1])
+    assert matched["lora"]["trainable"] == r * per_rank
+    assert all(abs(r * per_rank - hra) <= abs(k * per_rank - hra) for k in range(1, 65))
+    assert fixed["lora"]["args"] == compare.METHODS["lora"] and fixed["lora"]["trainable"] == 4 * per_rank
+    assert r < 4 and abs(matched["lora"]["trainable"] - hra) < abs(fixed["lora"]["trainable"] - hra)
+    for kind in ("oft", "boft"):
+        assert abs(matched[kind]["trainable"] - hra) <= abs(fixed[kind]["trainable"] - hra)
+    assert compare.label("lora", matched["lora"]["args"]) == f"LoRA r={r} (PEFT)"
+    argv = compare.train_argv(compare.parse_args(args), "lora", tmp_path / "lora",
+                              {m: b["args"] for m, b in matched.items()})
+    assert argv[argv.index("--adapter"):][:4] == ["--adapter", "lora", "--r", str(r)]
+    assert argv.index("--adapter") > argv.index("--target_modules")  # the matched size wins over train_args
