@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from hra_diffusion import HRAConfig, inject_hra
+from hra_diffusion.training.trainer import peak_rss_kib
 
 SHAPES = [(320, 320, 4096 * 2), (640, 640, 1024 * 2), (1280, 1280, 256 * 2), (1280, 1280, 64 * 2), (768, 320, 77 * 2)]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -181,11 +181,11 @@ def unet_peak_child(kind: str, r: int) -> None:
     model = make_variant(kind, base, r, TARGETS)
     del base
     opt = torch.optim.AdamW(params_of(model), lr=1e-4)
-    after_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after_build = peak_rss_kib()
     batch = unet_batch()
     for _ in range(2):
         train_step(model, opt, batch)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_kib()
     n = sum(p.numel() for p in params_of(model))
     print(json.dumps({"peak_kib": peak, "after_build_kib": after_build, "trainable": n}))
 

@@ -345,3 +345,22 @@ def test_compare_matches_each_baselines_budget_to_hra(tmp_path, tiny_random_sd_d
                               {m: b["args"] for m, b in matched.items()})
     assert argv[argv.index("--adapter"):][:4] == ["--adapter", "lora", "--r", str(r)]
     assert argv.index("--adapter") > argv.index("--target_modules")  # the matched size wins over train_args
+
+
+def test_peak_rss_is_the_processs_own_not_its_parents(tmp_path):
+    """Linux carries a parent's ru_maxrss into a child across fork + exec; peak_rss_kib must not (a trainer
+    or benchmark child of a large parent would report the parent's peak, as bench_hra.py's table once did)."""
+    import subprocess
+
+    from hra_diffusion.training.trainer import peak_rss_kib
+
+    ballast = np.ones(2**30 // 8)  # 1 GiB held by this (parent) process while the child runs
+    parent_peak = peak_rss_kib()
+    assert parent_peak > 2**20
+    code = ("import numpy as np; from hra_diffusion.training.trainer import peak_rss_kib as p; a = p(); "
+            "x = np.ones(100 * 2**20 // 8); print(a, p())")
+    before, after = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                              check=True).stdout.split())
+    assert before < parent_peak - 2**19, (before, parent_peak)  # the child's own (~0.5 GiB with torch), not the parent's
+    assert after - before > 90 * 1024  # and it sees its own 100 MiB
+    del ballast

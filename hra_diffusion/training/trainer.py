@@ -289,7 +289,7 @@ class _StepMeter:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.times: list[float] = []
-        self.rss_before_kib = _peak_rss_kib()
+        self.rss_before_kib = peak_rss_kib()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(device)
         self.device = device
@@ -312,7 +312,7 @@ class _StepMeter:
             "steps_timed": len(times),
             "step_seconds_median": statistics.median(times) if times else None,
             "step_seconds_mean": statistics.fmean(times) if times else None,
-            "peak_rss_mib": _peak_rss_kib() / 1024,
+            "peak_rss_mib": peak_rss_kib() / 1024,
             "peak_rss_mib_before_training": self.rss_before_kib / 1024,
         }
         if self.cuda:
@@ -320,11 +320,24 @@ class _StepMeter:
         return out
 
 
-def _peak_rss_kib() -> float:
-    """This process's peak resident set size so far (KiB; Linux reports ru_maxrss in KiB, macOS in bytes)."""
+def peak_rss_kib() -> float:
+    """This process's own peak resident set size so far, in KiB.
+
+    Linux: VmHWM from /proc/self/status, the high-water mark of this process's memory map. Not
+    ``ru_maxrss``: Linux carries a parent's peak into a child across fork + exec, so a trainer or benchmark
+    child started by a large parent (a test run, the comparison, the benchmark's timing process) would
+    report the parent's peak. Elsewhere: ``ru_maxrss`` (macOS reports it in bytes).
+    """
     import resource
     import sys
 
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1])  # "VmHWM:   123456 kB"
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 if sys.platform == "darwin" else float(peak)
 
