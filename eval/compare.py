@@ -140,8 +140,8 @@ def label(method: str, args: list[str]) -> str:
     return f"{method.upper()} block {opts['--block_size']} (PEFT)"
 
 
-def _meta_unet(pretrained_model: str, revision: str | None):
-    """The task's UNet built on the meta device from its config (no weights read: counting only)."""
+def _meta_unet_factory(pretrained_model: str, revision: str | None):
+    """A function building the task's UNet on the meta device from its config (read once; no weights)."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -150,9 +150,13 @@ def _meta_unet(pretrained_model: str, revision: str | None):
     except OSError as err:
         raise ValueError(f"cannot read the UNet config of {pretrained_model!r} to match parameter budgets "
                          f"({str(err).splitlines()[0]}); pass a local model folder, or --budget fixed") from None
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    return unet.requires_grad_(False)
+
+    def build():
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+        return unet.requires_grad_(False)
+
+    return build
 
 
 def match_budgets(cfg: CompareConfig) -> dict[str, dict]:
@@ -163,10 +167,10 @@ def match_budgets(cfg: CompareConfig) -> dict[str, dict]:
 
     tcfg = trainer_config(cfg, "hra", cfg.out / "hra" / "train")
     targets = list(tcfg.target_modules)
-    hra_r = int(METHODS["hra"][-1])
+    meta_unet = _meta_unet_factory(tcfg.pretrained_model, tcfg.revision)
 
     def count(method: str, size: int) -> int | None:
-        unet = _meta_unet(tcfg.pretrained_model, tcfg.revision)
+        unet = meta_unet()
         try:
             if method == "hra":
                 inject_hra(unet, HRAConfig(r=size, target_modules=targets))
@@ -177,30 +181,28 @@ def match_budgets(cfg: CompareConfig) -> dict[str, dict]:
             return None
         return count_trainable(unet)
 
-    target = count("hra", hra_r)
+    target = count("hra", int(METHODS["hra"][-1]))
     chosen = {"hra": {"args": METHODS["hra"], "trainable": target}}
     for method in cfg.methods:
         if method == "hra":
             continue
-        flag = CANDIDATES[method][0]
+        flag, candidates = CANDIDATES[method]
         if cfg.budget == "fixed":
-            size = int(METHODS[method][-1])
-            chosen[method] = {"args": METHODS[method], "trainable": count(method, size)}
-            continue
+            candidates = (int(METHODS[method][-1]),)
         if method == "lora":  # LoRA's count is linear in r: one injection gives every rank's
             per_rank = count("lora", 1)
-            counts = {r: r * per_rank for r in CANDIDATES["lora"][1]}
+            counts = {r: r * per_rank for r in candidates}
         else:
-            counts = {b: n for b in CANDIDATES[method][1] if (n := count(method, b)) is not None}
+            counts = {b: n for b in candidates if (n := count(method, b)) is not None}
         if not counts:
-            raise ValueError(f"no {method} block size in {CANDIDATES[method][1]} fits every target layer "
+            raise ValueError(f"no {method} block size in {candidates} fits every target layer "
                              f"({targets}); use --methods without {method}")
         size = min(counts, key=lambda k: (abs(counts[k] - target), k))
         chosen[method] = {"args": ["--adapter", method, flag, str(size)], "trainable": counts[size]}
     return {m: chosen[m] for m in cfg.methods}
 
 
-def trainer_config(cfg: CompareConfig, method: str, run_dir: Path, sizes: dict | None = None):
+def trainer_config(cfg: CompareConfig, method: str, run_dir: Path):
     """The resolved trainer config of one method (parsed exactly as its command line will be)."""
     sys.path.insert(0, str(REPO / "train"))
     try:
@@ -210,7 +212,7 @@ def trainer_config(cfg: CompareConfig, method: str, run_dir: Path, sizes: dict |
             import control_hra as trainer
     finally:
         sys.path.pop(0)
-    return trainer.parse_args(train_argv(cfg, method, run_dir, sizes))
+    return trainer.parse_args(train_argv(cfg, method, run_dir))
 
 
 def train_argv(cfg: CompareConfig, method: str, run_dir: Path, sizes: dict | None = None) -> list[str]:
@@ -446,7 +448,8 @@ def main(cfg: CompareConfig) -> dict:
                 f"{(total - train_seconds) / 60:.1f} min evaluation).\n")
     print("\n" + report)
     result = {"config": asdict(cfg), "budgets": budgets, "labels": labels,
-              "train_args": {m: train_argv(cfg, m, out / m / "train", sizes) for m in cfg.methods}, "runs": runs, "evaluation": evaluation, "table_markdown": table,
+              "train_args": {m: train_argv(cfg, m, out / m / "train", sizes) for m in cfg.methods},
+              "runs": runs, "evaluation": evaluation, "table_markdown": table,
               "seconds": {"total": total, "training": train_seconds}}
     (out / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (out / "compare.md").write_text(report)
