@@ -7,7 +7,7 @@
    latent, batch 1): time interleaved in one process (the variants share the frozen base weights), and
    peak resident memory measured in a fresh subprocess per variant. Variants: ours and PEFT HRA (r),
    PEFT LoRA at the same rank r and at r/2 (the same parameter budget as HRA r), PEFT OFT (block 16) and
-   BOFT (block 8, one butterfly factor), injected by hra_diffusion.baselines exactly as the trainers do.
+   BOFT (block 8, one butterfly factor), injected by hra_diffusion.adapters.peft_baselines exactly as the trainers do.
 
 Usage: python benchmarks/bench_hra.py [--repeats 7] [--unet-repeats 3] [--skip-unet] [--skip-layers] [--r 8]
        [--unet-variants ours,peft_lora_half,peft_oft,peft_boft]
@@ -58,7 +58,7 @@ def make_variant(kind: str, base: nn.Module, r: int, targets: list[str]) -> nn.M
     if kind == "ours":
         inject_hra(model, HRAConfig(r=r, target_modules=targets, init_identity=False))
     elif kind in ("peft_lora_half", "peft_oft", "peft_boft"):
-        from hra_diffusion.baselines import BaselineSpec, inject_baseline
+        from hra_diffusion.adapters.peft_baselines import BaselineSpec, inject_baseline
 
         spec = {"peft_lora_half": dict(kind="lora", r=max(1, r // 2)), "peft_oft": dict(kind="oft", block_size=16),
                 "peft_boft": dict(kind="boft", block_size=8)}[kind]

@@ -163,7 +163,7 @@ def match_budgets(cfg: CompareConfig) -> dict[str, dict]:
     """Per method: its size arguments and trainable count. ``match``: each baseline at the candidate size
     whose count on this task's UNet and targets is closest to HRA's (ties: the smaller); ``fixed``: METHODS."""
     from hra_diffusion import HRAConfig, inject_hra
-    from hra_diffusion.baselines import BaselineSpec, count_trainable, inject_baseline
+    from hra_diffusion.adapters.peft_baselines import BaselineSpec, count_trainable, inject_baseline
 
     tcfg = trainer_config(cfg, "hra", cfg.out / "hra" / "train")
     targets = list(tcfg.target_modules)
@@ -268,9 +268,9 @@ def train_method(cfg: CompareConfig, method: str, sizes: dict) -> dict:
 # ---- evaluation ----------------------------------------------------------------------------------
 
 def _device(cfg: CompareConfig) -> str:
-    import torch
+    from hra_diffusion.utils import default_device
 
-    return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return default_device(cfg.device)
 
 
 def load_subject_extractors(cfg: CompareConfig, device: str) -> tuple[dict, list[str], dict[str, str]]:
@@ -300,7 +300,7 @@ def load_subject_extractors(cfg: CompareConfig, device: str) -> tuple[dict, list
 
 def evaluate_dreambooth(cfg: CompareConfig, runs: dict[str, dict]) -> dict:
     """Per method (and the base): subject metrics of generated samples and the fixed-noise losses."""
-    from hra_diffusion.adapter_io import load_any_adapter
+    from hra_diffusion.adapters.registry import load_any_adapter
     from hra_diffusion.generate import GenerateConfig, generate
     from hra_diffusion.metrics.subject import score_subject
     from hra_diffusion.training.data import list_images
@@ -359,8 +359,7 @@ def evaluate_control(cfg: CompareConfig, runs: dict[str, dict]) -> dict:
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
-    from hra_diffusion.baselines import load_trained_adapter
-    from hra_diffusion.control import attach_condition_encoder
+    from hra_diffusion.control import attach_condition_encoder, load_trained_adapter
     from hra_diffusion.training.control_eval import control_consistency
     from hra_diffusion.training.validation import build_pipeline
 

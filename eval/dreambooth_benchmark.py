@@ -237,14 +237,13 @@ def main(cfg: BenchmarkConfig) -> dict:
             print(f"  then generate {len(item['prompts'])} prompts x {cfg.num_images or protocol['generation']['num_images_per_prompt']} "
                   f"images, score against {item['data']}")
         return {"plan": items}
-    import torch
-
     from hra_diffusion.metrics.extractors import load_clip, load_dino
     from hra_diffusion.metrics.result import parse_metric_names
     from hra_diffusion.metrics.subject import SUBJECT_METRICS, default_subject_metrics
+    from hra_diffusion.utils import default_device
 
     metrics = parse_metric_names(cfg.metrics, SUBJECT_METRICS, default_subject_metrics())
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(cfg.device)
     models: dict = {}
     if "dino" in metrics:  # load once, reuse for every subject
         models["dino"] = load_dino(cfg.dino_model, device=device)

@@ -5,17 +5,30 @@ Public API::
     from hra_diffusion import HRAConfig, inject_hra, save_adapter, load_adapter, merge_hra
 """
 
-from .adapter_io import export_merged, export_peft, load_adapter, read_adapter, save_adapter
-from .config import CONTROL_TARGETS, DEFAULT_TARGETS, TEXT_ENCODER_TARGETS, HRAConfig
-from .layers import HRAConv2d, HRALayer, HRALinear
-from .model import (
+from .adapters import (
+    ADAPTERS,
+    CONTROL_TARGETS,
+    DEFAULT_TARGETS,
+    TEXT_ENCODER_TARGETS,
+    HRAConfig,
+    HRAConv2d,
+    HRALayer,
+    HRALinear,
     count_hra_parameters,
+    describe_adapter,
     disable_hra,
+    export_merged,
+    export_peft,
     hra_layers,
     hra_parameters,
     inject_hra,
+    load_adapter,
+    load_any_adapter,
+    merge_and_unload_hra,
     merge_hra,
     orthogonality_loss,
+    read_adapter,
+    save_adapter,
     unmerge_hra,
 )
 
@@ -28,6 +41,10 @@ __all__ = [
     "load_adapter",
     "merge_hra",
     "unmerge_hra",
+    "merge_and_unload_hra",
+    "load_any_adapter",
+    "describe_adapter",
+    "ADAPTERS",
     "read_adapter",
     "export_peft",
     "export_merged",

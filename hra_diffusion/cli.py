@@ -10,6 +10,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from .utils import default_device
+
 __all__ = ["build_parser", "main", "SUBCOMMANDS"]
 
 EPILOG = """examples:
@@ -145,12 +147,6 @@ def add_score_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     return p
 
 
-def _device(name: str | None) -> str:
-    import torch
-
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _progress(enabled: bool) -> Callable | None:
     if not enabled:
         return None
@@ -168,7 +164,7 @@ def run_score(args: argparse.Namespace) -> int:
         result = score_subject(
             args.samples, reference_dir=args.reference, metrics=args.metrics, dino=args.dino_model,
             clip=args.clip_model, clip_pretrained=args.clip_pretrained, lpips_model=args.lpips_net,
-            cache_dir=args.cache_dir, batch_size=args.batch_size, device=_device(args.device),
+            cache_dir=args.cache_dir, batch_size=args.batch_size, device=default_device(args.device),
             progress=_progress(args.progress),
         )
     else:
@@ -176,7 +172,7 @@ def run_score(args: argparse.Namespace) -> int:
 
         models = {k: getattr(args, f"{k}_model") for k in ("hed", "lineart", "depth", "seg")}
         result = score_control(args.samples, metrics=args.metrics, models=models,
-                               skip_unavailable=args.skip_unavailable, device=_device(args.device),
+                               skip_unavailable=args.skip_unavailable, device=default_device(args.device),
                                progress=_progress(args.progress))
     paths = write_outputs(result, args.out or args.samples)
     width = max(len(k) for k in result.summary)

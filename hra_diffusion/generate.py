@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapter_io import ADAPTER_CONFIG, atomic_directory, load_adapter, read_adapter
-from .model import merge_hra
+from .adapters.io import ADAPTER_CONFIG, TEXT_ENCODER_SUBDIR
+from .utils import atomic_directory, default_device
 
 __all__ = [
     "SCHEDULERS",
@@ -145,10 +145,8 @@ def default_base_model(adapter_doc: dict[str, Any] | None) -> str:
     recorded = (adapter_doc or {}).get("base_model") or (adapter_doc or {}).get("base_model_name_or_path")
     if recorded and Path(str(recorded)).is_dir():
         return str(recorded)
-    try:
-        from .tiny.paths import TINY_MODEL_DIR
-    except ImportError:  # the tiny-world package is optional
-        TINY_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-sd"
+    from .tiny.paths import TINY_MODEL_DIR
+
     if (Path(TINY_MODEL_DIR) / "model_index.json").is_file():
         return str(TINY_MODEL_DIR)
     hint = f" (the adapter records {recorded!r}, which is not a local folder)" if recorded else ""
@@ -161,7 +159,7 @@ def default_base_model(adapter_doc: dict[str, Any] | None) -> str:
 def _device_and_dtype(device: str | None, dtype: str | None):
     import torch
 
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = default_device(device)
     name = dtype or ("fp16" if str(dev).startswith("cuda") else "fp32")
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
     if str(dev) == "cpu" and name == "fp16":
@@ -232,29 +230,23 @@ def _entries(cfg: GenerateConfig) -> list[PromptEntry]:
     return entries
 
 
-def generate(cfg: GenerateConfig) -> Path:
-    """Run the pipeline over every (prompt, seed) and write ``cfg.output_dir`` atomically; returns it."""
-    import torch
-    from PIL import Image
+@dataclass
+class _Loaded:
+    """The pipeline with its adapter in place, and the facts every manifest row records."""
 
-    out_dir = Path(cfg.output_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not cfg.overwrite:
-        raise FileExistsError(f"output folder {str(out_dir)!r} is not empty; pass --overwrite to replace it")
-    entries = _entries(cfg)
-    adapter_doc: dict[str, Any] | None = None
-    kind = None
-    is_control = False
-    if cfg.adapter is not None:  # validate the folder before the model is loaded
-        from .baselines import CONDITION_ENCODER_FILE, adapter_type, read_adapter_metadata
+    pipe: Any
+    handle: Any  # the condition hook of a control adapter, else None
+    device: Any
+    common: dict[str, Any]
 
-        kind = adapter_type(cfg.adapter)
-        if kind == "hra":
-            adapter_doc, _, _ = read_adapter(cfg.adapter)
-            is_control = bool(adapter_doc.get("condition_encoder"))
-        else:  # a PEFT baseline: PEFT's config, our metadata from the weights' header, encoder beside it
-            adapter_doc = {**json.loads((Path(cfg.adapter) / ADAPTER_CONFIG).read_text()),
-                           **read_adapter_metadata(cfg.adapter), "source": "peft"}
-            is_control = (Path(cfg.adapter) / CONDITION_ENCODER_FILE).is_file()
+
+def _resolve_adapter(cfg: GenerateConfig, entries: list[PromptEntry]):
+    """Validate the adapter folder (before any model is loaded) against the prompts' conditions."""
+    from .adapters.registry import describe_adapter
+    from .control.io import has_condition_encoder
+
+    info = describe_adapter(cfg.adapter) if cfg.adapter is not None else None
+    is_control = bool(info and has_condition_encoder(info))
     has_condition = any(e.condition is not None for e in entries)
     if is_control and not has_condition:
         raise ValueError(f"adapter {cfg.adapter} is a control adapter: give condition images with --condition "
@@ -262,108 +254,125 @@ def generate(cfg: GenerateConfig) -> Path:
     if has_condition and not is_control:
         raise ValueError("condition images were given but " + (f"adapter {cfg.adapter} has no condition encoder"
                          if cfg.adapter else "no (control) adapter was given"))
+    return info, is_control
+
+
+def _load(cfg: GenerateConfig, info, is_control: bool) -> _Loaded:
+    """Base pipeline + scheduler + adapter (UNet, optional text encoder, optional condition encoder)."""
+    from .adapters.io import load_adapter
+    from .adapters.registry import merge_adapter
+    from .control import attach_condition_encoder, load_trained_adapter
 
     device, torch_dtype, dtype_name = _device_and_dtype(cfg.device, cfg.dtype)
-    base = cfg.base_model or default_base_model(adapter_doc)
+    base = cfg.base_model or default_base_model(info.doc if info else None)
     pipe = load_pipeline(base, torch_dtype, safety_checker=cfg.safety_checker).to(device)
     pipe.set_progress_bar_config(disable=True)
     scheduler_name = _set_scheduler(pipe, cfg.scheduler)
-
     handle = None
     text_adapter = None
-    if cfg.adapter is not None:
-        if kind != "hra":
-            from .baselines import load_trained_adapter
-            from .control import attach_condition_encoder
-
-            _, _, encoder = load_trained_adapter(pipe.unet, cfg.adapter)
-            if encoder is not None:
-                handle = attach_condition_encoder(pipe.unet, encoder)
-        elif is_control:
-            from .control import attach_condition_encoder, load_control_adapter
-
-            _, encoder = load_control_adapter(pipe.unet, cfg.adapter)
+    if info is not None:
+        _, _, encoder = load_trained_adapter(pipe.unet, cfg.adapter)
+        if encoder is not None:
             handle = attach_condition_encoder(pipe.unet, encoder)
-        else:
-            load_adapter(pipe.unet, cfg.adapter)
-        te_dir = Path(cfg.adapter) / "text_encoder"
+        te_dir = Path(cfg.adapter) / TEXT_ENCODER_SUBDIR
         if (te_dir / ADAPTER_CONFIG).is_file():
             load_adapter(pipe.text_encoder, te_dir)
             text_adapter = str(te_dir.resolve())
         if cfg.merge:
-            from .baselines import merge_adapter
-
-            merge_adapter(pipe.unet, kind)
+            merge_adapter(pipe.unet, info.kind)
             if text_adapter:
-                merge_hra(pipe.text_encoder)
-
+                merge_adapter(pipe.text_encoder, "hra")
     scale = getattr(pipe, "vae_scale_factor", 8)
-    height = cfg.height or pipe.unet.config.sample_size * scale
-    width = cfg.width or pipe.unet.config.sample_size * scale
-    seeds = list(cfg.seeds) if cfg.seeds is not None else [cfg.seed + k for k in range(cfg.num_images_per_prompt)]
-    jobs = [(pi, k, s) for pi in range(len(entries)) for k, s in enumerate(seeds)]
     common = {
-        "steps": cfg.steps, "guidance": cfg.guidance_scale, "scheduler": scheduler_name, "height": height,
-        "width": width, "negative_prompt": cfg.negative_prompt,
+        "steps": cfg.steps, "guidance": cfg.guidance_scale, "scheduler": scheduler_name,
+        "height": cfg.height or pipe.unet.config.sample_size * scale,
+        "width": cfg.width or pipe.unet.config.sample_size * scale, "negative_prompt": cfg.negative_prompt,
         "adapter": str(Path(cfg.adapter).resolve()) if cfg.adapter else None,
-        "adapter_source": (adapter_doc or {}).get("source", "hra-diffusion" if adapter_doc else None),
-        "adapter_kind": "control" if is_control else ("subject" if adapter_doc else None),
-        "adapter_type": kind,
+        "adapter_source": info.source if info else None,
+        "adapter_kind": ("control" if is_control else "subject") if info else None,
+        "adapter_type": info.kind if info else None,
         "text_encoder_adapter": text_adapter, "merged": bool(cfg.merge and cfg.adapter),
         "base": str(Path(base).resolve()) if Path(base).is_dir() else base, "dtype": dtype_name,
         "device": str(device),
     }
+    return _Loaded(pipe, handle, device, common)
 
-    from tqdm.auto import tqdm
+
+def _copy_conditions(entries: list[PromptEntry], tmp: Path) -> dict[Path, str]:
+    """Copy each distinct condition image into ``conditions/``; returns {original: name in the folder}."""
+    names: dict[Path, str] = {}
+    for e in entries:
+        if e.condition is not None and e.condition not in names:
+            (tmp / "conditions").mkdir(exist_ok=True)
+            names[e.condition] = f"conditions/{len(names):04d}_{e.condition.name}"
+            shutil.copyfile(e.condition, tmp / names[e.condition])
+    return names
+
+
+def _sample(cfg: GenerateConfig, loaded: _Loaded, entries: list[PromptEntry], batch: list[tuple[int, int, int]]):
+    """One pipeline call for ``batch`` of (prompt index, image index, seed): (images, nsfw flags)."""
+    import torch
+    from PIL import Image
 
     from .control import prepare_condition
 
+    height, width = loaded.common["height"], loaded.common["width"]
+    if loaded.handle is not None:
+        images = []
+        for pi, _, _ in batch:
+            with Image.open(entries[pi].condition) as img:
+                images.append(img.convert("RGB"))
+        loaded.handle.set_condition(prepare_condition(images, height, width).to(loaded.device))
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for _, _, s in batch]
+    with torch.inference_mode():
+        result = loaded.pipe(
+            prompt=[entries[pi].prompt for pi, _, _ in batch],
+            negative_prompt=[cfg.negative_prompt] * len(batch) if cfg.negative_prompt else None,
+            num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=height, width=width,
+            generator=generators, output_type="pil",
+        )
+    return result.images, getattr(result, "nsfw_content_detected", None) or [None] * len(batch)
+
+
+def _row(e: PromptEntry, name: str, pi: int, k: int, seed: int, common: dict, cond_names: dict, flagged) -> dict:
+    return {
+        "file": name, "prompt": e.prompt, "prompt_index": pi, "image_index": k, "seed": int(seed), **common,
+        "condition": cond_names.get(e.condition) if e.condition is not None else None,
+        "condition_original": str(e.condition.resolve()) if e.condition is not None else None,
+        "condition_source": str(e.condition_source.resolve()) if e.condition_source else None,
+        "label": str(e.label.resolve()) if e.label else None,
+        "reference_dir": str(e.reference_dir.resolve()) if e.reference_dir else None,
+        "nsfw": flagged,
+    }
+
+
+def generate(cfg: GenerateConfig) -> Path:
+    """Run the pipeline over every (prompt, seed) and write ``cfg.output_dir`` atomically; returns it."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(cfg.output_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not cfg.overwrite:
+        raise FileExistsError(f"output folder {str(out_dir)!r} is not empty; pass --overwrite to replace it")
+    entries = _entries(cfg)
+    info, is_control = _resolve_adapter(cfg, entries)
+    loaded = _load(cfg, info, is_control)
+    seeds = list(cfg.seeds) if cfg.seeds is not None else [cfg.seed + k for k in range(cfg.num_images_per_prompt)]
+    jobs = [(pi, k, s) for pi in range(len(entries)) for k, s in enumerate(seeds)]
+    batches = [jobs[i : i + cfg.batch_size] for i in range(0, len(jobs), cfg.batch_size)]
     with atomic_directory(out_dir) as tmp:
-        cond_names: dict[Path, str] = {}
-        if has_condition:
-            (tmp / "conditions").mkdir()
-            for e in entries:
-                if e.condition is not None and e.condition not in cond_names:
-                    name = f"conditions/{len(cond_names):04d}_{e.condition.name}"
-                    shutil.copyfile(e.condition, tmp / name)
-                    cond_names[e.condition] = name
+        cond_names = _copy_conditions(entries, tmp)
         rows = []
-        batches = [jobs[i : i + cfg.batch_size] for i in range(0, len(jobs), cfg.batch_size)]
         for batch in tqdm(batches, desc="generate", unit="batch", disable=not cfg.progress):
-            if handle is not None:
-                images = []
-                for pi, _, _ in batch:
-                    with Image.open(entries[pi].condition) as img:
-                        images.append(img.convert("RGB"))
-                handle.set_condition(prepare_condition(images, height, width).to(device))
-            generators = [torch.Generator("cpu").manual_seed(int(s)) for _, _, s in batch]
-            with torch.inference_mode():
-                result = pipe(
-                    prompt=[entries[pi].prompt for pi, _, _ in batch],
-                    negative_prompt=[cfg.negative_prompt] * len(batch) if cfg.negative_prompt else None,
-                    num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=height, width=width,
-                    generator=generators, output_type="pil",
-                )
-            nsfw = getattr(result, "nsfw_content_detected", None) or [None] * len(batch)
-            for (pi, k, s), image, flagged in zip(batch, result.images, nsfw, strict=True):
-                e = entries[pi]
+            images, nsfw = _sample(cfg, loaded, entries, batch)
+            for (pi, k, s), image, flagged in zip(batch, images, nsfw, strict=True):
                 name = f"p{pi:04d}_{k:02d}_s{s}.png"
                 image.save(tmp / name)
-                rows.append({
-                    "file": name, "prompt": e.prompt, "prompt_index": pi, "image_index": k, "seed": int(s),
-                    **common,
-                    "condition": cond_names.get(e.condition) if e.condition is not None else None,
-                    "condition_original": str(e.condition.resolve()) if e.condition is not None else None,
-                    "condition_source": str(e.condition_source.resolve()) if e.condition_source else None,
-                    "label": str(e.label.resolve()) if e.label else None,
-                    "reference_dir": str(e.reference_dir.resolve()) if e.reference_dir else None,
-                    "nsfw": flagged,
-                })
-        if handle is not None:
-            handle.remove()
+                rows.append(_row(entries[pi], name, pi, k, s, loaded.common, cond_names, flagged))
+        if loaded.handle is not None:
+            loaded.handle.remove()
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
         settings = {k: v for k, v in asdict(cfg).items() if k != "progress"}
-        (tmp / "generate_config.json").write_text(json.dumps({**settings, "resolved": common}, indent=2) + "\n")
+        (tmp / "generate_config.json").write_text(json.dumps({**settings, "resolved": loaded.common}, indent=2) + "\n")
     return out_dir

@@ -19,7 +19,7 @@ from hra_diffusion import (
     read_adapter,
     save_adapter,
 )
-from hra_diffusion.adapter_io import atomic_directory
+from hra_diffusion.utils import atomic_directory
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1"]  # conv1: the resnets' 3x3 convs
 

@@ -17,18 +17,17 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from hra_diffusion.baselines import (
-    CONDITION_ENCODER_FILE,
+from hra_diffusion.adapters.config import DEFAULT_TARGETS
+from hra_diffusion.adapters.peft_baselines import (
     DIFFUSERS_LORA_WEIGHTS,
     BaselineSpec,
-    adapter_type,
     count_trainable,
     inject_baseline,
     load_peft_adapter,
-    load_trained_adapter,
     peft_config,
 )
-from hra_diffusion.config import DEFAULT_TARGETS
+from hra_diffusion.adapters.registry import adapter_type
+from hra_diffusion.control import CONDITION_ENCODER_FILE, load_trained_adapter
 from hra_diffusion.training import latest_checkpoint
 from hra_diffusion.training.config import ConfigError
 

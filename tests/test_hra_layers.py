@@ -6,13 +6,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hra_diffusion import HRAConfig
-from hra_diffusion.householder import (
+from hra_diffusion.adapters.householder import (
     dense_chain,
     orthogonality_penalty,
     reflection_factors,
     symmetric_init,
 )
-from hra_diffusion.layers import HRAConv2d, HRALinear
+from hra_diffusion.adapters.layers import HRAConv2d, HRALinear
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -198,7 +198,7 @@ def test_gram_schmidt_variant_does_not_start_at_identity():
 
 
 def test_fused_row_factors_gradcheck_and_match_reference():
-    from hra_diffusion.householder import row_factors
+    from hra_diffusion.adapters.householder import row_factors
 
     u = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: row_factors(x), (u,))

@@ -12,8 +12,10 @@ from hra_diffusion import (
     disable_hra,
     hra_layers,
     inject_hra,
+    merge_and_unload_hra,
     merge_hra,
     orthogonality_loss,
+    unmerge_hra,
 )
 
 
@@ -79,12 +81,24 @@ def test_injected_unet_equals_base_at_init_then_merges():
         with disable_hra(unet):
             assert torch.allclose(unet(*args).sample, base_out, atol=1e-5)
     assert not torch.allclose(live, base_out, atol=1e-3)
+    # merge_hra is reversible: wrappers stay, forward is the base layer's, unmerge restores W
+    weights = {n: layer.base_layer.weight.clone() for n, layer in hra_layers(unet)}
     merge_hra(unet)
-    assert not any(isinstance(m, HRALayer) for m in unet.modules())
-    assert not any(".base_layer." in k for k in unet.state_dict())
+    assert all(layer.merged for _, layer in hra_layers(unet))
     with torch.no_grad():
         merged = unet(*args).sample
     assert ((merged - live).norm() / live.norm()).item() < 1e-5
+    unmerge_hra(unet)
+    assert all(torch.allclose(layer.base_layer.weight, weights[n], atol=1e-5) for n, layer in hra_layers(unet))
+    with torch.no_grad():
+        assert ((unet(*args).sample - live).norm() / live.norm()).item() < 1e-5
+    # merge_and_unload_hra folds in for good and puts the plain layers back
+    merge_and_unload_hra(unet)
+    assert not any(isinstance(m, HRALayer) for m in unet.modules())
+    assert not any(".base_layer." in k for k in unet.state_dict())
+    with torch.no_grad():
+        unloaded = unet(*args).sample
+    assert ((unloaded - live).norm() / live.norm()).item() < 1e-5
 
 
 def test_orthogonality_loss_sums_layers_and_trains():

@@ -93,7 +93,7 @@ def adapter_facts(cfg, trainable: int) -> tuple[str, str, str]:
                 f"{trainable:,} trainable UNet values")
         return name, fact, ""
     fact = f"{cfg.baseline_spec().describe()} on {targets} (PEFT's format), {trainable:,} trainable UNet values"
-    load = (f'from hra_diffusion.baselines import load_peft_adapter\nload_peft_adapter(pipe.unet, "{folder}")\n')
+    load = (f'from hra_diffusion import load_any_adapter\nload_any_adapter(pipe.unet, "{folder}")\n')
     if cfg.adapter == "lora":
         load += f'# or, with diffusers alone: pipe.load_lora_weights("{folder}")\n'
     return name, fact, load

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from ..config import DEFAULT_TARGETS, TEXT_ENCODER_TARGETS
+from ..adapters.config import DEFAULT_TARGETS, TEXT_ENCODER_TARGETS
 
 __all__ = [
     "ConfigError",
@@ -149,7 +149,7 @@ class TrainConfig:
 
     def _validate_adapter(self) -> None:
         """The adapter kind is known and every adapter-specific option set applies to it."""
-        from ..baselines import ADAPTERS
+        from ..adapters.registry import ADAPTERS
 
         if self.adapter not in ADAPTERS:
             raise ConfigError(f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}")
@@ -177,7 +177,7 @@ class TrainConfig:
 
     def baseline_spec(self, seed: int | None = None):
         """The PEFT baseline for this config (``adapter`` must not be hra)."""
-        from ..baselines import BaselineSpec
+        from ..adapters.peft_baselines import BaselineSpec
 
         return BaselineSpec(self.adapter, r=self.r, target_modules=list(self.target_modules),
                             block_size=self.block_size, lora_alpha=self.lora_alpha,

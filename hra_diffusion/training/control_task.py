@@ -16,13 +16,14 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from ..baselines import count_trainable, save_trained_adapter
+from ..adapters.config import CONTROL_TARGETS
+from ..adapters.peft_baselines import count_trainable
 from ..conditions import ConditionCache, detector_key, make_detector, supported_conditions
-from ..config import CONTROL_TARGETS
 from ..control import (
     attach_condition_encoder,
     build_condition_encoder,
     prepare_condition,
+    save_control_adapter,
 )
 from .card import adapter_facts, write_model_card
 from .config import ConfigError, TrainConfig, save_resolved_config
@@ -273,8 +274,8 @@ class ControlTask(TrainingTask):
     def save(self, modules, output_dir: Path) -> list[Path]:
         cfg = self.cfg
         path = output_dir / "adapter"
-        save_trained_adapter(
-            modules["unet"], path, cfg.adapter, encoder=modules["condition_encoder"], base_model=cfg.pretrained_model,
+        save_control_adapter(
+            modules["unet"], modules["condition_encoder"], path, cfg.adapter, base_model=cfg.pretrained_model,
             base_model_revision=cfg.revision, trainer="control_hra", condition_type=cfg.condition or "given",
             resolution=cfg.resolution,
         )
@@ -303,12 +304,9 @@ def _write_card(cfg: ControlConfig, task: ControlTask, result: TrainResult, out:
     source = f"`{cfg.train_data_dir}`" if cfg.train_data_dir else f"dataset `{cfg.dataset_name}` ({cfg.dataset_split})"
     n_encoder = sum(p.numel() for p in task.encoder.parameters())
     name, adapter_fact, _ = adapter_facts(cfg, task.trainable_unet)
-    loader = ("from hra_diffusion.control import attach_condition_encoder, load_control_adapter, prepare_condition\n\n"
-              if cfg.adapter == "hra" else
-              "from hra_diffusion.baselines import load_trained_adapter\n"
-              "from hra_diffusion.control import attach_condition_encoder, prepare_condition\n\n")
-    load_line = (f'_, encoder = load_control_adapter(pipe.unet, "{out}/adapter")\n' if cfg.adapter == "hra" else
-                 f'_, _, encoder = load_trained_adapter(pipe.unet, "{out}/adapter")  # PEFT {name} + encoder\n')
+    loader = "from hra_diffusion.control import attach_condition_encoder, load_control_adapter, prepare_condition\n\n"
+    load_line = (f'_, encoder = load_control_adapter(pipe.unet, "{out}/adapter")'
+                 + ("\n" if cfg.adapter == "hra" else f"  # PEFT {name} + encoder\n"))
     usage = (
         "from diffusers import StableDiffusionPipeline\nfrom PIL import Image\n" + loader +
         f"pipe = StableDiffusionPipeline.from_pretrained({cfg.pretrained_model!r})\n" + load_line +
@@ -349,7 +347,7 @@ def _write_card(cfg: ControlConfig, task: ControlTask, result: TrainResult, out:
                   "load with `hra_diffusion.control.load_control_adapter(pipe.unet, ...)`"} if cfg.adapter == "hra" else
         {str(out / "adapter"): f"the UNet's {name} adapter in PEFT's format and the condition encoder "
                                "(`condition_encoder.safetensors`); load both with "
-                               "`hra_diffusion.baselines.load_trained_adapter(pipe.unet, ...)`"},
+                               "`hra_diffusion.control.load_control_adapter(pipe.unet, ...)`"},
         facts=facts, sample_images=result.validation_grids[-1:], usage=usage,
         notes=[f"validation prompts: {', '.join(shlex.quote(p) for _, p in task.validation_rows)}"] if task.validation_rows else [],
     )

@@ -9,9 +9,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..adapter_io import save_adapter
-from ..baselines import count_trainable, save_trained_adapter
-from ..config import HRAConfig
+from ..adapters.config import HRAConfig
+from ..adapters.io import TEXT_ENCODER_SUBDIR as TEXT_ENCODER_ADAPTER_SUBDIR
+from ..adapters.io import save_adapter
+from ..adapters.peft_baselines import count_trainable
+from ..adapters.registry import save_any_adapter
 from .card import adapter_facts, write_model_card
 from .config import ConfigError, DreamBoothConfig, save_resolved_config
 from .data import ImageFolderDataset, ImageTransform
@@ -23,7 +25,6 @@ from .validation import build_pipeline, eval_mode, generate_images
 
 __all__ = ["apply_subject_file", "DreamBoothTask", "train_dreambooth", "TEXT_ENCODER_ADAPTER_SUBDIR"]
 
-TEXT_ENCODER_ADAPTER_SUBDIR = "text_encoder"
 SUBJECT_KEYS = ("class_noun", "identifier", "instance_prompt", "class_prompt", "validation_prompts")
 
 
@@ -188,7 +189,7 @@ class DreamBoothTask(TrainingTask):
         cfg = self.cfg
         meta = dict(base_model=cfg.pretrained_model, base_model_revision=cfg.revision,
                     instance_prompt=cfg.instance_prompt, trainer="dreambooth_hra")
-        paths = [save_trained_adapter(modules["unet"], output_dir / "adapter", cfg.adapter, **meta)]
+        paths = [save_any_adapter(modules["unet"], output_dir / "adapter", cfg.adapter, **meta)]
         if "text_encoder" in modules:
             paths.append(save_adapter(modules["text_encoder"], output_dir / "adapter" / TEXT_ENCODER_ADAPTER_SUBDIR, **meta))
         return paths
@@ -230,7 +231,7 @@ def _write_card(cfg: DreamBoothConfig, task: DreamBoothTask, result: TrainResult
                 "load with `hra_diffusion.load_adapter(pipe.unet, ...)`"}
     if cfg.adapter != "hra":
         adapters = {str(out / "adapter"): f"the UNet's {name} adapter in PEFT's format; load with "
-                    "`hra_diffusion.baselines.load_peft_adapter(pipe.unet, ...)`"
+                    "`hra_diffusion.load_any_adapter(pipe.unet, ...)`"
                     + (" or diffusers' `pipe.load_lora_weights(...)`" if cfg.adapter == "lora" else "")}
     if cfg.train_text_encoder:
         adapters[str(out / "adapter" / TEXT_ENCODER_ADAPTER_SUBDIR)] = (

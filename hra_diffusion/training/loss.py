@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model import orthogonality_loss
+from ..adapters.model import orthogonality_loss
 
 __all__ = ["NoisyBatch", "add_noise", "diffusion_target", "denoising_loss", "with_orthogonality", "sample_latents"]
 

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..config import HRAConfig
-from ..model import inject_hra
+from ..adapters.config import HRAConfig
+from ..adapters.model import inject_hra
 
 __all__ = ["BaseModelError", "SDComponents", "load_sd_components", "weight_dtype_for", "add_hra", "add_unet_adapter",
            "is_offline"]
@@ -119,7 +119,7 @@ def add_unet_adapter(unet: nn.Module, cfg, what: str = "UNet") -> HRAConfig | No
                         orth_lambda=cfg.orth_lambda, seed=cfg.seed)
         add_hra(unet, hra, what)
         return hra
-    from ..baselines import inject_baseline
+    from ..adapters.peft_baselines import inject_baseline
 
     try:
         inject_baseline(unet, cfg.baseline_spec())

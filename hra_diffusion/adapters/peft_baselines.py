@@ -8,7 +8,7 @@ They target the same module-name suffixes as HRA's config and are saved in PEFT'
   adapter_model.safetensors        keys ``base_model.model.<module>.<tensor>`` (PeftModel.from_pretrained)
   pytorch_lora_weights.safetensors LoRA only: keys ``unet.<module>.lora_{A,B}.weight`` (diffusers'
                                    ``pipe.load_lora_weights(folder)``)
-  condition_encoder.safetensors    control adapters only: the condition encoder (shape in its metadata)
+  condition_encoder.safetensors    control adapters only: the condition encoder (``hra_diffusion.control.io``)
 
 Trainer metadata (base model, trainer, prompts) is kept in the safetensors header under ``hra_diffusion``,
 so adapter_config.json stays exactly PEFT's. Parameter budgets per layer of input width d, output d_out:
@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,16 +29,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, atomic_directory
+from ..utils import atomic_directory
 from .config import DEFAULT_TARGETS
+from .io import ADAPTER_WEIGHTS, PEFT_PREFIX
 from .model import _existing_names_hint, matches_target
 
 __all__ = [
-    "ADAPTERS",
     "BASELINES",
     "DEFAULT_BLOCK_SIZE",
     "DIFFUSERS_LORA_WEIGHTS",
-    "CONDITION_ENCODER_FILE",
     "BaselineSpec",
     "peft_config",
     "inject_baseline",
@@ -46,28 +45,19 @@ __all__ = [
     "count_trainable",
     "save_peft_adapter",
     "load_peft_adapter",
-    "read_adapter_metadata",
-    "adapter_type",
-    "save_condition_encoder",
-    "load_condition_encoder",
-    "save_trained_adapter",
-    "load_trained_adapter",
-    "merge_adapter",
+    "merge_peft",
 ]
 
-ADAPTERS = ("hra", "lora", "oft", "boft")
-"""Every adapter kind the trainers take (``--adapter``); ``hra`` is this library's, the rest PEFT's."""
 BASELINES = ("lora", "oft", "boft")
 DEFAULT_BLOCK_SIZE = {"oft": 16, "boft": 8}
 """Block sizes whose parameter counts are in HRA r = 8's range (module docstring)."""
 DIFFUSERS_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-CONDITION_ENCODER_FILE = "condition_encoder.safetensors"
 _ADAPTER_NAME = "default"
 _TENSOR_PREFIX = {"lora": "lora_", "oft": "oft_", "boft": "boft_"}
 
 
 def _choices() -> str:
-    return ", ".join(ADAPTERS)
+    return ", ".join(("hra", *BASELINES))
 
 
 @dataclass
@@ -206,51 +196,15 @@ def _peft_kind(config) -> str:
     return kind
 
 
-def save_condition_encoder(encoder: nn.Module, file: str | os.PathLike) -> Path:
-    """The control trainer's condition encoder as one safetensors file; its shape is in the file's metadata."""
-    from safetensors.torch import save_file
-
-    config = getattr(encoder, "hra_condition_config", None)
-    if config is None:
-        raise ValueError("the encoder was not made by hra_diffusion.control.build_condition_encoder(); its shape is unknown")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
-    save_file(state, str(file), metadata={"format": "pt", "condition_encoder": json.dumps(config)})
-    return Path(file)
-
-
-def load_condition_encoder(unet: nn.Module, folder: str | os.PathLike) -> nn.Module | None:
-    """Rebuild the condition encoder saved beside a PEFT adapter (None when the folder has none)."""
-    from safetensors import safe_open
-
-    from .control import build_condition_encoder
-
-    file = Path(folder) / CONDITION_ENCODER_FILE
-    if not file.is_file():
-        return None
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    if "condition_encoder" not in meta:
-        raise ValueError(f"{file} has no 'condition_encoder' metadata (its shape); it was not written by "
-                         "save_condition_encoder()")
-    config = json.loads(meta["condition_encoder"])
-    encoder = build_condition_encoder(unet, block_out_channels=config["block_out_channels"],
-                                      conditioning_channels=config["conditioning_channels"])
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{file}: the weights do not fit the recorded encoder shape "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return encoder.to(next(unet.parameters()).device).eval()
-
-
-def save_peft_adapter(model: nn.Module, path: str | os.PathLike, *, encoder: nn.Module | None = None,
+def save_peft_adapter(model: nn.Module, path: str | os.PathLike, *,
+                      extra_files: Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping[str, str]]] | None = None,
                       diffusers_prefix: str | None = "unet", **metadata: Any) -> Path:
     """Write ``model``'s PEFT baseline to folder ``path`` in PEFT's format (atomically; fp32 tensors).
 
     ``metadata`` (e.g. base_model=..., trainer=...) goes to the safetensors header; ``base_model`` also
     becomes PEFT's ``base_model_name_or_path``. LoRA adapters also get diffusers' LoRA file, keys prefixed
-    by ``diffusers_prefix`` (the pipeline component, ``unet``). ``encoder``: a condition encoder, saved as
-    ``condition_encoder.safetensors`` in the same folder.
+    by ``diffusers_prefix`` (the pipeline component, ``unet``). ``extra_files``: more safetensors files for the
+    same folder, ``{file name: (tensors, header metadata)}`` (the control trainer's condition encoder).
     """
     import copy
 
@@ -277,41 +231,10 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, *, encoder: nn.
         if kind == "lora" and diffusers_prefix:
             save_file({f"{diffusers_prefix}.{k}": v for k, v in state.items()}, str(tmp / DIFFUSERS_LORA_WEIGHTS),
                       metadata=header)
-        if encoder is not None:
-            save_condition_encoder(encoder, tmp / CONDITION_ENCODER_FILE)
+        for name, (tensors, meta) in (extra_files or {}).items():
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / name),
+                      metadata={"format": "pt", **meta})
     return Path(path)
-
-
-def read_adapter_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The trainer metadata stored in a PEFT baseline's safetensors header ({} when there is none)."""
-    from safetensors import safe_open
-
-    file = Path(path) / ADAPTER_WEIGHTS
-    if not file.is_file():
-        raise FileNotFoundError(f"{str(file)!r} is missing")
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta["hra_diffusion"]) if "hra_diffusion" in meta else {}
-
-
-def adapter_type(path: str | os.PathLike) -> str:
-    """'hra' (ours, or PEFT's HRA), 'lora', 'oft' or 'boft', from the folder's adapter_config.json."""
-    file = Path(path) / ADAPTER_CONFIG
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist")
-    if not file.is_file():
-        raise FileNotFoundError(f"{str(file)!r} is missing: an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    try:
-        doc = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(file)!r} is not valid JSON ({err})") from None
-    if doc.get("format") == "hra-diffusion":
-        return "hra"
-    peft_type = str(doc.get("peft_type") or "").lower()
-    if peft_type in ("hra", *BASELINES):
-        return peft_type
-    raise ValueError(f"{file} is neither an hra-diffusion adapter nor a PEFT adapter of a supported type "
-                     f"(peft_type {doc.get('peft_type')!r}); supported: {_choices()}")
 
 
 def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
@@ -324,10 +247,8 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     from safetensors.torch import load_file
 
     path = Path(path)
-    kind = adapter_type(path)
-    if kind not in BASELINES:
-        raise ValueError(f"{path} is an HRA adapter: load it with hra_diffusion.load_adapter")
     config = PeftConfig.from_pretrained(str(path))
+    kind = _peft_kind(config)
     weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
         hint = " (a .bin adapter is a pickle; this library only reads safetensors)" if (path / "adapter_model.bin").exists() else ""
@@ -360,44 +281,8 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     return [n for n, _ in peft_layers(model)]
 
 
-def save_trained_adapter(unet: nn.Module, path: str | os.PathLike, kind: str, *, encoder: nn.Module | None = None,
-                         **metadata: Any) -> Path:
-    """A trainer's final adapter: ours for HRA (encoder inside, as before), PEFT's format for a baseline."""
-    if kind == "hra":
-        if encoder is not None:
-            from .control import save_control_adapter
-
-            save_control_adapter(unet, encoder, path, adapter="hra", **metadata)
-            return Path(path)
-        from .adapter_io import save_adapter
-
-        return save_adapter(unet, path, adapter="hra", **metadata)
-    if kind not in BASELINES:
-        raise ValueError(f"unknown adapter {kind!r}; choose one of {_choices()}")
-    return save_peft_adapter(unet, path, encoder=encoder, **metadata)
-
-
-def load_trained_adapter(unet: nn.Module, path: str | os.PathLike) -> tuple[str, list[str], nn.Module | None]:
-    """Load any adapter folder a trainer wrote (or PEFT's HRA/LoRA/OFT/BOFT) into ``unet``.
-
-    Returns (adapter type, adapted module names, condition encoder or None).
-    """
-    kind = adapter_type(path)
-    if kind == "hra":
-        from .control import load_control_adapter
-
-        names, encoder = load_control_adapter(unet, path)
-        return kind, names, encoder
-    names = load_peft_adapter(unet, path)
-    return kind, names, load_condition_encoder(unet, path)
-
-
-def merge_adapter(model: nn.Module, kind: str) -> nn.Module:
-    """Fold the adapter into the base weights (HRA: W <- W H; PEFT layers: their own ``merge()``)."""
-    if kind == "hra":
-        from .model import merge_hra
-
-        return merge_hra(model)
+def merge_peft(model: nn.Module) -> nn.Module:
+    """Fold every PEFT baseline layer into its base weight (their own ``merge()``; reversible by ``unmerge()``)."""
     for _, layer in peft_layers(model):
         layer.merge()
     return model

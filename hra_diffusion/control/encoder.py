@@ -9,7 +9,6 @@ condition over the classifier-free-guidance batch, so both branches get the cont
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,8 +16,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
-
-from .adapter_io import load_adapter, read_adapter, save_adapter
 
 
 def _embedding_class():
@@ -30,18 +27,14 @@ def _embedding_class():
     return ControlNetConditioningEmbedding
 
 __all__ = [
-    "ENCODER_PREFIX",
     "build_condition_encoder",
     "default_block_out_channels",
     "ConditionHandle",
     "attach_condition_encoder",
     "ControlledUNet",
-    "save_control_adapter",
-    "load_control_adapter",
     "prepare_condition",
 ]
 
-ENCODER_PREFIX = "condition_encoder."
 _SD_CHANNELS = (16, 32, 96, 256)  # the official encoder for a VAE that downsamples 8x
 
 
@@ -144,41 +137,6 @@ class ControlledUNet(nn.Module):
             return self.unet(sample, timestep, encoder_hidden_states, **kwargs)
         finally:
             self._handle.set_condition(None)
-
-
-def save_control_adapter(
-    unet: nn.Module, encoder: nn.Module, path: str | os.PathLike, **metadata: Any
-) -> None:
-    """One adapter directory: the UNet's HRA tensors plus the condition encoder's weights."""
-    config = getattr(encoder, "hra_condition_config", None)
-    if config is None:
-        raise ValueError("the encoder was not made by build_condition_encoder(); its shape is unknown")
-    extra = {ENCODER_PREFIX + k: v for k, v in encoder.state_dict().items()}
-    save_adapter(unet, path, extra_tensors=extra, condition_encoder=config, **metadata)
-
-
-def load_control_adapter(
-    unet: nn.Module, path: str | os.PathLike
-) -> tuple[list[str], nn.Module | None]:
-    """Load an adapter; if it carries a condition encoder, rebuild it. Returns (layer names, encoder)."""
-    names = load_adapter(unet, path)
-    doc, _, extras = read_adapter(path)
-    config = doc.get("condition_encoder")
-    if not config:
-        return names, None
-    encoder = build_condition_encoder(
-        unet,
-        block_out_channels=config["block_out_channels"],
-        conditioning_channels=config["conditioning_channels"],
-    )
-    state = {k[len(ENCODER_PREFIX):]: v for k, v in extras.items() if k.startswith(ENCODER_PREFIX)}
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"adapter {path}: condition encoder weights do not fit its recorded shape "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    return names, encoder.to(next(unet.parameters()).device).eval()
 
 
 def prepare_condition(

@@ -16,6 +16,7 @@ __all__ = [
     "inject_hra",
     "merge_hra",
     "unmerge_hra",
+    "merge_and_unload_hra",
     "hra_layers",
     "hra_parameters",
     "hra_state_dict",
@@ -84,7 +85,7 @@ def inject_hra(model: nn.Module, config: HRAConfig, names: Iterable[str] | None 
     """
     if any(True for _ in hra_layers(model)):
         raise ValueError(
-            "this model already has HRA layers; merge_hra() it, or load into a fresh model"
+            "this model already has HRA layers; merge_and_unload_hra() it, or load into a fresh model"
         )
     if names is None:
         selected = [
@@ -130,19 +131,31 @@ def inject_hra(model: nn.Module, config: HRAConfig, names: Iterable[str] | None 
 
 
 def merge_hra(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (W <- W H) and put the plain base layers back."""
+    """Fold every adapter into its base weight (W <- W H), keeping the wrappers: reversible.
+
+    A merged layer's forward is its base layer's (the base model's cost); :func:`unmerge_hra` restores W.
+    To drop the wrappers for good (a plain model to save or hand on), use :func:`merge_and_unload_hra`.
+    """
+    for _, layer in hra_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge_hra(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge_hra`: W <- W Hᵀ on every merged HRA layer (exact in fp32)."""
+    for _, layer in hra_layers(model):
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload_hra(model: nn.Module) -> nn.Module:
+    """Fold every adapter in and put the plain base layers back (PEFT's ``merge_and_unload``): not reversible."""
     for name, layer in list(hra_layers(model)):
         layer.merge()
         _set_submodule(model, name, layer.base_layer)
     if hasattr(model, _CONFIG_ATTR):
         delattr(model, _CONFIG_ATTR)
     return model
-
-
-def unmerge_hra(model: nn.Module) -> None:
-    """Undo ``layer.merge()`` on every (still wrapped) HRA layer."""
-    for _, layer in hra_layers(model):
-        layer.unmerge()
 
 
 @contextlib.contextmanager

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..utils import atomic_directory
 from .config import HRAConfig
 from .layers import HRAConv2d, HRALayer
 from .model import get_hra_config, hra_layers, inject_hra
@@ -29,13 +28,12 @@ from .model import get_hra_config, hra_layers, inject_hra
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
+    "TEXT_ENCODER_SUBDIR",
     "save_adapter",
     "load_adapter",
     "read_adapter",
     "export_peft",
     "export_merged",
-    "atomic_directory",
-    "load_any_adapter",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -43,46 +41,14 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FORMAT_NAME = "hra-diffusion"
 FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
+TEXT_ENCODER_SUBDIR = "text_encoder"  # a DreamBooth adapter's text-encoder part, a folder inside it
 _SUFFIX = "." + HRALayer.adapter_prefix
 
 
 def _library_version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
-
-
-class atomic_directory:
-    """Write a directory atomically: fill a temporary sibling, then swap it into place.
-
-    A crash while writing leaves any previous directory at ``path`` untouched (the half-written
-    temporary is named ``.<name>.tmp-*`` and is ignored and cleaned up by the next write).
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        for f in self.tmp.iterdir():  # flush file contents before the rename makes them visible
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _layer_info(layer: HRALayer) -> dict[str, Any]:
@@ -319,7 +285,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     The model itself is not changed; only the adapted weights are new tensors.
     """
-    merged = {f"{name}.base_layer.weight": layer.merged_weight() for name, layer in hra_layers(model)}
+    merged = {f"{name}.base_layer.weight": layer.base_layer.weight if layer.merged else layer.merged_weight()
+              for name, layer in hra_layers(model)}
     out = {}
     for key, value in model.state_dict().items():
         if key.endswith(_SUFFIX):
@@ -346,14 +313,6 @@ def export_merged(model: nn.Module, path: str | os.PathLike) -> Path:
         else:
             raise TypeError(
                 f"export_merged needs a diffusers or transformers model, got {type(model).__name__}; "
-                "use merge_hra(model) and save its state_dict yourself"
+                "use merge_and_unload_hra(model) and save its state_dict yourself"
             )
     return Path(path)
-
-
-def load_any_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
-    """Load an HRA adapter (ours or PEFT's) or a PEFT LoRA/OFT/BOFT baseline folder into ``model``;
-    returns the adapted layer names (``hra_diffusion.baselines`` holds the PEFT side)."""
-    from .baselines import adapter_type, load_peft_adapter
-
-    return load_adapter(model, path) if adapter_type(path) == "hra" else load_peft_adapter(model, path)

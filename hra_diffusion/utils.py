@@ -1,0 +1,52 @@
+"""Small helpers every part of the package uses: crash-safe folders and the default device."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = ["atomic_directory", "default_device"]
+
+
+class atomic_directory:
+    """Write a directory atomically: fill a temporary sibling, then swap it into place.
+
+    A crash while writing leaves any previous directory at ``path`` untouched (the half-written
+    temporary is named ``.<name>.tmp-*`` and is ignored and cleaned up by the next write).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        for f in self.tmp.iterdir():  # flush file contents before the rename makes them visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def default_device(name: str | None = None) -> str:
+    """``name`` if given, else "cuda" when a GPU is visible, else "cpu"."""
+    if name:
+        return str(name)
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
