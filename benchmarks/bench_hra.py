@@ -10,20 +10,27 @@
    BOFT (block 8, one butterfly factor), injected by hra_diffusion.adapters.peft_baselines exactly as the trainers do.
 
 Usage: python benchmarks/bench_hra.py [--repeats 7] [--unet-repeats 3] [--skip-unet] [--skip-layers] [--r 8]
-       [--unet-variants ours,peft_lora_half,peft_oft,peft_boft]
+       [--unet-variants ours,peft_lora_half,peft_oft,peft_boft] [--json benchmarks/results/bench_hra.json]
 Prints markdown tables and the ratios the project's goals are stated in, and every whole-step ratio
-against LoRA (both ranks) measured side by side.
+against LoRA (both ranks) measured side by side. Every figure is also written to the results JSON (default
+benchmarks/results/bench_hra.json; the sections this run measured replace the file's old ones, each with
+the machine, torch version and date it was measured on); the README's tables are rendered from that file
+by benchmarks/render_tables.py, never typed in.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -31,12 +38,14 @@ import torch.nn as nn
 from hra_diffusion import HRAConfig, inject_hra
 from hra_diffusion.training.trainer import peak_rss_kib
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from render_tables import layers_table, whole_step_table  # noqa: E402
+
 SHAPES = [(320, 320, 4096 * 2), (640, 640, 1024 * 2), (1280, 1280, 256 * 2), (1280, 1280, 64 * 2), (768, 320, 77 * 2)]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 VARIANTS = ["base", "ours", "peft_hra", "peft_lora"]
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "bench_hra.json"
 UNET_VARIANTS = ["ours", "peft_hra", "peft_lora", "peft_lora_half", "peft_oft", "peft_boft"]
-UNET_LABELS = {"ours": "ours (HRA r)", "peft_hra": "PEFT HRA r", "peft_lora": "PEFT LoRA r",
-               "peft_lora_half": "PEFT LoRA r/2", "peft_oft": "PEFT OFT block 16", "peft_boft": "PEFT BOFT block 8"}
 
 
 class Holder(nn.Module):
@@ -204,31 +213,7 @@ def bench_unet_memory(r: int, kinds: list[str]) -> dict[str, dict]:
 
 def whole_step_report(t: dict[str, float], mem: dict[str, dict]) -> str:
     """The whole-UNet table and every variant's ratios to LoRA (same rank r and same budget r/2)."""
-    kinds = list(t)
-    lines = ["| variant | trainable | step (median s) | peak RSS (GiB) | peak above built model (MiB) |"
-             + " time / LoRA r | time / LoRA r/2 | peak RSS / LoRA r/2 |",
-             "|---|---|---|---|---|---|---|---|"]
-
-    def ratio(k: str, ref: str, table: dict, key=None) -> str:
-        if ref not in table:
-            return "-"
-        a, b = (table[k], table[ref]) if key is None else (table[k][key], table[ref][key])
-        return f"{a / b:.2f}x"
-
-    for k in kinds:
-        m = mem.get(k)
-        cells = [UNET_LABELS.get(k, k), f"{m['trainable']:,}" if m else "-", f"{t[k]:.2f}",
-                 f"{m['peak_kib'] / 2**20:.2f}" if m else "-",
-                 f"{(m['peak_kib'] - m['after_build_kib']) / 1024:.0f}" if m else "-",
-                 ratio(k, "peft_lora", t), ratio(k, "peft_lora_half", t),
-                 ratio(k, "peft_lora_half", mem, "peak_kib") if m else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    out = "\n".join(lines)
-    if {"ours", "peft_lora", "peft_hra"} <= set(t):
-        out += (f"\n\nratios: time ours/LoRA = **{t['ours'] / t['peft_lora']:.2f}x**, "
-                f"PEFT HRA/ours = **{t['peft_hra'] / t['ours']:.2f}x**, "
-                f"peak RSS ours/LoRA = **{mem['ours']['peak_kib'] / mem['peft_lora']['peak_kib']:.3f}x**")
-    return out
+    return whole_step_table(t, mem)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -240,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-layers", action="store_true", help="only the whole-UNet step")
     ap.add_argument("--unet-variants", default=",".join(UNET_VARIANTS),
                     help=f"comma-separated whole-UNet variants, from {', '.join(UNET_VARIANTS)}")
-    ap.add_argument("--json", help="also write all figures to this JSON file")
+    ap.add_argument("--json", default=str(DEFAULT_RESULTS),
+                    help="results file to update with this run's sections ('' to skip writing)")
     ap.add_argument("--peak-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.peak_child:
@@ -253,34 +239,55 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown --unet-variants {unknown}; choose from {', '.join(UNET_VARIANTS)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, r = {args.r}\n")
     result: dict = {}
+    env = environment(args.r)
     if not args.skip_layers:
-        result["layers"] = print_layers(args.r, args.repeats)
+        result["layers"] = {"env": env, "repeats": args.repeats, "rows": print_layers(args.r, args.repeats)}
     if not args.skip_unet:
         t = bench_unet_time(args.r, args.unet_repeats, kinds)
         mem = bench_unet_memory(args.r, kinds)
-        result["unet_step_s"] = t
-        result["unet_memory"] = mem
+        result["unet"] = {"env": env, "repeats": args.unet_repeats, "step_s": t, "memory": mem}
         print("\n### Whole SD-1.5-shaped UNet training step (32x32 latent, batch 1, random weights)\n")
         print(whole_step_report(t, mem))
     print("\ngoals: ours <= 1.15x LoRA time at every shape and for the whole step; PEFT HRA >= 3x slower than "
           "ours at the 1280-wide shapes; whole-step peak memory <= 1.05x LoRA's")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        path = update_results(Path(args.json), result)
+        print(f"\nresults: {path} (render the README tables with python benchmarks/render_tables.py --write README.md)")
+
+
+def environment(r: int) -> dict:
+    """Where and with what a section was measured (stored beside its figures)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
+        "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu", "dtype": "fp32", "r": r,
+    }
+
+
+def update_results(path: Path, sections: dict) -> Path:
+    """Replace ``sections`` in the results JSON at ``path`` (other sections kept), written atomically."""
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    old.update(sections)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(old, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def print_layers(r: int, repeats: int) -> list[dict]:
     rows = bench_layers(r, repeats)
     print("### Per layer, forward + backward (median ms; MiB kept for backward)\n")
-    print("| shape (in, out, tokens) | base | ours | PEFT HRA | PEFT LoRA | ours / LoRA | PEFT HRA / ours | memory ours / LoRA |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(
-            f"| {row['shape']} | {row['base_ms']:.2f} | {row['ours_ms']:.2f} | {row['peft_hra_ms']:.2f} | "
-            f"{row['peft_lora_ms']:.2f} | **{row['ours_ms'] / row['peft_lora_ms']:.2f}x** | "
-            f"**{row['peft_hra_ms'] / row['ours_ms']:.1f}x** | "
-            f"{row['ours_mib']:.2f} / {row['peft_lora_mib']:.2f} MiB (PEFT HRA {row['peft_hra_mib']:.2f}) |"
-        )
+    print(layers_table({"env": environment(r), "repeats": repeats, "rows": rows}))
     return rows
 
 

@@ -1,4 +1,4 @@
-"""Householder Reflection Adaptation maths, pure torch (see ../shared/docs/method.md).
+"""Householder Reflection Adaptation maths, pure torch (derivations: docs/method.md).
 
 Notation: U is (d, r), one column per reflection; H = H_1 H_2 ... H_r with H_i = I - 2 û_i û_iᵀ.
 Nothing here builds a d x d matrix except :func:`dense_chain`, the reference used by tests.
@@ -33,7 +33,7 @@ def normalize_columns(u: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 def wy_factor(u_hat: torch.Tensor) -> torch.Tensor:
     """Compact WY factor T (r, r), upper-triangular, with H_1...H_r = I - Û T Ûᵀ.
 
-    T⁻¹ = ½ I + strict_upper(ÛᵀÛ)  (method.md, "Cheap forms").
+    T⁻¹ = ½ I + strict_upper(ÛᵀÛ)  (docs/method.md, "The compact WY form").
     """
     r = u_hat.shape[1]
     gram = u_hat.transpose(0, 1) @ u_hat  # (r, r)
@@ -78,9 +78,7 @@ class _RowFactors(torch.autograd.Function):
             v = u.transpose(0, 1)  # (r, d)
             norm = v.norm(dim=1, keepdim=True).clamp_min_(1e-12)  # (r, 1)
             a = (v / norm).contiguous()
-            m = torch.triu(a @ a.transpose(0, 1), diagonal=1)  # (r, r)
-            m.diagonal().fill_(0.5)
-            t = torch.linalg.solve_triangular(m, torch.eye(m.shape[0], dtype=m.dtype, device=m.device), upper=True)
+            t = wy_factor(a.transpose(0, 1))  # (r, r)
             c = t.transpose(0, 1) @ a
         ctx.save_for_backward(a, t, norm)
         return a, c
@@ -109,8 +107,9 @@ def row_factors(u: torch.Tensor, apply_gs: bool = False) -> tuple[torch.Tensor, 
       input side    x Hᵀ = x - (x aᵀ) c
       adaptive LoRA W H  = W - (W cᵀ) a,   so y = base(x) - (x aᵀ)(c Wᵀ)
     """
-    if apply_gs:
-        a = gram_schmidt(u).transpose(0, 1).contiguous()
+    if apply_gs:  # T = 2 I, so c = 2 a
+        q, _ = reflection_factors(u, apply_gs=True)
+        a = q.transpose(0, 1).contiguous()
         return a, 2.0 * a
     return _RowFactors.apply(u)
 

@@ -1,6 +1,6 @@
 """HRA layers: wrap a frozen nn.Linear / nn.Conv2d and compute y = W H x + b cheaply.
 
-Both exact cheap forms of method.md are used, with a = Ûᵀ and c = Tᵀ Ûᵀ (r, d) (householder.row_factors):
+Both exact cheap forms of docs/method.md are used, with a = Ûᵀ and c = Tᵀ Ûᵀ (r, d) (householder.row_factors):
     adaptive LoRA  W H = W - (W cᵀ) a    =>  y = base(x) - (x aᵀ)(c Wᵀ)      O(n r (d + d_out) + d_out d r)
     input side     x Hᵀ = x - (x aᵀ) c   =>  y = base(x - (x aᵀ) c)          O(n r d)
 The Linear layer takes whichever needs fewer multiply-adds for the call (``form="auto"``): the adaptive-LoRA

@@ -72,7 +72,7 @@ def denoising_loss(pred: torch.Tensor, target: torch.Tensor, num_prior: int = 0,
 
 
 def with_orthogonality(loss: torch.Tensor, models: list[nn.Module], orth_lambda: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """loss + λ Σ_models orthogonality_loss(model) (method.md's regulariser); no-op for λ = 0."""
+    """loss + λ Σ_models orthogonality_loss(model) (docs/method.md's regulariser); no-op for λ = 0."""
     if not orth_lambda:
         return loss, {}
     penalty = sum(orthogonality_loss(m) for m in models)
