@@ -196,3 +196,7 @@ def test_merged_export_loads_in_stock_pipeline(tmp_path):
     # merging in place gives the same weights as the export
     merge_hra(unet)
     assert rel(run(unet), live) < 1e-5
+    # exporting an already merged model folds H in once, not twice
+    export_merged(unet, tmp_path / "merged_again")
+    again = UNet2DConditionModel.from_pretrained(tmp_path / "merged_again")
+    assert rel(run(again), live) < 1e-5
