@@ -256,6 +256,7 @@ def test_wrong_base_shapes_name_the_layer(hra_adapter, tmp_path, capsys):
 
 def test_peft_baselines_lora_converts_exactly_oft_is_refused(tiny_random_sd_dir, tmp_path, capsys):
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from tiny_models import unet_inputs
 
     from hra_diffusion.adapters.peft_baselines import BaselineSpec, inject_baseline, save_peft_adapter
 
@@ -263,7 +264,7 @@ def test_peft_baselines_lora_converts_exactly_oft_is_refused(tiny_random_sd_dir,
     inject_baseline(unet, BaselineSpec("lora", r=2, lora_alpha=4, seed=0))
     for name, p in unet.named_parameters():
         if "lora_B" in name:
-            torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(len(name)))
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(name)))
     save_peft_adapter(unet, tmp_path / "lora-adapter", base_model=str(tiny_random_sd_dir))
     peft = {k.removeprefix("base_model.model."): v
             for k, v in load_file(str(tmp_path / "lora-adapter" / "adapter_model.safetensors")).items()}
@@ -274,9 +275,46 @@ def test_peft_baselines_lora_converts_exactly_oft_is_refused(tiny_random_sd_dir,
         assert torch.equal(lora[f"unet.{k}"], v * 2 if ".lora_B." in k else v)
     converted, alphas = _convert_non_diffusers_lora_to_diffusers(dict(kohya))
     assert len(converted) == len(peft) and set(alphas.values()) == {4.0}
+    # merged: the PEFT layers folded in, loadable by the stock UNet class
+    from diffusers import UNet2DConditionModel
+
+    merged = UNet2DConditionModel.from_pretrained(export_adapter(tmp_path / "lora-adapter", "merged",
+                                                                 tmp_path / "merged")).eval()
+    sample, t, enc = unet_inputs(unet, tokens=5)
+    with torch.no_grad():
+        want, got = unet(sample, t, enc).sample, merged(sample, t, enc).sample
+    assert _rel(got, want) <= 1e-5
     unet2, _ = _components(tiny_random_sd_dir)
+    with torch.no_grad():
+        assert _rel(unet2(sample, t, enc).sample, want) > 1e-3  # the LoRA does change the output
     inject_baseline(unet2, BaselineSpec("oft", block_size=8, seed=0))
     save_peft_adapter(unet2, tmp_path / "oft-adapter", base_model=str(tiny_random_sd_dir))
     err = _cli_error(["--adapter", str(tmp_path / "oft-adapter"), "--to", "lora", "--out", str(tmp_path / "o")],
                      capsys)
     assert "OFT" in err and "--to merged" in err
+
+
+def test_conv_without_a_lora_form_and_control_adapters_are_refused(hra_adapter, tmp_path):
+    from hra_diffusion.adapters.export import hra_lora_factor
+
+    conv = nn.Conv2d(4, 6, 3, padding=2, dilation=2)
+    u = torch.randn(4 * 9, 2)
+    with pytest.raises(ValueError, match=r"'blocks.0.conv'.*dilation=\(2, 2\)"):
+        hra_lora_factor(conv, u, name="blocks.0.conv")
+    plain = nn.Conv2d(4, 6, 3, padding=1)
+    f = hra_lora_factor(plain, u, name="c")
+    assert f.down.shape == (2, 4, 3, 3) and f.up.shape == (6, 2, 1, 1) and f.alpha == 2.0
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    w = plain.weight.double()
+    delta = torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, f.down, padding=1), f.up)
+    from hra_diffusion.adapters.householder import apply_h
+
+    merged = apply_h(w.reshape(6, -1), u.double()).reshape(w.shape)
+    assert torch.allclose(torch.nn.functional.conv2d(x, w, padding=1) + delta,
+                          torch.nn.functional.conv2d(x, merged, padding=1), atol=1e-10)
+    control = tmp_path / "control"
+    layer = nn.Sequential(nn.Linear(8, 8))
+    inject_hra(layer, HRAConfig(r=2, target_modules=["0"]))
+    save_adapter(layer, control, extra_tensors={"condition_encoder.conv.weight": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match="control adapter"):
+        export_adapter(control, "lora", tmp_path / "c")
