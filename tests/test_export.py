@@ -7,6 +7,7 @@ hra_diffusion, and compares its UNet and text-encoder outputs with the HRA model
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from hra_diffusion.adapters.config import TEXT_ENCODER_TARGETS, HRAConfig
 from hra_diffusion.adapters.export import (
     METADATA_KEY,
+    base_family,
     export_adapter,
     kohya_module_name,
     lora_key,
@@ -80,8 +82,10 @@ def hra_reference(tiny_random_sd_dir, hra_adapter):
     inp = _inputs(unet, te)
     plain = _outputs(unet, te, inp)
     load_adapter(unet, hra_adapter)
+    with torch.no_grad():
+        unet_only = unet(inp["sample"], inp["t"], plain["text"]).sample  # the adapter without its text part
     load_adapter(te, hra_adapter / "text_encoder")
-    return inp, _outputs(unet, te, inp), plain
+    return inp, {**_outputs(unet, te, inp), "unet_only": unet_only}, plain
 
 
 STOCK_DIFFUSERS = textwrap.dedent("""
@@ -113,17 +117,25 @@ def test_lora_and_kohya_load_in_stock_diffusers_and_reproduce_hra(tiny_random_sd
     lora_dir, kohya_file = tmp_path / "lora", tmp_path / "kohya.safetensors"
     assert main(["export", "--adapter", str(hra_adapter), "--to", "lora", "--out", str(lora_dir)]) == 0
     assert main(["export", "--adapter", str(hra_adapter), "--to", "kohya", "--out", str(kohya_file)]) == 0
+    unet_only = tmp_path / "unet-only"  # the same UNet adapter without a text_encoder/ part
+    unet_only.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(hra_adapter / f, unet_only / f)
+    unet_only_file = tmp_path / "unet-only.safetensors"
+    assert main(["export", "--adapter", str(unet_only), "--to", "kohya", "--out", str(unet_only_file)]) == 0
     save_file({k: v.contiguous() for k, v in inp.items()}, str(tmp_path / "inputs.safetensors"))
     script = tmp_path / "stock.py"
     script.write_text(STOCK_DIFFUSERS)
     res = subprocess.run([sys.executable, str(script), str(tiny_random_sd_dir), str(tmp_path / "inputs.safetensors"),
-                          str(tmp_path / "out.safetensors"), str(lora_dir), str(kohya_file)],
+                          str(tmp_path / "out.safetensors"), str(lora_dir), str(kohya_file), str(unet_only_file)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     got = load_file(str(tmp_path / "out.safetensors"))
     for i in (0, 1):  # 0: diffusers layout, 1: kohya
         assert _rel(got[f"{i}.text"], want["text"]) <= 1e-5
         assert _rel(got[f"{i}.unet"], want["unet"]) <= 1e-5
+    assert torch.equal(got["2.text"], plain["text"])  # no text-encoder keys: the text encoder is untouched
+    assert _rel(got["2.unet"], want["unet_only"]) <= 1e-5
 
 
 def test_export_records_its_source_and_base(tiny_random_sd_dir, hra_adapter, tmp_path):
@@ -312,6 +324,11 @@ def test_conv_without_a_lora_form_and_control_adapters_are_refused(hra_adapter, 
     merged = apply_h(w.reshape(6, -1), u.double()).reshape(w.shape)
     assert torch.allclose(torch.nn.functional.conv2d(x, w, padding=1) + delta,
                           torch.nn.functional.conv2d(x, merged, padding=1), atol=1e-10)
+    linear = nn.Linear(12, 5)  # the Gram-Schmidt variant (H = I - 2QQᵀ) is a LoRA the same way
+    u = torch.randn(12, 3)
+    g = hra_lora_factor(linear, u, apply_gs=True)
+    assert torch.allclose(linear.weight.double() + g.up @ g.down, apply_h(linear.weight.double(), u.double(), True))
+    assert base_family({"addition_embed_type": "text_time"}) == "sdxl" and base_family({}) == "sd"
     control = tmp_path / "control"
     layer = nn.Sequential(nn.Linear(8, 8))
     inject_hra(layer, HRAConfig(r=2, target_modules=["0"]))

@@ -100,7 +100,7 @@ class LoraFactor:
         return int(self.down.shape[0])
 
 
-def _conv_refusal(name: str, module: nn.Conv2d) -> str | None:
+def _conv_refusal(module: nn.Conv2d) -> str | None:
     """Why a conv layer has no LoRA conv form (k×k down with the base's stride/padding, 1×1 up), or None."""
     if module.groups != 1:
         return f"groups={module.groups}"
@@ -118,7 +118,7 @@ def hra_lora_factor(module: nn.Module, u: torch.Tensor, apply_gs: bool = False, 
     """The exact LoRA pair of one HRA layer: A = Ûᵀ, B = −W Û T (computed in fp64), alpha = r."""
     weight = module.weight.detach().to("cpu", torch.float64)
     if isinstance(module, nn.Conv2d):
-        why = _conv_refusal(name, module)
+        why = _conv_refusal(module)
         if why is not None:
             raise ValueError(f"layer {name!r} is a Conv2d with {why}: the LoRA conv form (k x k down, 1 x 1 up) "
                              "cannot express it; export --to merged or --to peft instead")
