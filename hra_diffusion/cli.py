@@ -220,11 +220,11 @@ def run_export(args: argparse.Namespace) -> int:
 
     written = export_adapter(args.adapter, args.to, args.out, base=args.base, dtype=args.dtype,
                              overwrite=args.overwrite)
-    hints = {"lora": f"pipe.load_lora_weights({str(written)!r})",
+    hints = {"lora": f"load it with pipe.load_lora_weights({str(written)!r})",
              "kohya": "copy it to ComfyUI/models/loras or stable-diffusion-webui/models/Lora",
-             "peft": "PeftModel.from_pretrained(unet, ...) or hra-diffusion generate --adapter",
-             "merged": "UNet2DConditionModel.from_pretrained(...)"}
-    print(f"wrote {written} ({args.to}, {args.dtype}); load it with {hints[args.to]}")
+             "peft": f"load it with hra-diffusion generate --adapter {written}, or PEFT",
+             "merged": f"load it with UNet2DConditionModel.from_pretrained({str(written)!r})"}
+    print(f"wrote {written} ({args.to}, {args.dtype}); {hints[args.to]}")
     return 0
 
 

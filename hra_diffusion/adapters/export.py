@@ -273,7 +273,8 @@ def _load_component(base: str, component: str, revision: str | None) -> nn.Modul
             model = CLIPTextModel.from_pretrained(base, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise OSError(f"could not load the {component} of base model {base!r}: {first}") from None
+        raise OSError(f"could not load the {component} of base model {base!r}: {first} Pass --base with the "
+                      "diffusers folder (or hub id) the adapter was trained on") from None
     return model.eval().requires_grad_(False)
 
 
@@ -322,6 +323,9 @@ def _write_file(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the shared file unreadable to others
         os.replace(tmp, file)
     finally:
         if os.path.exists(tmp):
