@@ -1,4 +1,4 @@
-"""The ``hra-diffusion`` command: generate images from an adapter, and score sample sets.
+"""The ``hra-diffusion`` command: generate images from an adapter, score sample sets, export adapters.
 
 One ``add_<name>_parser`` / ``run_<name>`` pair per subcommand; add a new one to SUBCOMMANDS.
 Heavy imports (torch, diffusers, open_clip) happen inside the run functions, so ``--help`` is fast.
@@ -21,6 +21,7 @@ EPILOG = """examples:
   hra-diffusion generate --adapter out/canny-hra --prompts-file data/heldout/metadata.jsonl \\
       --scheduler ddim --steps 50 --guidance 9 --out samples/canny
   hra-diffusion score control --samples samples/canny --metrics canny
+  hra-diffusion export --adapter out/dog-hra --to kohya --out dog-hra.safetensors
 """
 
 
@@ -183,9 +184,54 @@ def run_score(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- export --------------------------------------------------------------------------------------
+
+def add_export_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from .adapters.export import EXPORT_DTYPES, EXPORT_FORMATS
+
+    p = sub.add_parser(
+        "export", help="an adapter as a LoRA file (diffusers or kohya/A1111/ComfyUI), PEFT, or a merged model",
+        formatter_class=HelpFormatter,
+        description="Export an adapter folder for tools that do not know HRA. An HRA adapter is an exact rank-r "
+                    "LoRA of the base it was trained on (W H = W + B A, A = U^T, B = -W U T), so:\n"
+                    "  lora    diffusers' pytorch_lora_weights.safetensors (pipe.load_lora_weights)\n"
+                    "  kohya   one .safetensors with lora_unet_/lora_te_ keys (AUTOMATIC1111, ComfyUI, sd-scripts)\n"
+                    "  peft    PEFT's HRA folder (PeftModel.from_pretrained; needs no base)\n"
+                    "  merged  the base's UNet folder with the adapter folded in (+ text_encoder/)\n"
+                    "lora/kohya/merged are exact for the base they are computed from (--base); at a LoRA strength "
+                    "other than 1, or on another checkpoint, the result is no longer HRA. A PEFT LoRA baseline "
+                    "converts exactly; OFT/BOFT have no LoRA form. See docs/export.md.",
+    )
+    p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors; "
+                   "its text_encoder/ part is exported too)")
+    p.add_argument("--to", required=True, choices=EXPORT_FORMATS, help="output format")
+    p.add_argument("--out", required=True, help="lora: a folder (or a .safetensors file); kohya: a .safetensors "
+                   "file; peft, merged: a folder")
+    p.add_argument("--base", help="base pipeline the adapter was trained on: diffusers folder or hub id "
+                   "(default: the adapter's recorded base; not needed for peft)")
+    p.add_argument("--dtype", default="fp32", choices=tuple(EXPORT_DTYPES), help="dtype of the written tensors "
+                   "(computed in fp64/fp32, cast at the end)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    return p
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .adapters.export import export_adapter
+
+    written = export_adapter(args.adapter, args.to, args.out, base=args.base, dtype=args.dtype,
+                             overwrite=args.overwrite)
+    hints = {"lora": f"load it with pipe.load_lora_weights({str(written)!r})",
+             "kohya": "copy it to ComfyUI/models/loras or stable-diffusion-webui/models/Lora",
+             "peft": f"load it with hra-diffusion generate --adapter {written}, or PEFT",
+             "merged": f"load it with UNet2DConditionModel.from_pretrained({str(written)!r})"}
+    print(f"wrote {written} ({args.to}, {args.dtype}); {hints[args.to]}")
+    return 0
+
+
 SUBCOMMANDS: dict[str, tuple[Callable, Callable]] = {
     "generate": (add_generate_parser, run_generate),
     "score": (add_score_parser, run_score),
+    "export": (add_export_parser, run_export),
 }
 
 
@@ -193,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hra-diffusion", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Householder Reflection Adaptation (HRA) for Stable Diffusion: generate from adapters, "
-                    "score sample sets.")
+                    "score sample sets, export adapters as LoRA / PEFT / merged models.")
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

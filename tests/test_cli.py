@@ -35,7 +35,7 @@ def test_help_from_the_console_script_and_python_m(capsys):
 
 
 def test_parser_has_one_function_pair_per_subcommand():
-    assert set(SUBCOMMANDS) == {"generate", "score"}
+    assert set(SUBCOMMANDS) == {"generate", "score", "export"}
     args = build_parser().parse_args(["generate", "--out", "x", "--prompt", "a", "--prompt", "b", "--merge",
                                       "--scheduler", "euler", "--seeds", "1", "2"])
     assert args.prompts == ["a", "b"] and args.merge and args.seeds == [1, 2] and args.func is SUBCOMMANDS["generate"][1]

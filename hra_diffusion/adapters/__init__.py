@@ -9,11 +9,13 @@
 | ``io`` | our adapter folder format, PEFT HRA both ways, merged model export |
 | ``peft_baselines`` | PEFT's LoRA / OFT / BOFT at HRA's targets: inject, save, load |
 | ``registry`` | detect / describe / load / save / merge any of them |
+| ``export`` | any of them as a LoRA file (diffusers, kohya), PEFT or merged model: HRA as its exact LoRA |
 
 The method is written up in docs/method.md. Nothing here imports the control, training or evaluation code.
 """
 
 from .config import CONTROL_TARGETS, DEFAULT_TARGETS, TEXT_ENCODER_TARGETS, HRAConfig
+from .export import EXPORT_FORMATS, export_adapter
 from .io import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -56,5 +58,5 @@ __all__ = [
     "inject_hra", "merge_hra", "unmerge_hra", "merge_and_unload_hra", "disable_hra", "hra_layers",
     "hra_parameters", "count_hra_parameters", "orthogonality_loss",
     "ADAPTERS", "AdapterInfo", "adapter_type", "describe_adapter", "read_adapter_metadata", "load_any_adapter",
-    "save_any_adapter", "merge_adapter", "unmerge_adapter",
+    "save_any_adapter", "merge_adapter", "unmerge_adapter", "EXPORT_FORMATS", "export_adapter",
 ]

@@ -34,6 +34,8 @@ __all__ = [
     "read_adapter",
     "export_peft",
     "export_merged",
+    "write_peft_hra",
+    "write_merged",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -251,21 +253,39 @@ def export_peft(
     revision: str | None = None,
 ) -> Path:
     """Write the adapter in PEFT's HRA format (loadable by ``PeftModel.from_pretrained``)."""
-    tensors, layers = _adapter_tensors(model)
-    config = get_hra_config(model) or HRAConfig(r=next(iter(layers.values()))["r"], init_identity=False)
-    rs = {info["r"] for info in layers.values()}
+    tensors, _ = _adapter_tensors(model)
+    config = get_hra_config(model)
+    u = {k[: -len(_SUFFIX)]: v for k, v in tensors.items()}
+    with atomic_directory(path) as tmp:
+        write_peft_hra(tmp, u, apply_gs=bool(config.apply_gs) if config else False,
+                       base_model_name_or_path=base_model_name_or_path, revision=revision)
+    return Path(path)
+
+
+def write_peft_hra(
+    folder: str | os.PathLike,
+    u: Mapping[str, torch.Tensor],
+    *,
+    apply_gs: bool = False,
+    base_model_name_or_path: str | None = None,
+    revision: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """PEFT's HRA files (adapter_config.json + adapter_model.safetensors) into an existing ``folder``,
+    from ``{module path: hra_u (d, r)}``; ``metadata`` goes to the safetensors header."""
+    rs = sorted({int(t.shape[1]) for t in u.values()})
     if len(rs) != 1:
-        raise ValueError(f"PEFT's HRA format has one r per adapter; this model mixes r values {sorted(rs)}")
+        raise ValueError(f"PEFT's HRA format has one r per adapter; this adapter mixes r values {rs}")
     peft_doc = {
         "peft_type": "HRA",
         "task_type": None,
         "inference_mode": True,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": revision,
-        "r": rs.pop(),
-        "apply_GS": bool(config.apply_gs),
+        "r": rs[0],
+        "apply_GS": bool(apply_gs),
         # the exact wrapped names, so PEFT wraps the same layers whatever our suffixes were
-        "target_modules": sorted(layers),
+        "target_modules": sorted(u),
         "exclude_modules": None,
         "init_weights": True,
         "layers_to_transform": None,
@@ -273,11 +293,11 @@ def export_peft(
         "bias": "none",
         "modules_to_save": None,
     }
-    with atomic_directory(path) as tmp:
-        save_file({PEFT_PREFIX + k: v for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS),
-                  metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_doc, indent=2) + "\n")
-    return Path(path)
+    folder = Path(folder)
+    save_file({f"{PEFT_PREFIX}{k}{_SUFFIX}": v.detach().to("cpu").contiguous() for k, v in u.items()},
+              str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt", **(metadata or {})})
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(peft_doc, indent=2) + "\n")
+    return folder
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -302,17 +322,29 @@ def export_merged(model: nn.Module, path: str | os.PathLike) -> Path:
     The folder loads with the stock ``from_pretrained`` (e.g. ``UNet2DConditionModel``), without this
     package. ``model`` must be a diffusers ``ModelMixin`` or a transformers ``PreTrainedModel``.
     """
-    state = merged_state_dict(model)
     with atomic_directory(path) as tmp:
-        if hasattr(model, "save_config"):  # diffusers ModelMixin
-            model.save_config(tmp)
-            save_file(state, str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-        elif hasattr(model, "config") and hasattr(model.config, "save_pretrained"):  # transformers
-            model.config.save_pretrained(tmp)
-            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            raise TypeError(
-                f"export_merged needs a diffusers or transformers model, got {type(model).__name__}; "
-                "use merge_and_unload_hra(model) and save its state_dict yourself"
-            )
+        write_merged(model, tmp)
     return Path(path)
+
+
+def write_merged(model: nn.Module, folder: str | os.PathLike, metadata: Mapping[str, str] | None = None,
+                 dtype: torch.dtype | None = None) -> Path:
+    """The merged model's config and weights into an existing ``folder`` (see :func:`export_merged`);
+    ``dtype`` casts the floating-point weights at the end, ``metadata`` goes to the safetensors header."""
+    state = merged_state_dict(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    folder = Path(folder)
+    header = {"format": "pt", **(metadata or {})}
+    if hasattr(model, "save_config"):  # diffusers ModelMixin
+        model.save_config(folder)
+        save_file(state, str(folder / "diffusion_pytorch_model.safetensors"), metadata=header)
+    elif hasattr(model, "config") and hasattr(model.config, "save_pretrained"):  # transformers
+        model.config.save_pretrained(folder)
+        save_file(state, str(folder / "model.safetensors"), metadata=header)
+    else:
+        raise TypeError(
+            f"export_merged needs a diffusers or transformers model, got {type(model).__name__}; "
+            "use merge_and_unload_hra(model) and save its state_dict yourself"
+        )
+    return folder
