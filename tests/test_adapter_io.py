@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -109,6 +110,16 @@ def test_atomic_directory_keeps_previous_on_crash(tmp_path):
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary left behind
     read_adapter(tmp_path / "a")
+
+
+def test_atomic_directory_gets_the_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "shared") as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
 
 
 def test_extra_tensors_round_trip(tmp_path):
