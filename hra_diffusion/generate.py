@@ -401,7 +401,7 @@ def _identity(cfg: GenerateConfig, entries: list[PromptEntry], base: str, seeds:
 
 
 def _inputs(cfg: GenerateConfig, entries: list[PromptEntry], base: str) -> list[tuple[str, Path | None, bool]]:
-    """What ``--out`` must not overlap: (what, path, is a folder)."""
+    """What ``--out`` must not overlap: (what, path, whether ``--out`` inside it is refused too)."""
     inputs: list[tuple[str, Path | None, bool]] = [
         ("adapter folder", Path(cfg.adapter) if cfg.adapter else None, True),
         ("base model folder", Path(base) if Path(base).is_dir() else None, True),
@@ -411,7 +411,8 @@ def _inputs(cfg: GenerateConfig, entries: list[PromptEntry], base: str) -> list[
         inputs.append(("reference folder", e.reference_dir, True))
         for key in ("condition", "condition_source", "label"):
             if getattr(e, key) is not None:
-                inputs.append((f"{key.replace('_', ' ')} image's folder", getattr(e, key).parent, True))
+                # is or contains the images' folder (a subfolder of it, e.g. ./samples beside ./edge.png, is fine)
+                inputs.append((f"{key.replace('_', ' ')} image's folder", getattr(e, key).parent, False))
     return list(dict.fromkeys(inputs))
 
 

@@ -53,10 +53,11 @@ def image_name(prompt_index: int, image_index: int, seed: int) -> str:
 def check_not_input(out: Path, inputs: Iterable[tuple[str, Path | None, bool]]) -> None:
     """Refuse an ``out`` that is, contains or lies inside an input folder, or is / contains an input file.
 
-    ``inputs``: (what, path, is_folder) — e.g. ("adapter folder", Path("out/dog"), True).
+    ``inputs``: (what, path, inside_too) — e.g. ("adapter folder", Path("out/dog"), True); with
+    ``inside_too`` False only ``out`` being or containing ``path`` is refused.
     """
     o = Path(out).resolve()
-    for what, path, is_folder in inputs:
+    for what, path, inside_too in inputs:
         if path is None:
             continue
         p = Path(path).resolve()
@@ -65,7 +66,7 @@ def check_not_input(out: Path, inputs: Iterable[tuple[str, Path | None, bool]]) 
             relation = "is"
         elif p.is_relative_to(o):
             relation = "contains"
-        elif is_folder and o.is_relative_to(p):
+        elif inside_too and o.is_relative_to(p):
             relation = "lies inside"
         if relation:
             raise OutputFolderError(
