@@ -14,11 +14,12 @@ What counts as expected (:func:`is_expected`):
 
 Use it in a script::
 
-    from hra_diffusion.errors import error_boundary
+    from hra_diffusion.errors import error_boundary, pop_debug_flag
 
     if __name__ == "__main__":
-        with error_boundary("dreambooth_hra.py"):   # debug from $HRA_DIFFUSION_DEBUG
-            main()
+        debug = pop_debug_flag(sys.argv)             # --debug, or $HRA_DIFFUSION_DEBUG=1
+        with error_boundary("dreambooth_hra.py", debug=debug):
+            main(parse_args())
 
 or ``run_guarded(main, argv, prog="...")`` where the exit code must be returned rather than raised.
 Library warnings meant for the user are :class:`HRAWarning`; inside a boundary they print as one line
@@ -52,6 +53,7 @@ __all__ = [
     "error_boundary",
     "run_guarded",
     "add_debug_flag",
+    "pop_debug_flag",
     "read_image",
 ]
 
@@ -208,6 +210,14 @@ def add_debug_flag(parser, _top: bool = True) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for sub in dict.fromkeys(action.choices.values()):
                 add_debug_flag(sub, _top=False)
+
+
+def pop_debug_flag(argv: list[str]) -> bool:
+    """Remove every ``--debug`` from ``argv`` in place; whether there was one (for entry points whose own
+    parser does not know the flag, e.g. ``debug = pop_debug_flag(sys.argv)`` before parsing)."""
+    found = "--debug" in argv
+    argv[:] = [a for a in argv if a != "--debug"]
+    return found
 
 
 def read_image(path: str | os.PathLike, what: str = "image", mode: str | None = "RGB"):

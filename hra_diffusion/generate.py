@@ -238,6 +238,7 @@ def _entries(cfg: GenerateConfig) -> list[PromptEntry]:
         conds = cfg.conditions * len(entries) if len(cfg.conditions) == 1 else cfg.conditions
         for e, c in zip(entries, conds, strict=True):
             e.condition = Path(c)
+    checked: set[Path] = set()
     for e in entries:
         if cfg.reference_dir:
             e.reference_dir = Path(cfg.reference_dir)
@@ -245,6 +246,9 @@ def _entries(cfg: GenerateConfig) -> list[PromptEntry]:
             p = getattr(e, key)
             if p is not None and not p.is_file():
                 raise FileNotFoundError(f"{key.replace('_', ' ')} image {str(p)!r} (prompt {e.prompt!r}) does not exist")
+        if e.condition is not None and e.condition not in checked:  # decodable, before any model is loaded
+            read_image(e.condition, "condition image")
+            checked.add(e.condition)
         if e.reference_dir is not None and not e.reference_dir.is_dir():
             raise FileNotFoundError(f"reference folder {str(e.reference_dir)!r} does not exist")
     return entries

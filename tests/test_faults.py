@@ -27,7 +27,14 @@ from helpers_score import random_hra_adapter, random_image, save_png, write_samp
 from PIL import Image
 
 from hra_diffusion.cli import main
-from hra_diffusion.errors import EXIT_INTERRUPTED, HRAWarning, UserError, error_boundary, run_guarded
+from hra_diffusion.errors import (
+    EXIT_INTERRUPTED,
+    HRAWarning,
+    UserError,
+    error_boundary,
+    pop_debug_flag,
+    run_guarded,
+)
 from hra_diffusion.sample_dir import check_not_input
 
 REPO = Path(__file__).resolve().parent.parent
@@ -275,6 +282,18 @@ def test_pickle_posing_as_adapter_safetensors_is_named_and_never_loaded(kind, tm
     assert not marker.exists() and snapshot(folder) == before and not out.exists()
 
 
+def test_a_condition_image_that_is_not_an_image_is_named_before_anything_is_loaded(tmp_path, tiny_random_sd_dir,
+                                                                                   adapter, capsys):
+    cond = tmp_path / "edges" / "edge.jpg"
+    cond.parent.mkdir()
+    cond.write_text("not a JPEG at all")
+    before = snapshot(cond.parent)
+    rc, _, err = run_cli(gen_args(adapter, tiny_random_sd_dir, tmp_path / "out", "--condition", cond), capsys)
+    line = error_line(err)
+    assert rc == 2 and f"condition image {str(cond)!r} is not an image file" in line and "replace or remove it" in line
+    assert snapshot(cond.parent) == before and not (tmp_path / "out").exists()
+
+
 def test_debug_flag_and_env_show_the_traceback_and_bugs_keep_theirs(tmp_path, tiny_random_sd_dir, adapter,
                                                                     capsys, monkeypatch):
     folder = tmp_path / "adapter"
@@ -324,6 +343,8 @@ def test_the_boundary_for_scripts(capsys):
     assert run_guarded(interrupted, prog="train.py") == EXIT_INTERRUPTED
     assert capsys.readouterr().err == "train.py: interrupted\n"
     assert run_guarded(lambda: 7, prog="train.py") == 7
+    argv = ["--config", "x.yaml", "--debug", "--lr", "1"]
+    assert pop_debug_flag(argv) and argv == ["--config", "x.yaml", "--lr", "1"] and not pop_debug_flag(argv)
 
 
 # ---- score -----------------------------------------------------------------------------------------
