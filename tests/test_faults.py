@@ -174,6 +174,30 @@ def test_disk_full_during_generate_is_one_line_and_the_rerun_completes(
     assert len((out / "manifest.jsonl").read_text().splitlines()) == 4
 
 
+def test_ctrl_c_during_generate_says_how_to_finish(tmp_path, tiny_random_sd_dir, adapter, capsys, monkeypatch):
+    import hra_diffusion.generate as g
+
+    out = tmp_path / "samples"
+    argv = gen_args(adapter, tiny_random_sd_dir, out, "--num-images", "2")
+    sample, calls = g._sample, []
+
+    def ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(g, "_sample", ctrl_c)
+    rc, _, err = run_cli(argv, capsys)
+    assert rc == EXIT_INTERRUPTED and "Traceback" not in err
+    assert "interrupted with 1 of 2 images" in err and "run the same command again" in err
+    assert err.strip().splitlines()[-1] == "hra-diffusion generate: interrupted"
+    assert pngs(out) == ["p0000_00_s0.png"] and not (out / "manifest.jsonl").exists()
+    monkeypatch.setattr(g, "_sample", sample)
+    rc, _, err = run_cli(argv, capsys)
+    assert rc == 0 and "resuming: 1 of 2" in err and len(pngs(out)) == 2
+
+
 # ---- generate: the output folder ---------------------------------------------------------------------
 
 def test_other_settings_are_refused_and_overwrite_keeps_foreign_files(tmp_path, tiny_random_sd_dir, adapter, capsys):
