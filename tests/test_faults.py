@@ -318,6 +318,15 @@ def test_a_condition_image_that_is_not_an_image_is_named_before_anything_is_load
     assert snapshot(cond.parent) == before and not (tmp_path / "out").exists()
 
 
+def test_base_model_not_on_this_machine_is_one_line(tmp_path, adapter, capsys):
+    before = snapshot(adapter)
+    rc, _, err = run_cli(["generate", "--adapter", adapter, "--base", "someone/sd-model", "--prompt", PROMPT,
+                          "--device", "cpu", "--out", tmp_path / "out"], capsys)
+    line = error_line(err)
+    assert rc == 2 and "could not load base model 'someone/sd-model'" in line and "--base /path/to/model" in line
+    assert snapshot(adapter) == before and not (tmp_path / "out").exists()
+
+
 def test_debug_flag_and_env_show_the_traceback_and_bugs_keep_theirs(tmp_path, tiny_random_sd_dir, adapter,
                                                                     capsys, monkeypatch):
     folder = tmp_path / "adapter"
