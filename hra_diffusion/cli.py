@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from .errors import add_debug_flag, run_guarded
 from .utils import default_device
 
 __all__ = ["build_parser", "main", "SUBCOMMANDS"]
@@ -22,6 +23,8 @@ EPILOG = """examples:
       --scheduler ddim --steps 50 --guidance 9 --out samples/canny
   hra-diffusion score control --samples samples/canny --metrics canny
   hra-diffusion export --adapter out/dog-hra --to kohya --out dog-hra.safetensors
+
+errors print one line; --debug (or HRA_DIFFUSION_DEBUG=1) shows the traceback.
 """
 
 
@@ -54,8 +57,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
                                      "leave out to sample the base model alone")
     p.add_argument("--base", dest="base_model", help="base model: diffusers folder or hub id (default: the "
                    "adapter's recorded base if it is a local folder, else the tiny world assets/tiny-sd)")
-    p.add_argument("--out", "--output-dir", dest="output_dir", required=True, help="output folder (must be empty "
-                   "or new, unless --overwrite)")
+    p.add_argument("--out", "--output-dir", dest="output_dir", required=True, help="output folder: new or empty; "
+                   "a folder an interrupted run of the same command left is completed (only the missing images "
+                   "are made); must not overlap any input")
     g = p.add_argument_group("prompts and conditions")
     g.add_argument("--prompt", dest="prompts", action="append", default=[], help="a prompt (repeatable)")
     g.add_argument("--prompts-file", help=".txt with one prompt per line, or .jsonl with prompt/text, "
@@ -81,7 +85,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     r.add_argument("--dtype", choices=DTYPES, help="default: fp16 on cuda, fp32 on cpu")
     r.add_argument("--no-safety-checker", dest="safety_checker", action="store_false",
                    help="do not load the base model's safety checker")
-    r.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    r.add_argument("--overwrite", action="store_true", help="start again in a folder that holds other "
+                   "images: removes only the files generate wrote there (other files are kept)")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return p
 
@@ -91,7 +96,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     fields = GenerateConfig.__dataclass_fields__
     cfg = GenerateConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    out = generate(cfg)
+    out = generate(cfg, log=lambda msg: print(msg, file=sys.stderr))
     print(f"wrote {out}/ (images + manifest.jsonl); score it with: hra-diffusion score subject|control --samples {out}")
     return 0
 
@@ -246,18 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}", required=True)
     for add, run in SUBCOMMANDS.values():
         add(sub).set_defaults(func=run)
+    add_debug_flag(parser)  # every subcommand takes --debug too
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` (default: sys.argv[1:]) and run the subcommand; errors print one clear line."""
+    """Parse ``argv`` (default: sys.argv[1:]) and run the subcommand inside the error boundary: an
+    expected error (bad input, unreadable file, weights not here, disk full) prints one line and returns
+    2; ``--debug`` or $HRA_DIFFUSION_DEBUG=1 adds the traceback; a bug raises with its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError, OSError, RuntimeError) as err:
-        print(f"hra-diffusion {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return run_guarded(args.func, args, prog=f"hra-diffusion {args.command}", debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import UserError
+
 __all__ = [
     "ConditionError",
     "DetectorSpec",
@@ -28,7 +30,7 @@ __all__ = [
 ]
 
 
-class ConditionError(ValueError):
+class ConditionError(UserError):
     """An unknown condition type, or a weight-based detector whose files are not available."""
 
 

@@ -3,23 +3,42 @@
 The manifest is what ``hra-diffusion score`` reads: one JSON object per image with its file, prompt,
 seed, sampler settings, condition image, adapter and base model. Every image has its own seeded CPU
 generator, so an image depends on its seed only (not on the batch it was drawn in).
+
+Each image is written (atomically) as soon as it is made; a run that is killed or fails is completed by
+running the same command again (see ``sample_dir``). ``--out`` never overlaps an input, and
+``--overwrite`` removes only the files generate wrote.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .adapters.io import ADAPTER_CONFIG, TEXT_ENCODER_SUBDIR
-from .utils import atomic_directory, default_device
+from .errors import read_image
+from .sample_dir import (
+    CONDITIONS_DIR,
+    MANIFEST,
+    append_row,
+    check_not_input,
+    finish_output,
+    image_name,
+    plan_output,
+    write_config,
+    write_file_atomic,
+)
+from .utils import default_device
 
 __all__ = [
     "SCHEDULERS",
     "DTYPES",
+    "MANIFEST",
     "GenerateConfig",
     "PromptEntry",
     "read_prompts",
@@ -41,7 +60,6 @@ SCHEDULERS = {
     "ddpm": "DDPMScheduler",
 }
 DTYPES = ("fp32", "fp16", "bf16")
-MANIFEST = "manifest.jsonl"
 
 
 @dataclass
@@ -180,9 +198,11 @@ def load_pipeline(base: str, torch_dtype, safety_checker: bool = True):
     kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
     if not safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    from safetensors import SafetensorError
+
     try:
         return StableDiffusionPipeline.from_pretrained(base, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
         raise OSError(
             f"could not load base model {base!r}" + (" (HF_HUB_OFFLINE is set)" if offline else "")
@@ -218,6 +238,7 @@ def _entries(cfg: GenerateConfig) -> list[PromptEntry]:
         conds = cfg.conditions * len(entries) if len(cfg.conditions) == 1 else cfg.conditions
         for e, c in zip(entries, conds, strict=True):
             e.condition = Path(c)
+    checked: set[Path] = set()
     for e in entries:
         if cfg.reference_dir:
             e.reference_dir = Path(cfg.reference_dir)
@@ -225,6 +246,9 @@ def _entries(cfg: GenerateConfig) -> list[PromptEntry]:
             p = getattr(e, key)
             if p is not None and not p.is_file():
                 raise FileNotFoundError(f"{key.replace('_', ' ')} image {str(p)!r} (prompt {e.prompt!r}) does not exist")
+        if e.condition is not None and e.condition not in checked:  # decodable, before any model is loaded
+            read_image(e.condition, "condition image")
+            checked.add(e.condition)
         if e.reference_dir is not None and not e.reference_dir.is_dir():
             raise FileNotFoundError(f"reference folder {str(e.reference_dir)!r} does not exist")
     return entries
@@ -257,14 +281,13 @@ def _resolve_adapter(cfg: GenerateConfig, entries: list[PromptEntry]):
     return info, is_control
 
 
-def _load(cfg: GenerateConfig, info, is_control: bool) -> _Loaded:
+def _load(cfg: GenerateConfig, info, is_control: bool, base: str) -> _Loaded:
     """Base pipeline + scheduler + adapter (UNet, optional text encoder, optional condition encoder)."""
     from .adapters.io import load_adapter
     from .adapters.registry import merge_adapter
     from .control import attach_condition_encoder, load_trained_adapter
 
     device, torch_dtype, dtype_name = _device_and_dtype(cfg.device, cfg.dtype)
-    base = cfg.base_model or default_base_model(info.doc if info else None)
     pipe = load_pipeline(base, torch_dtype, safety_checker=cfg.safety_checker).to(device)
     pipe.set_progress_bar_config(disable=True)
     scheduler_name = _set_scheduler(pipe, cfg.scheduler)
@@ -298,30 +321,29 @@ def _load(cfg: GenerateConfig, info, is_control: bool) -> _Loaded:
     return _Loaded(pipe, handle, device, common)
 
 
-def _copy_conditions(entries: list[PromptEntry], tmp: Path) -> dict[Path, str]:
-    """Copy each distinct condition image into ``conditions/``; returns {original: name in the folder}."""
+def _condition_names(entries: list[PromptEntry]) -> dict[Path, str]:
+    """{condition image: its copy's name in the output folder}, one per distinct image."""
     names: dict[Path, str] = {}
     for e in entries:
         if e.condition is not None and e.condition not in names:
-            (tmp / "conditions").mkdir(exist_ok=True)
-            names[e.condition] = f"conditions/{len(names):04d}_{e.condition.name}"
-            shutil.copyfile(e.condition, tmp / names[e.condition])
+            names[e.condition] = f"{CONDITIONS_DIR}/{len(names):04d}_{e.condition.name}"
     return names
+
+
+def _copy_conditions(cond_names: dict[Path, str], out: Path) -> None:
+    for src, rel in cond_names.items():
+        write_file_atomic(out / rel, lambda tmp, src=src: shutil.copyfile(src, tmp))
 
 
 def _sample(cfg: GenerateConfig, loaded: _Loaded, entries: list[PromptEntry], batch: list[tuple[int, int, int]]):
     """One pipeline call for ``batch`` of (prompt index, image index, seed): (images, nsfw flags)."""
     import torch
-    from PIL import Image
 
     from .control import prepare_condition
 
     height, width = loaded.common["height"], loaded.common["width"]
     if loaded.handle is not None:
-        images = []
-        for pi, _, _ in batch:
-            with Image.open(entries[pi].condition) as img:
-                images.append(img.convert("RGB"))
+        images = [read_image(entries[pi].condition, "condition image") for pi, _, _ in batch]
         loaded.handle.set_condition(prepare_condition(images, height, width).to(loaded.device))
     generators = [torch.Generator("cpu").manual_seed(int(s)) for _, _, s in batch]
     with torch.inference_mode():
@@ -346,33 +368,121 @@ def _row(e: PromptEntry, name: str, pi: int, k: int, seed: int, common: dict, co
     }
 
 
-def generate(cfg: GenerateConfig) -> Path:
-    """Run the pipeline over every (prompt, seed) and write ``cfg.output_dir`` atomically; returns it."""
+def _sha256_files(folder: Path) -> str:
+    """A fingerprint of an adapter folder's weights and configs (what makes its images)."""
+    digest = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")):
+        digest.update(str(f.relative_to(folder)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _identity(cfg: GenerateConfig, entries: list[PromptEntry], base: str, seeds: list[int], device: str,
+              dtype_name: str) -> dict[str, Any]:
+    """Everything that decides the images: a re-run into the same folder must match it to resume."""
+    def p(x: Path | None) -> str | None:
+        return str(x.resolve()) if x is not None else None
+
+    return {
+        "adapter": p(Path(cfg.adapter)) if cfg.adapter else None,
+        "adapter_sha256": _sha256_files(Path(cfg.adapter)) if cfg.adapter else None,
+        "base": str(Path(base).resolve()) if Path(base).is_dir() else base,
+        "prompts": [{"prompt": e.prompt, "condition": p(e.condition),
+                     "condition_sha256": _sha256(e.condition) if e.condition is not None else None,
+                     "condition_source": p(e.condition_source), "label": p(e.label),
+                     "reference_dir": p(e.reference_dir)} for e in entries],
+        "seeds": [int(s) for s in seeds],
+        "negative_prompt": cfg.negative_prompt, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
+        "scheduler": cfg.scheduler, "height": cfg.height, "width": cfg.width, "merge": cfg.merge,
+        "safety_checker": cfg.safety_checker, "device": device.split(":")[0], "dtype": dtype_name,
+    }
+
+
+def _inputs(cfg: GenerateConfig, entries: list[PromptEntry], base: str) -> list[tuple[str, Path | None, bool]]:
+    """What ``--out`` must not overlap: (what, path, whether ``--out`` inside it is refused too)."""
+    inputs: list[tuple[str, Path | None, bool]] = [
+        ("adapter folder", Path(cfg.adapter) if cfg.adapter else None, True),
+        ("base model folder", Path(base) if Path(base).is_dir() else None, True),
+        ("prompts file", Path(cfg.prompts_file) if cfg.prompts_file else None, False),
+    ]
+    for e in entries:
+        inputs.append(("reference folder", e.reference_dir, True))
+        for key in ("condition", "condition_source", "label"):
+            if getattr(e, key) is not None:
+                # is or contains the images' folder (a subfolder of it, e.g. ./samples beside ./edge.png, is fine)
+                inputs.append((f"{key.replace('_', ' ')} image's folder", getattr(e, key).parent, False))
+    return list(dict.fromkeys(inputs))
+
+
+def generate(cfg: GenerateConfig, log: Callable[[str], None] | None = None) -> Path:
+    """Run the pipeline over every (prompt, seed) into ``cfg.output_dir``; returns it.
+
+    Images are written one by one as they are made; a re-run of the same settings into the same folder
+    makes only the missing ones (``log`` gets a line saying so). Nothing is loaded, written or removed
+    before the inputs and the output folder are checked.
+    """
     from tqdm.auto import tqdm
 
+    say = log or (lambda _msg: None)
     out_dir = Path(cfg.output_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not cfg.overwrite:
-        raise FileExistsError(f"output folder {str(out_dir)!r} is not empty; pass --overwrite to replace it")
     entries = _entries(cfg)
     info, is_control = _resolve_adapter(cfg, entries)
-    loaded = _load(cfg, info, is_control)
+    base = cfg.base_model or default_base_model(info.doc if info else None)
+    check_not_input(out_dir, _inputs(cfg, entries, base))
+    device, _, dtype_name = _device_and_dtype(cfg.device, cfg.dtype)
     seeds = list(cfg.seeds) if cfg.seeds is not None else [cfg.seed + k for k in range(cfg.num_images_per_prompt)]
     jobs = [(pi, k, s) for pi in range(len(entries)) for k, s in enumerate(seeds)]
-    batches = [jobs[i : i + cfg.batch_size] for i in range(0, len(jobs), cfg.batch_size)]
-    with atomic_directory(out_dir) as tmp:
-        cond_names = _copy_conditions(entries, tmp)
-        rows = []
+    names = [image_name(pi, k, s) for pi, k, s in jobs]
+    cond_names = _condition_names(entries)
+    identity = _identity(cfg, entries, base, seeds, str(device), dtype_name)
+    plan = plan_output(out_dir, identity, names, list(cond_names.values()), cfg.overwrite)
+    if plan.complete:
+        say(f"all {len(names)} images are already in {out_dir} (same settings): nothing to do")
+        return out_dir
+    todo = [(job, name) for job, name in zip(jobs, names, strict=True) if name not in plan.done]
+    if plan.done:
+        say(f"resuming: {len(plan.done)} of {len(names)} images are already in {out_dir}; making the other {len(todo)}")
+    settings = {k: v for k, v in asdict(cfg).items() if k != "progress"}
+    doc = {**settings, "identity": identity, "files": names, "conditions": list(cond_names.values()),
+           "images": len(names), "complete": False}
+    rows = dict(plan.done)
+    if not todo:  # every image is there, only the manifest is missing (a kill at the very end)
+        plan.remove_previous()
+        finish_output(out_dir, [rows[n] for n in names], {**doc, "resolved": plan.previous.get("resolved")})
+        return out_dir
+    loaded = _load(cfg, info, is_control, base)
+    removed = plan.remove_previous()
+    if removed and cfg.overwrite:
+        say(f"--overwrite: removed {removed} files a previous generate run wrote in {out_dir}")
+    doc["resolved"] = loaded.common
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_config(out_dir, doc)
+    _copy_conditions(cond_names, out_dir)
+    batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+    try:
         for batch in tqdm(batches, desc="generate", unit="batch", disable=not cfg.progress):
-            images, nsfw = _sample(cfg, loaded, entries, batch)
-            for (pi, k, s), image, flagged in zip(batch, images, nsfw, strict=True):
-                name = f"p{pi:04d}_{k:02d}_s{s}.png"
-                image.save(tmp / name)
-                rows.append(_row(entries[pi], name, pi, k, s, loaded.common, cond_names, flagged))
+            images, nsfw = _sample(cfg, loaded, entries, [job for job, _ in batch])
+            for ((pi, k, s), name), image, flagged in zip(batch, images, nsfw, strict=True):
+                _save_image(image, out_dir / name)
+                rows[name] = _row(entries[pi], name, pi, k, s, loaded.common, cond_names, flagged)
+                append_row(out_dir, rows[name])
+    except KeyboardInterrupt:
+        say(f"interrupted with {len(rows)} of {len(names)} images in {out_dir}; run the same command again to "
+            "make the rest")
+        raise
+    finally:
         if loaded.handle is not None:
             loaded.handle.remove()
-        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        settings = {k: v for k, v in asdict(cfg).items() if k != "progress"}
-        (tmp / "generate_config.json").write_text(json.dumps({**settings, "resolved": loaded.common}, indent=2) + "\n")
+    finish_output(out_dir, [rows[n] for n in names], doc)
     return out_dir
+
+
+def _save_image(image, path: Path) -> None:
+    """One image, atomically (a kill leaves the complete file or none)."""
+    write_file_atomic(path, lambda tmp: image.save(tmp, format="PNG"))

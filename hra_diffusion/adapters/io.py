@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..errors import AdapterFileError
 from ..utils import atomic_directory
 from .config import HRAConfig
 from .layers import HRAConv2d, HRALayer
@@ -32,6 +33,7 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "read_adapter",
+    "read_safetensors",
     "export_peft",
     "export_merged",
     "write_peft_hra",
@@ -140,11 +142,39 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
             path / "adapter_model.bin"
         ).exists() else ""
         raise FileNotFoundError(f"{str(weights)!r} is missing{hint}")
-    out = {}
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():
-            out[key] = f.get_tensor(key)
-    return out
+    return read_safetensors(weights)[0]
+
+
+def _not_safetensors_hint(file: Path) -> str:
+    try:
+        with open(file, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return ""
+    if head.startswith(b"PK\x03\x04"):
+        return "it is a zip archive (a torch.save file?), which this library never loads"
+    if head[:1] == b"\x80":
+        return "it is a Python pickle, which this library never loads"
+    return "it may be truncated or damaged"
+
+
+def read_safetensors(file: str | os.PathLike, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a safetensors file; only the header when ``tensors`` is False.
+
+    A file that is not valid safetensors (truncated, or a pickle under that name) raises
+    :class:`~hra_diffusion.errors.AdapterFileError` naming it; nothing in it is ever unpickled.
+    """
+    file = Path(file)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            out = {key: f.get_tensor(key) for key in f.keys()} if tensors else {}
+    except SafetensorError as err:
+        raise AdapterFileError(
+            f"{str(file)!r} is not a valid safetensors file ({str(err).splitlines()[0] if str(err) else 'unreadable'}; "
+            f"{_not_safetensors_hint(file)}): save or download the adapter again"
+        ) from None
+    return out, meta
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:

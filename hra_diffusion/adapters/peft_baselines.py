@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from ..utils import atomic_directory
 from .config import DEFAULT_TARGETS
-from .io import ADAPTER_WEIGHTS, PEFT_PREFIX
+from .io import ADAPTER_WEIGHTS, PEFT_PREFIX, read_safetensors
 from .model import _existing_names_hint, matches_target
 
 __all__ = [
@@ -244,7 +244,6 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """
     from peft import PeftConfig
     from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     path = Path(path)
     config = PeftConfig.from_pretrained(str(path))
@@ -253,7 +252,7 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     if not weights.is_file():
         hint = " (a .bin adapter is a pickle; this library only reads safetensors)" if (path / "adapter_model.bin").exists() else ""
         raise FileNotFoundError(f"{str(weights)!r} is missing{hint}")
-    state = {(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): v for k, v in load_file(str(weights)).items()}
+    state = {(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): v for k, v in read_safetensors(weights)[0].items()}
     if peft_layers(model):
         raise ValueError("this model already has PEFT adapter layers; load into a fresh model")
     from peft import inject_adapter_in_model

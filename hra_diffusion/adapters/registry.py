@@ -19,7 +19,16 @@ from typing import Any
 
 import torch.nn as nn
 
-from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT_NAME, load_adapter, read_adapter, save_adapter
+from ..errors import AdapterFileError
+from .io import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    FORMAT_NAME,
+    load_adapter,
+    read_adapter,
+    read_safetensors,
+    save_adapter,
+)
 from .peft_baselines import BASELINES
 
 __all__ = [
@@ -64,14 +73,16 @@ def adapter_type(path: str | os.PathLike) -> str:
 
 def read_adapter_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The trainer metadata stored in a PEFT baseline's safetensors header ({} when there is none)."""
-    from safetensors import safe_open
-
     file = Path(path) / ADAPTER_WEIGHTS
     if not file.is_file():
         raise FileNotFoundError(f"{str(file)!r} is missing")
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta["hra_diffusion"]) if "hra_diffusion" in meta else {}
+    _, meta = read_safetensors(file, tensors=False)
+    if "hra_diffusion" not in meta:
+        return {}
+    try:
+        return json.loads(meta["hra_diffusion"])
+    except json.JSONDecodeError as err:
+        raise AdapterFileError(f"{str(file)!r}: its 'hra_diffusion' header entry is not valid JSON ({err})") from None
 
 
 @dataclass

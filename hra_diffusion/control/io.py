@@ -17,7 +17,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..adapters.io import read_adapter, save_adapter
+from ..adapters.io import read_adapter, read_safetensors, save_adapter
 from ..adapters.peft_baselines import save_peft_adapter
 from ..adapters.registry import AdapterInfo, adapter_type, describe_adapter, load_any_adapter
 from .encoder import build_condition_encoder
@@ -82,12 +82,8 @@ def load_condition_encoder(unet: nn.Module, folder: str | os.PathLike) -> nn.Mod
         _, _, extras = read_adapter(folder)
         state = {k[len(ENCODER_PREFIX):]: v for k, v in extras.items() if k.startswith(ENCODER_PREFIX)}
         return _rebuild(unet, info.doc["condition_encoder"], state, f"adapter {folder}")
-    from safetensors import safe_open
-
     file = Path(folder) / CONDITION_ENCODER_FILE
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    state, meta = read_safetensors(file)
     if "condition_encoder" not in meta:
         raise ValueError(f"{file} has no 'condition_encoder' metadata (its shape); it was not written by "
                          "save_condition_encoder()")

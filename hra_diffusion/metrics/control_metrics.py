@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from ..errors import read_image
 from .extractors import IMAGENET_MEAN, IMAGENET_STD, WeightsUnavailableError, weights_error
 from .functional import (
     binarize_edges,
@@ -65,8 +66,7 @@ DEFAULT_WEIGHTS = {
 
 def _uint8(path_or_image: str | os.PathLike | Image.Image, size: tuple[int, int] | None = None) -> np.ndarray:
     """An image as (H, W, 3) uint8 RGB, optionally resized to size=(W, H)."""
-    img = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
-    img = img.convert("RGB")
+    img = path_or_image.convert("RGB") if isinstance(path_or_image, Image.Image) else read_image(path_or_image)
     if size is not None and img.size != size:
         img = img.resize(size, Image.BICUBIC)
     return np.asarray(img, dtype=np.uint8).copy()
@@ -312,7 +312,7 @@ def score_control(
             seg = loaded["seg"]
             pred = seg(gen)
             if row.label is not None:
-                label = torch.from_numpy(np.asarray(Image.open(row.label).resize(size, Image.NEAREST)).astype(np.int64))
+                label = torch.from_numpy(np.asarray(read_image(row.label, "label map", mode=None).resize(size, Image.NEAREST)).astype(np.int64))
                 if label.ndim == 3:
                     raise ValueError(f"label map {row.label} must be single-channel class ids, not RGB")
             elif row.condition_source is not None:

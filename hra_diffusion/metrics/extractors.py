@@ -42,6 +42,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class WeightsUnavailableError(RuntimeError):
     """A metric's model weights could not be loaded (offline, wrong name, missing file)."""
 
+    hra_user_error = True  # an expected error: entry points print it as one line (hra_diffusion.errors)
+
 
 def model_fingerprint(model: nn.Module) -> str:
     """A short hash of a model's parameters and buffers: the cache key of a model passed in as an object."""

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+
+from ..errors import HRAWarning, read_image
 
 __all__ = ["MANIFEST", "IMAGE_SUFFIXES", "SampleRow", "load_image", "list_images", "read_samples", "resolve"]
 
@@ -32,9 +34,8 @@ class SampleRow:
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file -> (3, H, W) float in [0, 1], RGB."""
-    with Image.open(path) as img:
-        arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    """An image file -> (3, H, W) float in [0, 1], RGB (an undecodable file: ImageFileError naming it)."""
+    arr = np.asarray(read_image(path), dtype=np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
@@ -72,6 +73,11 @@ def read_samples(samples_dir: str | os.PathLike) -> list[SampleRow]:
         raise NotADirectoryError(f"samples folder {str(folder)!r} is a file, not a folder")
     manifest = folder / MANIFEST
     if not manifest.is_file():
+        if (folder / "generate_config.json").is_file():
+            raise FileNotFoundError(
+                f"{str(manifest)!r} is missing: generate has not finished writing {str(folder)!r}; run the same "
+                "generate command again to complete it, then score"
+            )
         return [SampleRow(file=p) for p in list_images(folder, "samples")]
     rows: list[SampleRow] = []
     known = {"file", "prompt", "condition", "condition_source", "label", "reference_dir"}
@@ -103,4 +109,14 @@ def read_samples(samples_dir: str | os.PathLike) -> list[SampleRow]:
         rows.append(row)
     if not rows:
         raise ValueError(f"{manifest} has no rows: the samples folder is empty (re-run generate)")
+    listed = {r.file.resolve() for r in rows}
+    unlisted = [p for p in sorted(folder.iterdir())
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.resolve() not in listed]
+    if unlisted:
+        n = len(unlisted)
+        warnings.warn(
+            f"{n} image{'s' if n > 1 else ''} in {folder} (e.g. {unlisted[0].name!r}) {'are' if n > 1 else 'is'} "
+            f"not in {MANIFEST} and will not be scored; scoring the {len(rows)} listed image"
+            f"{'s' if len(rows) > 1 else ''} (re-run generate, or remove the extra files, to score them all)",
+            HRAWarning, stacklevel=2)
     return rows
