@@ -11,6 +11,7 @@ running the same command again (see ``sample_dir``). ``--out`` never overlaps an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ from .sample_dir import (
     write_config,
     write_file_atomic,
 )
-from .utils import default_device
+from .utils import default_device, quiet_hub_warnings
 
 __all__ = [
     "SCHEDULERS",
@@ -201,7 +202,8 @@ def load_pipeline(base: str, torch_dtype, safety_checker: bool = True):
     from safetensors import SafetensorError
 
     try:
-        return StableDiffusionPipeline.from_pretrained(base, **kwargs)
+        with contextlib.nullcontext() if local.is_dir() else quiet_hub_warnings():
+            return StableDiffusionPipeline.from_pretrained(base, **kwargs)
     except (OSError, ValueError, SafetensorError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
         raise OSError(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_directory", "default_device"]
+__all__ = ["atomic_directory", "default_device", "quiet_hub_warnings"]
 
 
 class atomic_directory:
@@ -53,3 +54,17 @@ def default_device(name: str | None = None) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def quiet_hub_warnings():
+    """Silence diffusers' own warnings while loading by hub id: offline it logs "Couldn't connect to the Hub"
+    before failing, and the caller's one-line error (what to download, where to pass it) says it better."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
