@@ -86,16 +86,28 @@ def load_sd_components(
     try:
         tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **kwargs)
         noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=variant, **kwargs)
-        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **kwargs)
-        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=variant, **kwargs)
+        # loaded in weight_dtype (not cast afterwards with .to(dtype), which diffusers warns about on every run)
+        text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=variant,
+                                                     **{_transformers_dtype_key(): weight_dtype}, **kwargs)
+        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, torch_dtype=weight_dtype, **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=variant, torch_dtype=weight_dtype,
+                                                    **kwargs)
     except (OSError, ValueError) as err:
         raise _describe_failure(name, err) from None
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)
-        module.to(dtype=weight_dtype)
+        if any(p.dtype != weight_dtype for p in module.parameters() if p.is_floating_point()):
+            nn.Module.to(module, dtype=weight_dtype)  # a library that ignored the load dtype (no warning path)
         module.eval()
     return SDComponents(tokenizer, text_encoder, vae, unet, noise_scheduler, name)
+
+
+def _transformers_dtype_key() -> str:
+    """transformers >= 4.56 takes ``dtype`` (``torch_dtype`` is deprecated there); older ones ``torch_dtype``."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
 
 
 def add_hra(model: nn.Module, config: HRAConfig, what: str = "model") -> list[str]:
