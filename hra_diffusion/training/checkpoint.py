@@ -59,7 +59,17 @@ _NAMES_ATTR = "_hra_checkpoint_names"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint to resume from is missing, half-written, damaged or does not fit the model."""
+    """A checkpoint to resume from is missing, half-written, damaged or does not fit the model.
+
+    ``reason`` is the message without the checkpoint's path (for lists of several checkpoints)."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
+def _damaged(path: Path, reason: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {str(path)!r}: {reason}", reason)
 
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
@@ -94,13 +104,14 @@ def _read_marker(path: Path) -> dict[str, Any]:
     marker = path / MARKER
     if not marker.is_file():
         raise CheckpointError(
-            f"{str(path)!r} is not a complete checkpoint (no {MARKER}: it was never finished or is not a checkpoint)"
+            f"{str(path)!r} is not a complete checkpoint (no {MARKER}: it was never finished or is not a checkpoint)",
+            f"no {MARKER} (it was never finished, or is not a checkpoint)",
         )
     try:
         doc = json.loads(marker.read_text())
         int(doc["step"])
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {str(path)!r}: {MARKER} is damaged ({type(err).__name__}: {err})") from None
+        raise _damaged(path, f"{MARKER} is damaged ({type(err).__name__}: {err})") from None
     return doc
 
 
@@ -125,20 +136,17 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     doc = _read_marker(path)
     if doc.get("format") != FORMAT or not isinstance(doc.get("files"), dict):
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} was written by an older hra-diffusion (no checksums; its optimizer state is a "
-            "pickle, which is never read): it cannot be resumed; start a new run or use a newer checkpoint"
-        )
+        raise _damaged(path, "written by an older hra-diffusion (no checksums; its optimizer state is a pickle, "
+                             "which is never read): it cannot be resumed; start a new run or use a newer checkpoint")
     for name, meta in doc["files"].items():
         f = path / name
         if not f.is_file():
-            raise CheckpointError(f"checkpoint {str(path)!r}: {name} is missing")
+            raise _damaged(path, f"{name} is missing")
         size = f.stat().st_size
         if size != meta.get("size"):
-            raise CheckpointError(f"checkpoint {str(path)!r}: {name} is truncated or altered "
-                                  f"({size} bytes, {meta.get('size')} written)")
+            raise _damaged(path, f"{name} is truncated or altered ({size} bytes, {meta.get('size')} written)")
         if _sha256(f) != meta.get("sha256"):
-            raise CheckpointError(f"checkpoint {str(path)!r}: {name} fails its SHA-256 checksum (damaged)")
+            raise _damaged(path, f"{name} fails its SHA-256 checksum (damaged)")
     return doc
 
 
@@ -167,8 +175,8 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike,
         try:
             verify_checkpoint(path)
         except CheckpointError as err:
-            problems.append(f"{path.name}: {str(err).split(': ', 1)[-1]}")
-            warn(f"skipping checkpoint {path}: {str(err).split(': ', 1)[-1]}")
+            problems.append(f"{path.name}: {err.reason}")
+            warn(f"skipping checkpoint {path}: {err.reason}")
             continue
         return path
     if problems:

@@ -35,6 +35,7 @@ from .checkpoint import (
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
+    verify_checkpoint,
 )
 from .config import RESOLVED_CONFIG_NAME, ConfigError
 
@@ -44,6 +45,7 @@ __all__ = [
     "TrainingInterrupted",
     "RunGuard",
     "check_output_dir",
+    "check_run_start",
     "run_identity",
     "optimisation_settings",
     "identity_changes",
@@ -52,6 +54,7 @@ __all__ = [
     "use_cpu_threads",
     "resume_command",
     "print_summary",
+    "resume_notes",
 ]
 
 # a change to any of these makes a resumed run continue another run's checkpoint (refused unless
@@ -86,7 +89,10 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def _say(message: str, warn: bool = False) -> None:
-    print(("warning: " if warn else "") + message, file=sys.stderr if warn else sys.stdout, flush=True)
+    """Print a line (warnings to stderr), above a progress bar if one is showing."""
+    from tqdm import tqdm
+
+    tqdm.write(("warning: " if warn else "") + message, file=sys.stderr if warn else sys.stdout)
 
 
 def _is_main_rank() -> bool:
@@ -136,6 +142,27 @@ def check_output_dir(cfg, is_main: bool | None = None) -> list[str]:
             f"it with --resume_from_checkpoint latest, or start over with --overwrite_output_dir true (removes {removes})"
         )
     return []
+
+
+def check_run_start(cfg) -> None:
+    """Everything that can refuse a run before it writes anything: the output folder (see
+    :func:`check_output_dir`) and, when resuming, that an intact checkpoint exists and belongs to this run."""
+    check_output_dir(cfg)
+    if cfg.resume_from_checkpoint is not None:
+        path = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir, warn=lambda message: None)  # warned later
+        if path is not None:
+            _check_identity(cfg, path, run_identity(cfg))
+
+
+def _check_identity(cfg, path: Path, identity: dict[str, Any]) -> list[str]:
+    """The identity changes between checkpoint ``path`` and this run; raise unless resume_allow_changes."""
+    changed = identity_changes(verify_checkpoint(path).get("identity") or {}, identity)
+    if changed and not getattr(cfg, "resume_allow_changes", False):
+        raise CheckpointError(
+            f"checkpoint {path} belongs to another run; changed: {'; '.join(changed)}. Resume with that run's "
+            "settings, train into a new --output_dir, or accept the changes with --resume_allow_changes true"
+        )
+    return changed
 
 
 # ---- a run's identity -----------------------------------------------------------------------------
@@ -262,15 +289,7 @@ class RunGuard:
             if cfg.resume_from_checkpoint == "latest":
                 self.say(f"no checkpoint under {checkpoint_dir(self.out)} yet: starting from step 0")
             return None
-        from .checkpoint import verify_checkpoint
-
-        doc = verify_checkpoint(path)
-        changed = identity_changes(doc.get("identity") or {}, self.identity)
-        if changed and not getattr(cfg, "resume_allow_changes", False):
-            raise CheckpointError(
-                f"checkpoint {path} belongs to another run; changed: {'; '.join(changed)}. Resume with that run's "
-                "settings, train into a new --output_dir, or accept the changes with --resume_allow_changes true"
-            )
+        changed = _check_identity(cfg, path, self.identity)
         if changed:
             self.say(f"resuming {path} with changed run settings (resume_allow_changes): {'; '.join(changed)}", warn=True)
         doc = load_checkpoint(self.accelerator, path, self.steps_per_update)
@@ -343,7 +362,7 @@ class RunGuard:
             self.close()
             raise KeyboardInterrupt(f"{name} again: stopped at once, without saving")
         self._stop = name
-        if self.accelerator.is_local_main_process:
+        if self.accelerator.is_local_main_process:  # plain print: a signal handler must not take tqdm's lock
             print(f"\n{name}: stopping after this step and saving a checkpoint "
                   "(press Ctrl-C again to stop at once, without saving)", file=sys.stderr, flush=True)
 
@@ -437,6 +456,15 @@ def use_cpu_threads(accelerator) -> int | None:
 
 
 # ---- the end of a run --------------------------------------------------------------------------------
+
+def resume_notes(result) -> list[str]:
+    """Model-card notes for optimisation settings changed on resume (the card's table shows the new ones)."""
+    if not getattr(result, "resume_changes", None) or result.resumed_from is None:
+        return []
+    listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in result.resume_changes.items())
+    return [f"resumed from `{Path(result.resumed_from).name}` with changed optimisation settings ({listed}); "
+            "the earlier values were used before it"]
+
 
 def print_summary(cfg, result, kind: str, generate_hint: str = "") -> str:
     """Print (and return) the end-of-run summary: files, key figures, next commands."""
