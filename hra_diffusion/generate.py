@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapters.io import ADAPTER_CONFIG, TEXT_ENCODER_SUBDIR
-from .utils import atomic_directory, default_device
+from .utils import atomic_directory, default_device, dtype_kwargs
 
 __all__ = [
     "SCHEDULERS",
@@ -177,7 +177,7 @@ def load_pipeline(base: str, torch_dtype, safety_checker: bool = True):
             f"base model folder {base!r} " + ("has no model_index.json: it is not a diffusers pipeline folder"
                                               if local.exists() else "does not exist")
         )
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
+    kwargs: dict[str, Any] = dtype_kwargs(torch_dtype)  # dtype= where diffusers deprecates torch_dtype
     if not safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ..adapters.config import HRAConfig
 from ..adapters.model import inject_hra
+from ..utils import dtype_kwargs
 
 __all__ = ["BaseModelError", "SDComponents", "load_sd_components", "weight_dtype_for", "add_hra", "add_unet_adapter",
            "is_offline"]
@@ -88,10 +89,10 @@ def load_sd_components(
         noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kwargs)
         # loaded in weight_dtype (not cast afterwards with .to(dtype), which diffusers warns about on every run)
         text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=variant,
-                                                     **{_transformers_dtype_key(): weight_dtype}, **kwargs)
-        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, torch_dtype=weight_dtype, **kwargs)
-        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=variant, torch_dtype=weight_dtype,
-                                                    **kwargs)
+                                                     **dtype_kwargs(weight_dtype, "transformers"), **kwargs)
+        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **dtype_kwargs(weight_dtype), **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=variant,
+                                                    **dtype_kwargs(weight_dtype), **kwargs)
     except (OSError, ValueError) as err:
         raise _describe_failure(name, err) from None
     for module in (text_encoder, vae, unet):
@@ -100,14 +101,6 @@ def load_sd_components(
             nn.Module.to(module, dtype=weight_dtype)  # a library that ignored the load dtype (no warning path)
         module.eval()
     return SDComponents(tokenizer, text_encoder, vae, unet, noise_scheduler, name)
-
-
-def _transformers_dtype_key() -> str:
-    """transformers >= 4.56 takes ``dtype`` (``torch_dtype`` is deprecated there); older ones ``torch_dtype``."""
-    import transformers
-    from packaging.version import Version
-
-    return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
 
 
 def add_hra(model: nn.Module, config: HRAConfig, what: str = "model") -> list[str]:
