@@ -242,6 +242,17 @@ def test_second_run_into_a_finished_folder_refuses_and_overwrite_says_what_it_re
     assert (run_copy / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_a_readme_of_the_users_is_not_a_finished_run(tmp_path):
+    from hra_diffusion.training.run_guard import check_output_dir
+
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "README.md").write_text("# my project\n")
+    cfg = dreambooth_hra.parse_args(["--output_dir", str(out), "--overwrite_output_dir", "true"])
+    assert check_output_dir(cfg, is_main=True) == []  # nothing of a run to remove
+    assert (out / "README.md").read_text() == "# my project\n"
+
+
 def test_a_crashed_run_points_to_resume(run_copy, tiny_random_sd_dir, generated_subject_dir):
     shutil.rmtree(run_copy / "adapter")
     (run_copy / "README.md").unlink()

@@ -101,6 +101,21 @@ def _is_main_rank() -> bool:
 
 # ---- the output folder ----------------------------------------------------------------------------
 
+def _ours(path: Path) -> bool:
+    """Whether ``path`` (one of RUN_OUTPUTS) exists and was written by a trainer: the model card and the
+    resolved config are recognised by their contents, folders by their names."""
+    if path.name in ("README.md", RESOLVED_CONFIG_NAME):
+        if not path.is_file():
+            return False
+        try:
+            head = path.read_text(errors="replace")[:4000]
+        except OSError:
+            return False
+        return "library_name: hra-diffusion" in head if path.name == "README.md" else (
+            head.startswith("# resolved") or "pretrained_model:" in head)
+    return path.exists()
+
+
 def check_output_dir(cfg, is_main: bool | None = None) -> list[str]:
     """Refuse to silently replace a previous run in ``cfg.output_dir``; with ``overwrite_output_dir``
     remove it (on the main process) and return what was removed. Call before anything is written."""
@@ -114,10 +129,10 @@ def check_output_dir(cfg, is_main: bool | None = None) -> list[str]:
         return []
     if not out.is_dir():
         raise ConfigError(f"output_dir {str(out)!r} is a file, not a folder; choose another --output_dir")
-    finished = [n for n in ("adapter", "README.md") if (out / n).exists()]
+    finished = [n for n in ("adapter", "README.md") if _ours(out / n)]
     ckpts = [p.name for _, p in list_checkpoints(out)] or sorted(
         p.name for p in checkpoint_dir(out).glob("checkpoint-*") if p.is_dir())
-    present = [n for n in RUN_OUTPUTS if (out / n).exists()]
+    present = [n for n in RUN_OUTPUTS if _ours(out / n)]  # a README.md or config.yaml of yours is left alone
     removes = ", ".join(n + ("/" if (out / n).is_dir() else "") for n in present)
     if overwrite:
         if not present:
