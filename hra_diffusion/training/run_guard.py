@@ -130,8 +130,9 @@ def check_output_dir(cfg, is_main: bool | None = None) -> list[str]:
     if not out.is_dir():
         raise ConfigError(f"output_dir {str(out)!r} is a file, not a folder; choose another --output_dir")
     finished = [n for n in ("adapter", "README.md") if _ours(out / n)]
-    ckpts = [p.name for _, p in list_checkpoints(out)] or sorted(
-        p.name for p in checkpoint_dir(out).glob("checkpoint-*") if p.is_dir())
+    ckpts = [p.name for _, p in list_checkpoints(out)] or sorted(  # complete ones, else any, oldest first
+        (p.name for p in checkpoint_dir(out).glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+        key=lambda name: int(name[11:]))
     present = [n for n in RUN_OUTPUTS if _ours(out / n)]  # a README.md or config.yaml of yours is left alone
     removes = ", ".join(n + ("/" if (out / n).is_dir() else "") for n in present)
     if overwrite:
