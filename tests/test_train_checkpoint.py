@@ -124,3 +124,17 @@ def test_load_refuses_a_checkpoint_of_other_modules(tmp_path, accelerator):
     (path / "net.safetensors").rename(path / "unet.safetensors")
     with pytest.raises(CheckpointError, match="net.safetensors is missing"):
         load_checkpoint(accelerator, path)
+
+
+def test_an_adapter_with_nan_values_is_not_checkpointed(tmp_path, accelerator):
+    model = _model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model, opt = accelerator.prepare(model, opt)
+    register_checkpoint_hooks(accelerator, ["net"])
+    save_checkpoint(accelerator, tmp_path, 1)
+    with torch.no_grad():
+        accelerator.unwrap_model(model)[2].hra_u[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"not writing checkpoint-2: the net's 2.hra_u holds NaN/inf"):
+        save_checkpoint(accelerator, tmp_path, 2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+    assert not (tmp_path / "checkpoints" / ".checkpoint-2.tmp").exists()
