@@ -251,7 +251,8 @@ def train_method(cfg: CompareConfig, method: str, sizes: dict) -> dict:
     argv_file = run_dir / "compare_argv.json"  # a reused run must have been trained with the same arguments
     same = argv_file.is_file() and json.loads(argv_file.read_text()) == argv
     if not (cfg.reuse and same and stats_file.is_file() and (run_dir / "adapter" / "adapter_config.json").is_file()):
-        cmd = [sys.executable, str(REPO / "train" / TRAINERS[cfg.task]), *argv]
+        # retraining replaces this method's earlier run (other arguments, or no reuse): say so to the trainer
+        cmd = [sys.executable, str(REPO / "train" / TRAINERS[cfg.task]), *argv, "--overwrite_output_dir", "true"]
         print("+ " + shlex.join(cmd), flush=True)
         started = time.time()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

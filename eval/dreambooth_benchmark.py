@@ -124,7 +124,7 @@ def train_command(cfg: BenchmarkConfig, item: dict) -> list[str]:
            "--instance_data_dir", item["data"], "--instance_prompt", item["instance_prompt"],
            "--class_prompt", item["class_prompt"], "--class_data_dir", item["class_dir"],
            "--output_dir", item["train_dir"], "--max_train_steps", str(cfg.max_train_steps),
-           "--validation_prompts", "[]"]
+           "--validation_prompts", "[]", "--resume_from_checkpoint", "latest"]  # continues a crashed run
     if cfg.base_model:
         cmd += ["--pretrained_model", cfg.base_model]
     return cmd + list(cfg.train_args)

@@ -34,7 +34,7 @@ from .sample_dir import (
     write_config,
     write_file_atomic,
 )
-from .utils import default_device, quiet_hub_warnings
+from .utils import default_device, dtype_kwargs, quiet_hub_warnings
 
 __all__ = [
     "SCHEDULERS",
@@ -196,7 +196,7 @@ def load_pipeline(base: str, torch_dtype, safety_checker: bool = True):
             f"base model folder {base!r} " + ("has no model_index.json: it is not a diffusers pipeline folder"
                                               if local.exists() else "does not exist")
         )
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
+    kwargs: dict[str, Any] = dtype_kwargs(torch_dtype)  # dtype= where diffusers deprecates torch_dtype
     if not safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     from safetensors import SafetensorError

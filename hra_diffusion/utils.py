@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_directory", "default_device", "quiet_hub_warnings"]
+__all__ = ["atomic_directory", "default_device", "dtype_kwargs", "quiet_hub_warnings"]
 
 
 class atomic_directory:
@@ -68,3 +68,25 @@ def quiet_hub_warnings():
         yield
     finally:
         diffusers_logging.set_verbosity(level)
+
+
+def dtype_kwargs(dtype, library: str = "diffusers") -> dict:
+    """The ``from_pretrained`` keyword that sets the load dtype in the installed ``library``.
+
+    Newer diffusers and transformers (>= 4.56) take ``dtype`` and warn that ``torch_dtype`` is deprecated;
+    older ones only know ``torch_dtype``. diffusers has no version switch to read, so its support is
+    recognised by the helper that resolves the deprecated name (``deprecation_utils._resolve_dtype``).
+    """
+    if library == "transformers":
+        import transformers
+        from packaging.version import Version
+
+        new = Version(transformers.__version__).release >= (4, 56)
+    else:
+        try:
+            from diffusers.utils import deprecation_utils
+
+            new = hasattr(deprecation_utils, "_resolve_dtype")
+        except ImportError:  # pragma: no cover - a diffusers without the module
+            new = False
+    return {"dtype": dtype} if new else {"torch_dtype": dtype}

@@ -1,4 +1,5 @@
-"""Checkpoints: only trainable tensors, atomic, keep-last-K pruning, `latest` ignores half-written ones."""
+"""Checkpoints: only trainable tensors, safetensors + JSON, checksummed, atomic, keep-last-K pruning,
+`latest` ignores half-written ones."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from safetensors.torch import load_file
 from hra_diffusion import HRAConfig, inject_hra
 from hra_diffusion.training.checkpoint import (
     MARKER,
+    OPTIMIZER_FILE,
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,
+    load_checkpoint,
     register_checkpoint_hooks,
     resolve_resume,
     save_checkpoint,
@@ -61,7 +64,12 @@ def test_save_prune_latest_and_resume(tmp_path, accelerator):
     tensors = load_file(str(ckpt / "net.safetensors"))
     assert sorted(tensors) == ["0.hra_u", "2.hra_u"]  # adapter only, never the frozen base
     assert not any(p.name.startswith("model") and p.suffix == ".safetensors" for p in ckpt.iterdir())
-    assert json.loads((ckpt / MARKER).read_text())["step"] == 5
+    doc = json.loads((ckpt / MARKER).read_text())
+    assert doc["step"] == 5
+    # safetensors + JSON only (nothing to unpickle), every file checksummed in the marker
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted([MARKER, OPTIMIZER_FILE, "net.safetensors"])
+    assert sorted(doc["files"]) == sorted([OPTIMIZER_FILE, "net.safetensors"])
+    assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in doc["files"].values())
 
     # half-written checkpoints: a leftover temporary folder, and a folder missing its marker
     (tmp_path / "checkpoints" / ".checkpoint-9.tmp").mkdir()
@@ -72,14 +80,17 @@ def test_save_prune_latest_and_resume(tmp_path, accelerator):
     with pytest.raises(CheckpointError, match=r"checkpoint-7.*not a complete checkpoint"):
         resolve_resume(str(tmp_path / "checkpoints" / "checkpoint-7"), tmp_path)
 
-    # resume restores the adapter exactly
+    # resume restores the adapter and the optimizer's moments exactly
     saved = {k: v.clone() for k, v in tensors.items()}
+    moments = {i: {k: v.clone() for k, v in st.items()} for i, st in opt.state_dict()["state"].items()}
     _train_step(model, opt)
     inner = accelerator.unwrap_model(model)
     assert not torch.equal(inner[0].hra_u.detach(), saved["0.hra_u"])
-    accelerator.load_state(str(ckpt))
+    load_checkpoint(accelerator, ckpt)
     assert torch.equal(inner[0].hra_u.detach(), saved["0.hra_u"])
     assert torch.equal(inner[2].hra_u.detach(), saved["2.hra_u"])
+    restored = opt.state_dict()["state"]
+    assert all(torch.equal(restored[i][k], v) for i, st in moments.items() for k, v in st.items())
 
     # the next save clears the leftover temporary folder
     save_checkpoint(accelerator, tmp_path, 6, keep=2)
@@ -111,5 +122,19 @@ def test_load_refuses_a_checkpoint_of_other_modules(tmp_path, accelerator):
     register_checkpoint_hooks(accelerator, ["net"])
     path = save_checkpoint(accelerator, tmp_path, 1)
     (path / "net.safetensors").rename(path / "unet.safetensors")
-    with pytest.raises(CheckpointError, match="no net.safetensors"):
-        accelerator.load_state(str(path))
+    with pytest.raises(CheckpointError, match="net.safetensors is missing"):
+        load_checkpoint(accelerator, path)
+
+
+def test_an_adapter_with_nan_values_is_not_checkpointed(tmp_path, accelerator):
+    model = _model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model, opt = accelerator.prepare(model, opt)
+    register_checkpoint_hooks(accelerator, ["net"])
+    save_checkpoint(accelerator, tmp_path, 1)
+    with torch.no_grad():
+        accelerator.unwrap_model(model)[2].hra_u[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"not writing checkpoint-2: the net's 2.hra_u holds NaN/inf"):
+        save_checkpoint(accelerator, tmp_path, 2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+    assert not (tmp_path / "checkpoints" / ".checkpoint-2.tmp").exists()

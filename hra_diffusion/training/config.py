@@ -93,6 +93,8 @@ class TrainConfig:
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
+    resume_allow_changes: bool = False  # resume although the run's data, prompts, base model or adapter changed
+    overwrite_output_dir: bool = False  # replace a previous run in output_dir (says what it removes)
     # validation
     # None: from the subject file, if any; []: no validation. On the command line: one prompt, or a YAML list
     validation_prompts: list[str] | None = field(default=None, metadata={"whole": True})

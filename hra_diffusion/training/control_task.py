@@ -40,6 +40,7 @@ from .control_data import (
 from .data import ImageTransform, load_rgb
 from .loss import add_noise, denoising_loss, sample_latents, with_orthogonality
 from .models import SDComponents, add_unet_adapter, load_sd_components, weight_dtype_for
+from .run_guard import check_run_start, print_summary, resume_notes, use_cpu_threads
 from .trainer import TrainingTask, TrainResult, make_accelerator, run_training
 from .validation import build_pipeline, eval_mode, generate_images
 
@@ -285,7 +286,9 @@ class ControlTask(TrainingTask):
 def train_control(cfg: ControlConfig) -> TrainResult:
     """Run control-HRA end to end: data and model checks, training, adapter + encoder, card, config, logs."""
     _require(cfg)
+    check_run_start(cfg)  # never silently replace a previous run, nor resume another run's checkpoint
     accelerator = make_accelerator(cfg, "control_hra")
+    use_cpu_threads(accelerator)
     try:
         out = Path(cfg.output_dir)
         task = ControlTask(cfg, accelerator)
@@ -294,6 +297,7 @@ def train_control(cfg: ControlConfig) -> TrainResult:
         result = run_training(task, accelerator)
         if accelerator.is_main_process:
             _write_card(cfg, task, result, out)
+            print_summary(cfg, result, "Control", "--condition CONDITION.png --prompt 'PROMPT' ")
         accelerator.wait_for_everyone()
         return result
     finally:
@@ -349,5 +353,5 @@ def _write_card(cfg: ControlConfig, task: ControlTask, result: TrainResult, out:
                                "(`condition_encoder.safetensors`); load both with "
                                "`hra_diffusion.control.load_control_adapter(pipe.unet, ...)`"},
         facts=facts, sample_images=result.validation_grids[-1:], usage=usage,
-        notes=[f"validation prompts: {', '.join(shlex.quote(p) for _, p in task.validation_rows)}"] if task.validation_rows else [],
+        notes=([f"validation prompts: {', '.join(shlex.quote(p) for _, p in task.validation_rows)}"] if task.validation_rows else []) + resume_notes(result),
     )

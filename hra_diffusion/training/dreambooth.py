@@ -20,6 +20,7 @@ from .data import ImageFolderDataset, ImageTransform
 from .loss import add_noise, denoising_loss, sample_latents, with_orthogonality
 from .models import SDComponents, add_hra, add_unet_adapter, load_sd_components, weight_dtype_for
 from .prior import generate_class_images
+from .run_guard import check_run_start, print_summary, resume_notes, use_cpu_threads
 from .trainer import TrainingTask, TrainResult, make_accelerator, run_training
 from .validation import build_pipeline, eval_mode, generate_images
 
@@ -210,7 +211,9 @@ def train_dreambooth(cfg: DreamBoothConfig) -> TrainResult:
     """Run DreamBooth-HRA end to end: data and model checks, training, adapter, card, config, logs."""
     apply_subject_file(cfg)
     _require(cfg)
+    check_run_start(cfg)  # never silently replace a previous run, nor resume another run's checkpoint
     accelerator = make_accelerator(cfg, "dreambooth_hra")
+    use_cpu_threads(accelerator)
     try:
         out = Path(cfg.output_dir)
         task = DreamBoothTask(cfg, accelerator)
@@ -219,6 +222,7 @@ def train_dreambooth(cfg: DreamBoothConfig) -> TrainResult:
         result = run_training(task, accelerator)
         if accelerator.is_main_process:
             _write_card(cfg, task, result, out)
+            print_summary(cfg, result, "DreamBooth", f"--prompt {shlex.quote(cfg.instance_prompt)} ")
         accelerator.wait_for_everyone()
         return result
     finally:
@@ -273,5 +277,5 @@ def _write_card(cfg: DreamBoothConfig, task: DreamBoothTask, result: TrainResult
             f"hra-diffusion's `train/dreambooth_hra.py`. Use the prompt `{cfg.instance_prompt}` (or any prompt "
             "with its identifier) to generate the subject."),
         adapters=adapters, facts=facts, sample_images=samples, usage=usage,
-        notes=[f"validation prompts: {', '.join(shlex.quote(p) for p in cfg.validation_prompts)}"] if cfg.validation_prompts else [],
+        notes=([f"validation prompts: {', '.join(shlex.quote(p) for p in cfg.validation_prompts)}"] if cfg.validation_prompts else []) + resume_notes(result),
     )

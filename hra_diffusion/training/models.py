@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ..adapters.config import HRAConfig
 from ..adapters.model import inject_hra
+from ..utils import dtype_kwargs
 
 __all__ = ["BaseModelError", "SDComponents", "load_sd_components", "weight_dtype_for", "add_hra", "add_unet_adapter",
            "is_offline"]
@@ -86,14 +87,18 @@ def load_sd_components(
     try:
         tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **kwargs)
         noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=variant, **kwargs)
-        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **kwargs)
-        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=variant, **kwargs)
+        # loaded in weight_dtype (not cast afterwards with .to(dtype), which diffusers warns about on every run)
+        text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=variant,
+                                                     **dtype_kwargs(weight_dtype, "transformers"), **kwargs)
+        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **dtype_kwargs(weight_dtype), **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=variant,
+                                                    **dtype_kwargs(weight_dtype), **kwargs)
     except (OSError, ValueError) as err:
         raise _describe_failure(name, err) from None
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)
-        module.to(dtype=weight_dtype)
+        if any(p.dtype != weight_dtype for p in module.parameters() if p.is_floating_point()):
+            nn.Module.to(module, dtype=weight_dtype)  # a library that ignored the load dtype (no warning path)
         module.eval()
     return SDComponents(tokenizer, text_encoder, vae, unet, noise_scheduler, name)
 

@@ -20,15 +20,10 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from .checkpoint import (
-    checkpoint_step,
-    latest_checkpoint,
-    register_checkpoint_hooks,
-    resolve_resume,
-    save_checkpoint,
-)
+from .checkpoint import latest_checkpoint, register_checkpoint_hooks
 from .config import TrainConfig, config_to_dict
 from .data import StreamSampler, stream_seed
+from .run_guard import RunGuard
 from .validation import save_and_log_grid
 
 __all__ = [
@@ -55,6 +50,7 @@ class TrainResult:
     adapter_paths: list[Path] = field(default_factory=list)
     validation_grids: list[Path] = field(default_factory=list)
     resumed_from: Path | None = None
+    resume_changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # optimisation settings changed on resume
     seconds: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)  # trainable values, time per step, peak memory
 
@@ -192,19 +188,18 @@ def run_training(task: TrainingTask, accelerator) -> TrainResult:
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
 
     result = TrainResult(global_step=0)
-    resume = resolve_resume(cfg.resume_from_checkpoint, out)
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        result.global_step = checkpoint_step(resume)
-        result.resumed_from = resume
-        accelerator.print(f"resumed from {resume} at step {result.global_step}")
-    elif cfg.resume_from_checkpoint == "latest":
-        accelerator.print(f"no checkpoint under {out / 'checkpoints'} yet: starting from step 0")
+    # resume (newest intact checkpoint, identity checked, changed optimisation settings applied), checkpoints,
+    # the Ctrl-C stop: see run_guard
+    guard = RunGuard(cfg, accelerator)
+    resumed = guard.resume()
+    if resumed is not None:
+        result.resumed_from, result.global_step = resumed
+        result.resume_changes = guard.resume_changes
 
     dataset, n_items, collate = task.dataset()
     sampler = StreamSampler(
         n_items, cfg.train_batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
-        start_batch=result.global_step * cfg.gradient_accumulation_steps,
+        start_batch=guard.micro_batches,
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.dataloader_num_workers,
@@ -213,12 +208,13 @@ def run_training(task: TrainingTask, accelerator) -> TrainResult:
     meter = _StepMeter(accelerator.device)
     progress = tqdm(total=cfg.max_train_steps, initial=result.global_step, desc="train", unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    guard.start()
     try:
         while result.global_step < cfg.max_train_steps:
             step_logs = []
             meter.start()
-            for micro in range(cfg.gradient_accumulation_steps):
-                micro_step = result.global_step * cfg.gradient_accumulation_steps + micro
+            for _micro in range(cfg.gradient_accumulation_steps):
+                micro_step = guard.next_micro_batch()
                 batch = next(batches)
                 generator = step_generator(cfg.seed, micro_step, accelerator.process_index)
                 with accelerator.accumulate(*wrapped.values()):
@@ -226,8 +222,8 @@ def run_training(task: TrainingTask, accelerator) -> TrainResult:
                     if not _all_finite(accelerator, loss):
                         raise NonFiniteLossError(
                             f"the loss became {loss.item()} at step {result.global_step + 1} (micro-batch {micro_step}); "
-                            "stopping without saving an adapter. Lower learning_rate, use bf16 instead of fp16, "
-                            "or check the data."
+                            f"stopping without saving an adapter; {guard.kept()}. Lower learning_rate, use bf16 "
+                            "instead of fp16, or check the data."
                         )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
@@ -248,12 +244,13 @@ def run_training(task: TrainingTask, accelerator) -> TrainResult:
             if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
                 accelerator.log(logs, step=step)
             if step % cfg.checkpointing_steps == 0 and step < cfg.max_train_steps:
-                path = save_checkpoint(accelerator, out, step, cfg.checkpoints_total_limit)
+                path = guard.save(step)
                 progress.write(f"saved checkpoint {path}")
             if step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
                 grid = _validate(task, accelerator, unwrapped, step, out)
                 if grid is not None:
                     result.validation_grids.append(grid)
+            guard.after_step(step, logs)  # a pending Ctrl-C: save a checkpoint, then stop
     except BaseException as err:
         last = latest_checkpoint(out) if accelerator.is_main_process else None
         if hasattr(err, "add_note") and accelerator.is_main_process:
@@ -263,13 +260,15 @@ def run_training(task: TrainingTask, accelerator) -> TrainResult:
                    if last else "no checkpoint was written yet")
             )
         progress.close()
+        guard.close()
         raise
     progress.close()
+    guard.close()
     _check_ranks_agree(accelerator, trainable, out)
     result.stats = {"adapter": getattr(cfg, "adapter", "hra"),
                     "trainable_parameters": {n: sum(p.numel() for p in m.parameters() if p.requires_grad)
                                              for n, m in unwrapped.items()},
-                    **meter.summary()}
+                    "final_loss": guard.final_loss, **meter.summary()}
     if accelerator.is_main_process:
         (out / "logs").mkdir(parents=True, exist_ok=True)
         (out / "logs" / STATS_NAME).write_text(json.dumps(result.stats, indent=2) + "\n")
