@@ -177,3 +177,95 @@ def test_sdxl_unet_wraps_560_attention_projections():
     assert sum(p.numel() for p in unet.parameters() if p.requires_grad) == 8 * per_r  # everything else frozen
     cross_kv = [n for n in names if ".attn2.to_k" in n or ".attn2.to_v" in n]
     assert {unet.get_submodule(n).hra_u.shape[0] for n in cross_kv} == {2048}
+
+
+# ---- generate on SDXL ------------------------------------------------------------------------------
+
+def _random_hra(model, targets, r: int, seed: int) -> None:
+    """HRA away from the identity (random reflection vectors), as a trained adapter would be."""
+    inject_hra(model, HRAConfig(r=r, target_modules=list(targets), init_identity=False, seed=seed))
+
+
+@pytest.fixture(scope="module")
+def sdxl_adapter(tiny_sdxl_dir, tmp_path_factory):
+    """An HRA adapter on the tiny SDXL UNet (attention projections) with text_encoder/ and text_encoder_2/ parts."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from hra_diffusion.adapters.config import TEXT_ENCODER_TARGETS
+    from hra_diffusion.adapters.io import save_adapter
+
+    root = tmp_path_factory.mktemp("sdxl-adapters") / "adapter"
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+    _random_hra(unet, ["to_q", "to_k", "to_v", "to_out.0"], 4, 0)
+    save_adapter(unet, root, base_model=str(tiny_sdxl_dir))
+    for i, (sub, cls) in enumerate((("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection))):
+        te = cls.from_pretrained(tiny_sdxl_dir, subfolder=sub)
+        _random_hra(te, TEXT_ENCODER_TARGETS, 2, 1 + i)
+        save_adapter(te, root / sub, base_model=str(tiny_sdxl_dir))
+    return root
+
+
+def _images(folder):
+    import numpy as np
+    from PIL import Image
+
+    return {p.name: np.asarray(Image.open(p), dtype=np.int16) for p in sorted(folder.glob("*.png"))}
+
+
+def test_generate_cli_on_sdxl(tiny_sdxl_dir, sdxl_adapter, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from hra_diffusion.cli import main
+
+    unet_only = tmp_path / "unet-only"
+    unet_only.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(sdxl_adapter / f, unet_only / f)
+    common = ["--base", str(tiny_sdxl_dir), "--prompt", PROMPTS[0], "--seeds", "3", "5", "--steps", "2",
+              "--guidance", "5", "--no-progress"]
+    runs = {"full": ["--adapter", str(sdxl_adapter)], "merged": ["--adapter", str(sdxl_adapter), "--merge"],
+            "unet": ["--adapter", str(unet_only)], "base": []}
+    for name, extra in runs.items():
+        assert main(["generate", "--out", str(tmp_path / name), *common, *extra]) == 0
+    got = {name: _images(tmp_path / name) for name in runs}
+    assert list(got["full"]) == ["p0000_00_s3.png", "p0000_01_s5.png"]
+    for image in got["full"]:
+        assert np.abs(got["full"][image] - got["merged"][image]).max() <= 2  # live = merged, within rounding
+        assert np.abs(got["full"][image] - got["base"][image]).max() > 4  # the adapter changes the images
+        assert np.abs(got["full"][image] - got["unet"][image]).max() > 4  # ... and so do its text-encoder parts
+    row = json.loads((tmp_path / "full" / "manifest.jsonl").read_text().splitlines()[0])
+    assert row["text_encoders_adapted"] == ["text_encoder", "text_encoder_2"] and row["adapter_kind"] == "subject"
+    assert row["height"] == row["width"] == 32
+
+
+def test_generate_control_adapter_on_sdxl(tiny_sdxl_dir, tmp_path):
+    import numpy as np
+    from diffusers import UNet2DConditionModel
+    from PIL import Image
+
+    from hra_diffusion.adapters.config import CONTROL_TARGETS
+    from hra_diffusion.control import build_condition_encoder, save_control_adapter
+    from hra_diffusion.generate import GenerateConfig, generate
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+    inject_hra(unet, HRAConfig(r=4, target_modules=list(CONTROL_TARGETS), seed=0))
+    encoder = build_condition_encoder(unet, vae_scale_factor=2)  # sized from the SDXL UNet's conv_in
+    assert encoder.conv_out.out_channels == unet.conv_in.out_channels
+    torch.manual_seed(0)
+    torch.nn.init.normal_(encoder.conv_out.weight, std=0.5)  # a trained-looking, non-zero control path
+    save_control_adapter(unet, encoder, tmp_path / "control", base_model=str(tiny_sdxl_dir), condition_type="canny")
+    conditions = []
+    for i, fill in enumerate((0, 255)):
+        path = tmp_path / f"cond{i}.png"
+        Image.new("RGB", (32, 32), (fill, fill, fill)).save(path)
+        conditions.append(str(path))
+    out = {}
+    for i, cond in enumerate(conditions):
+        out[i] = _images(generate(GenerateConfig(
+            output_dir=str(tmp_path / f"out{i}"), adapter=str(tmp_path / "control"), base_model=str(tiny_sdxl_dir),
+            prompts=[PROMPTS[0]], conditions=[cond], seeds=[1], steps=2, guidance_scale=5.0, progress=False)))
+    name = "p0000_00_s1.png"
+    assert np.abs(out[0][name] - out[1][name]).max() > 4  # the condition steers the SDXL UNet
