@@ -4,6 +4,7 @@ the tiny SDXL-shaped pipeline, and HRA's injection count on a full-size SDXL UNe
 from __future__ import annotations
 
 import json
+import textwrap
 
 import pytest
 import torch
@@ -181,6 +182,12 @@ def test_sdxl_unet_wraps_560_attention_projections():
 
 # ---- generate on SDXL ------------------------------------------------------------------------------
 
+# attention, transformer and resnet layers, both samplers, conv_in/out and the time/add embeddings: every kind of
+# LDM name a kohya SDXL file uses (input_blocks_N_1_..., in_layers_2, emb_layers_1, op, label_emb_0_0, out_2)
+SDXL_EXPORT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "time_emb_proj",
+                       "downsamplers.0.conv", "upsamplers.0.conv", "linear_1", "conv_in", "conv_out"]
+
+
 def _random_hra(model, targets, r: int, seed: int) -> None:
     """HRA away from the identity (random reflection vectors), as a trained adapter would be."""
     inject_hra(model, HRAConfig(r=r, target_modules=list(targets), init_identity=False, seed=seed))
@@ -188,7 +195,7 @@ def _random_hra(model, targets, r: int, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def sdxl_adapter(tiny_sdxl_dir, tmp_path_factory):
-    """An HRA adapter on the tiny SDXL UNet (attention projections) with text_encoder/ and text_encoder_2/ parts."""
+    """A random HRA adapter on the tiny SDXL UNet (SDXL_EXPORT_TARGETS) with text_encoder/ and text_encoder_2/ parts."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -197,7 +204,7 @@ def sdxl_adapter(tiny_sdxl_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sdxl-adapters") / "adapter"
     unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
-    _random_hra(unet, ["to_q", "to_k", "to_v", "to_out.0"], 4, 0)
+    _random_hra(unet, SDXL_EXPORT_TARGETS, 4, 0)
     save_adapter(unet, root, base_model=str(tiny_sdxl_dir))
     for i, (sub, cls) in enumerate((("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection))):
         te = cls.from_pretrained(tiny_sdxl_dir, subfolder=sub)
@@ -269,3 +276,183 @@ def test_generate_control_adapter_on_sdxl(tiny_sdxl_dir, tmp_path):
             prompts=[PROMPTS[0]], conditions=[cond], seeds=[1], steps=2, guidance_scale=5.0, progress=False)))
     name = "p0000_00_s1.png"
     assert np.abs(out[0][name] - out[1][name]).max() > 4  # the condition steers the SDXL UNet
+
+
+# ---- export on SDXL --------------------------------------------------------------------------------
+
+def test_sdxl_kohya_names_map_back_through_diffusers_reader():
+    """Every Linear/Conv2d of a full-size SDXL UNet and both text encoders (meta device): the kohya (LDM) names we
+    write are mapped back to exactly those modules by diffusers' SDXL kohya reader, with no key left over."""
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_lora_to_diffusers,
+        _maybe_map_sgm_blocks_to_diffusers,
+    )
+    from diffusers.utils.state_dict_utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+    from torch import nn
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from hra_diffusion.adapters.export import kohya_module_name, sgm_module_path
+
+    unet = sdxl_unet_on_meta()
+    with torch.device("meta"):
+        te1 = CLIPTextModel(CLIPTextConfig())  # CLIP ViT-L/14's text tower
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(  # OpenCLIP ViT-bigG/14's
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+            projection_dim=1280, hidden_act="gelu"))
+    models = {"unet": unet, "text_encoder": te1, "text_encoder_2": te2}
+    layers = {c: [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+              for c, model in models.items()}
+    assert len(layers["unet"]) == 794 and len(layers["text_encoder"]) == 12 * 6
+    assert len(layers["text_encoder_2"]) == 32 * 6 + 1  # + text_projection
+    kohya = {}
+    for component, names in layers.items():
+        for n in names:
+            key = kohya_module_name("sdxl", component, n, unet.config)
+            kohya.update({f"{key}.lora_down.weight": torch.zeros(1), f"{key}.lora_up.weight": torch.zeros(1),
+                          f"{key}.alpha": torch.tensor(4.0)})
+    assert len(kohya) == 3 * sum(len(n) for n in layers.values())  # distinct names
+    # names as kohya sd-scripts / ComfyUI / A1111 spell them for SDXL
+    for name in ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+                 "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_k",
+                 "lora_unet_middle_block_1_transformer_blocks_0_ff_net_0_proj",
+                 "lora_unet_output_blocks_2_2_conv", "lora_unet_input_blocks_3_0_op",
+                 "lora_unet_input_blocks_1_0_emb_layers_1", "lora_unet_output_blocks_0_0_skip_connection",
+                 "lora_unet_label_emb_0_0", "lora_unet_time_embed_2", "lora_unet_out_2",
+                 "lora_te1_text_model_encoder_layers_11_self_attn_q_proj",
+                 "lora_te2_text_model_encoder_layers_31_mlp_fc2", "lora_te2_text_projection"):
+        assert f"{name}.lora_down.weight" in kohya, name
+    converted, alphas = _convert_non_diffusers_lora_to_diffusers(
+        _maybe_map_sgm_blocks_to_diffusers(dict(kohya), unet.config))  # raises on any leftover key
+    assert len(converted) == 2 * sum(len(n) for n in layers.values()) and len(alphas) == len(converted) // 2
+    unet_sd = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in converted.items()
+                                               if k.startswith("unet.")})
+    mapped = {"unet": {k.rsplit(".lora_", 1)[0] for k in unet_sd}}
+    for component, model in (("text_encoder", te1), ("text_encoder_2", te2)):
+        te_sd = convert_state_dict_to_peft(convert_state_dict_to_diffusers(
+            {k[len(component) + 1:]: v for k, v in converted.items() if k.startswith(component + ".")}))
+        prefix = "" if hasattr(model, "text_model") else "text_model."
+        mapped[component] = {k.rsplit(".lora_", 1)[0].removeprefix(prefix) for k in te_sd}
+    for component, names in layers.items():
+        assert mapped[component] == set(names), component
+    with pytest.raises(ValueError, match="no LDM"):
+        sgm_module_path("down_blocks.0.resnets.0.norm1")
+
+
+STOCK_SDXL = textwrap.dedent("""
+    import sys
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file, save_file
+
+    base, inputs, out, *loras = sys.argv[1:]
+    inp = load_file(inputs)
+    outs = {}
+    for i, lora in enumerate(loras):
+        pipe = StableDiffusionXLPipeline.from_pretrained(base, torch_dtype=torch.float32)
+        pipe.load_lora_weights(lora)
+        with torch.no_grad():
+            outs[f"{i}.te1"] = pipe.text_encoder(inp["ids"], output_hidden_states=True).hidden_states[-2]
+            te2 = pipe.text_encoder_2(inp["ids"], output_hidden_states=True)
+            outs[f"{i}.te2"], outs[f"{i}.pooled"] = te2.hidden_states[-2], te2.text_embeds
+            outs[f"{i}.unet"] = pipe.unet(inp["sample"], inp["t"], inp["enc"], added_cond_kwargs={
+                "text_embeds": inp["text_embeds"], "time_ids": inp["time_ids"]}).sample
+    assert not any(m.startswith("hra_diffusion") for m in sys.modules), "hra_diffusion was imported"
+    save_file(outs, out)
+""")
+
+
+@torch.no_grad()
+def _sdxl_outputs(base, adapter, inp) -> dict[str, torch.Tensor]:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from hra_diffusion.adapters.io import load_adapter
+
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet").eval()
+    te1 = CLIPTextModel.from_pretrained(base, subfolder="text_encoder").eval()
+    te2 = CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2").eval()
+    if adapter is not None:
+        for model, part in ((unet, adapter), (te1, adapter / "text_encoder"), (te2, adapter / "text_encoder_2")):
+            load_adapter(model, part)
+    out2 = te2(inp["ids"], output_hidden_states=True)
+    return {"te1": te1(inp["ids"], output_hidden_states=True).hidden_states[-2], "te2": out2.hidden_states[-2],
+            "pooled": out2.text_embeds,
+            "unet": unet(inp["sample"], inp["t"], inp["enc"], added_cond_kwargs={
+                "text_embeds": inp["text_embeds"], "time_ids": inp["time_ids"]}).sample}
+
+
+def test_sdxl_lora_and_kohya_exports_load_in_stock_diffusers(tiny_sdxl_dir, sdxl_adapter, tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from hra_diffusion.adapters.export import METADATA_KEY, export_adapter
+    from hra_diffusion.cli import main
+
+    g = torch.Generator().manual_seed(3)
+    inp = {"ids": torch.randint(0, 512, (2, 16), generator=g), "sample": torch.randn(2, 4, 16, 16, generator=g),
+           "t": torch.tensor([10, 700]), "enc": torch.randn(2, 16, sum(SDXL_TE_WIDTHS), generator=g),
+           "text_embeds": torch.randn(2, SDXL_PROJECTION_DIM, generator=g),
+           "time_ids": torch.tensor([[512.0, 768, 0, 64, 512, 512], [300, 200, 12, 0, 256, 256]])}
+    want = _sdxl_outputs(tiny_sdxl_dir, sdxl_adapter, inp)
+    plain = _sdxl_outputs(tiny_sdxl_dir, None, inp)
+    for key in want:
+        assert _rel(plain[key], want[key]) > 1e-3, key  # every part of the adapter changes its output
+    lora_dir, kohya_file = tmp_path / "lora", tmp_path / "kohya.safetensors"
+    assert main(["export", "--adapter", str(sdxl_adapter), "--to", "lora", "--out", str(lora_dir)]) == 0
+    export_adapter(sdxl_adapter, "kohya", kohya_file)
+    with safe_open(str(kohya_file), framework="pt") as f:
+        keys = set(f.keys())
+        assert json.loads(f.metadata()[METADATA_KEY])["base_family"] == "sdxl"
+    assert {k.split("_", 2)[1] for k in keys} == {"unet", "te1", "te2"}
+    assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k.") for k in keys)
+    lora_keys = load_file(str(lora_dir / "pytorch_lora_weights.safetensors"))
+    assert any(k.startswith("text_encoder_2.text_model.encoder.layers.2.self_attn.q_proj.lora_A") for k in lora_keys)
+    save_file({k: v.contiguous() for k, v in inp.items()}, str(tmp_path / "inputs.safetensors"))
+    script = tmp_path / "stock.py"
+    script.write_text(STOCK_SDXL)
+    res = subprocess.run([sys.executable, str(script), str(tiny_sdxl_dir), str(tmp_path / "inputs.safetensors"),
+                          str(tmp_path / "out.safetensors"), str(lora_dir), str(kohya_file)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = load_file(str(tmp_path / "out.safetensors"))
+    for i in (0, 1):  # 0: diffusers layout, 1: kohya (LDM names)
+        for key in want:
+            assert _rel(got[f"{i}.{key}"], want[key]) <= 1e-5, (i, key)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_sdxl_merged_export_has_both_text_encoders(tiny_sdxl_dir, sdxl_adapter, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from hra_diffusion.adapters.export import export_adapter
+
+    g = torch.Generator().manual_seed(4)
+    inp = {"ids": torch.randint(0, 512, (1, 16), generator=g), "sample": torch.randn(1, 4, 16, 16, generator=g),
+           "t": torch.tensor([300]), "enc": torch.randn(1, 16, sum(SDXL_TE_WIDTHS), generator=g),
+           "text_embeds": torch.randn(1, SDXL_PROJECTION_DIM, generator=g),
+           "time_ids": torch.tensor([[64.0, 64, 0, 0, 32, 32]])}
+    want = _sdxl_outputs(tiny_sdxl_dir, sdxl_adapter, inp)
+    merged = export_adapter(sdxl_adapter, "merged", tmp_path / "merged")
+    assert sorted(p.name for p in merged.iterdir() if p.is_dir()) == ["text_encoder", "text_encoder_2"]
+    unet = UNet2DConditionModel.from_pretrained(merged).eval()
+    te1 = CLIPTextModel.from_pretrained(merged / "text_encoder").eval()
+    te2 = CLIPTextModelWithProjection.from_pretrained(merged / "text_encoder_2").eval()
+    with torch.no_grad():
+        out2 = te2(inp["ids"], output_hidden_states=True)
+        got = {"te1": te1(inp["ids"], output_hidden_states=True).hidden_states[-2], "te2": out2.hidden_states[-2],
+               "pooled": out2.text_embeds,
+               "unet": unet(inp["sample"], inp["t"], inp["enc"], added_cond_kwargs={
+                   "text_embeds": inp["text_embeds"], "time_ids": inp["time_ids"]}).sample}
+    for key in want:
+        assert _rel(got[key], want[key]) <= 1e-5, key
