@@ -456,3 +456,35 @@ def test_sdxl_merged_export_has_both_text_encoders(tiny_sdxl_dir, sdxl_adapter, 
                    "text_embeds": inp["text_embeds"], "time_ids": inp["time_ids"]}).sample}
     for key in want:
         assert _rel(got[key], want[key]) <= 1e-5, key
+
+
+# ---- benchmark code paths (no timings are asserted: the tiny shapes only exercise the SDXL sections) ------
+
+def test_bench_sdxl_sections_on_tiny_shapes(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    import bench_hra
+    import render_tables
+
+    assert (1280, 1280, 1024 * 2) in bench_hra.SDXL_SHAPES and (2048, 1280, 77 * 2) in bench_hra.SDXL_SHAPES
+    monkeypatch.setattr(bench_hra, "SDXL_SHAPES", [(48, 32, 8), (64, 32, 5)])
+    results = tmp_path / "bench.json"
+    results.write_text(json.dumps({"layers": {"kept": True}}))
+    bench_hra.main(["--sdxl", "--r", "2", "--repeats", "1", "--json", str(results)])  # no --sdxl-unet: layers only
+    doc = json.loads(results.read_text())
+    assert doc["layers"] == {"kept": True} and "unet_sdxl" not in doc  # the SD-1.5 section is left alone
+    rows = doc["layers_sdxl"]["rows"]
+    assert [r["shape"] for r in rows] == ["(48, 32, 8)", "(64, 32, 5)"]
+    assert all(r["ours_ms"] > 0 and r["peft_lora_mib"] > 0 for r in rows)
+    table = render_tables.render({"layers_sdxl": doc["layers_sdxl"]})["layers_sdxl"]
+    assert "SDXL shapes" in table and "(64, 32, 5)" in table
+    # the whole-SDXL-UNet step, on an SDXL-shaped UNet of test size (the real one is 10 GiB per process)
+    from tiny_models import tiny_sdxl_unet
+
+    monkeypatch.setattr(bench_hra, "SDXL_UNET_CONFIG", dict(tiny_sdxl_unet().config))
+    times = bench_hra.bench_unet_time(2, 1, ["ours", "peft_lora"], sdxl=True)
+    assert set(times) == {"ours", "peft_lora"} and all(t > 0 for t in times.values())
+    with pytest.raises(SystemExit):
+        bench_hra.main(["--sdxl-unet", "--json", ""])  # --sdxl-unet without --sdxl is refused
