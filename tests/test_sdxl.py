@@ -299,7 +299,8 @@ def test_sdxl_kohya_names_map_back_through_diffusers_reader():
 
     unet = sdxl_unet_on_meta()
     with torch.device("meta"):
-        te1 = CLIPTextModel(CLIPTextConfig())  # CLIP ViT-L/14's text tower
+        te1 = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14's text tower
+            hidden_size=768, intermediate_size=3072, num_attention_heads=12, projection_dim=768))
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(  # OpenCLIP ViT-bigG/14's
             hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
             projection_dim=1280, hidden_act="gelu"))
