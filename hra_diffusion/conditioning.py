@@ -16,7 +16,8 @@ of its ``train_dreambooth_lora_sdxl.py`` (no clip skip; the prompt padded to eac
 Both trainers use :func:`conditioner_from_pipeline` / :class:`PromptConditioner` so neither has its own copy::
 
     family = pipeline_family("path/to/base")               # 'sd' or 'sdxl', from model_index.json
-    cond = conditioner_from_pipeline(pipe)                 # or SDConditioner(...) / SDXLConditioner(...)
+    cond = load_conditioner("path/to/base")                # its tokenizer(s) + text encoder(s), frozen
+    cond = conditioner_from_pipeline(pipe)                 # or from a loaded pipeline
     embeds = cond.encode(["a photo of sks dog"])           # PromptEmbeds, cacheable per prompt
     sizes = [SizeCondition((768, 1024), (0, 128), (512, 512))]   # per image, SDXL only
     pred = unet(noisy, t, **cond.unet_kwargs(embeds, sizes)).sample
@@ -44,6 +45,7 @@ __all__ = [
     "SDConditioner",
     "SDXLConditioner",
     "conditioner_from_pipeline",
+    "load_conditioner",
 ]
 
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
@@ -274,3 +276,36 @@ def conditioner_from_pipeline(pipe: Any) -> PromptConditioner:
     if getattr(pipe, "text_encoder_2", None) is not None:
         return SDXLConditioner((pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2))
     return SDConditioner(pipe.tokenizer, pipe.text_encoder)
+
+
+def load_conditioner(base: str | os.PathLike, revision: str | None = None, variant: str | None = None,
+                     dtype: torch.dtype = torch.float32, local_files_only: bool | None = None) -> PromptConditioner:
+    """The tokenizer(s) and text encoder(s) of pipeline ``base`` (folder or hub id) as its family's conditioner.
+
+    The text encoders are frozen (``requires_grad_(False)``, eval mode) and cast to ``dtype``; a trainer that
+    tunes them puts its adapter on ``cond.text_encoders`` afterwards.
+    """
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    family = pipeline_family(base, revision)
+    base = str(Path(base).expanduser()) if Path(base).expanduser().is_dir() else str(base)
+    if local_files_only is None:
+        local_files_only = Path(base).is_dir() or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true")
+    kwargs: dict[str, Any] = {"revision": revision, "local_files_only": local_files_only}
+    names = [("tokenizer", "text_encoder", CLIPTextModel)]
+    if family == "sdxl":
+        names.append(("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))
+    tokenizers, encoders = [], []
+    for tok_dir, te_dir, cls in names:
+        try:
+            tokenizers.append(CLIPTokenizer.from_pretrained(base, subfolder=tok_dir, **kwargs))
+            encoders.append(cls.from_pretrained(base, subfolder=te_dir, variant=variant, **kwargs))
+        except (OSError, ValueError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise OSError(f"could not load {tok_dir}/ and {te_dir}/ of base model {base!r} ({family.upper()}): "
+                          f"{first}") from None
+    for te in encoders:
+        te.requires_grad_(False).to(dtype).eval()
+    if family == "sdxl":
+        return SDXLConditioner(tokenizers, encoders)
+    return SDConditioner(tokenizers[0], encoders[0])

@@ -123,6 +123,20 @@ def test_sdxl_time_ids_and_unet_call_match_the_pipeline(sdxl_pipe):
         cond.unet_kwargs(PromptEmbeds(embeds.hidden), sizes)
 
 
+def test_load_conditioner_from_a_folder(tiny_sdxl_dir, tiny_random_sd_dir, sdxl_pipe):
+    from hra_diffusion.conditioning import load_conditioner
+
+    cond = load_conditioner(tiny_sdxl_dir)
+    assert isinstance(cond, SDXLConditioner) and cond.component_names == ("text_encoder", "text_encoder_2")
+    assert all(not p.requires_grad for te in cond.text_encoders for p in te.parameters())
+    with torch.no_grad():
+        got = cond.encode(PROMPTS)
+        want = conditioner_from_pipeline(sdxl_pipe).encode(PROMPTS)
+    assert torch.equal(got.hidden, want.hidden) and torch.equal(got.pooled, want.pooled)
+    sd = load_conditioner(tiny_random_sd_dir, dtype=torch.bfloat16)
+    assert isinstance(sd, SDConditioner) and sd.text_encoders[0].dtype == torch.bfloat16
+
+
 def test_sd_encoding_equals_pipeline_encode_prompt(tiny_random_sd_dir):
     from diffusers import StableDiffusionPipeline
 
