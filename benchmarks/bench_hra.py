@@ -9,8 +9,15 @@
    PEFT LoRA at the same rank r and at r/2 (the same parameter budget as HRA r), PEFT OFT (block 16) and
    BOFT (block 8, one butterfly factor), injected by hra_diffusion.adapters.peft_baselines exactly as the trainers do.
 
+3. ``--sdxl``: the same per-layer comparison at SDXL's shapes (1280 x 1280 at 1024 and 4096 tokens, the
+   cross-attention k/v 2048 -> 1280 over 77 tokens), written as the results section ``layers_sdxl``; with
+   ``--sdxl-unet`` also the whole-step comparison on an SDXL-shaped UNet (meta-built from SDXL's config, random
+   weights, 32x32 latent, batch 1, with its text/time added conditioning) as ``unet_sdxl``. The SDXL UNet is
+   2.6 B parameters (10 GiB in fp32) per process: run that step on a machine with room for it.
+
 Usage: python benchmarks/bench_hra.py [--repeats 7] [--unet-repeats 3] [--skip-unet] [--skip-layers] [--r 8]
        [--unet-variants ours,peft_lora_half,peft_oft,peft_boft] [--json benchmarks/results/bench_hra.json]
+       python benchmarks/bench_hra.py --sdxl [--sdxl-unet] [...]
 Prints markdown tables and the ratios the project's goals are stated in, and every whole-step ratio
 against LoRA (both ranks) measured side by side. Every figure is also written to the results JSON (default
 benchmarks/results/bench_hra.json; the sections this run measured replace the file's old ones, each with
@@ -42,6 +49,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from render_tables import layers_table, whole_step_table  # noqa: E402
 
 SHAPES = [(320, 320, 4096 * 2), (640, 640, 1024 * 2), (1280, 1280, 256 * 2), (1280, 1280, 64 * 2), (768, 320, 77 * 2)]
+# (in, out, tokens x batch 2) as above: SDXL's 1280-wide projections at 1024 and 4096 tokens, cross-attention k/v
+SDXL_SHAPES = [(1280, 1280, 1024 * 2), (1280, 1280, 4096 * 2), (2048, 1280, 77 * 2)]
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the shape-defining entries; the rest are defaults)
+SDXL_UNET_CONFIG = {
+    "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "layers_per_block": 2,
+    "projection_class_embeddings_input_dim": 2816, "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True,
+    "sample_size": 32,
+}
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 VARIANTS = ["base", "ours", "peft_hra", "peft_lora"]
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "bench_hra.json"
@@ -110,9 +128,9 @@ def params_of(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def bench_layers(r: int, repeats: int) -> list[dict]:
+def bench_layers(r: int, repeats: int, shapes: list[tuple[int, int, int]] | None = None) -> list[dict]:
     rows = []
-    for d_in, d_out, n in SHAPES:
+    for d_in, d_out, n in shapes or SHAPES:
         torch.manual_seed(0)
         base = Holder(nn.Linear(d_in, d_out))
         models = {k: make_variant(k, base, r, ["to_q"]) for k in VARIANTS}
@@ -137,16 +155,17 @@ def bench_layers(r: int, repeats: int) -> list[dict]:
     return rows
 
 
-def sd15_unet(lean: bool = False):
-    """SD-1.5-shaped UNet, random weights. ``lean``: built on the meta device and filled in place, so
-    building it does not peak above its own size (random init through diffusers peaks at ~3x)."""
+def sd15_unet(lean: bool = False, sdxl: bool = False):
+    """SD-1.5-shaped UNet (``sdxl``: SDXL-shaped), random weights. ``lean``: built on the meta device and filled
+    in place, so building it does not peak above its own size (random init through diffusers peaks at ~3x)."""
     from diffusers import UNet2DConditionModel
 
+    config = SDXL_UNET_CONFIG if sdxl else {"cross_attention_dim": 768, "sample_size": 32}
     torch.manual_seed(0)
     if not lean:
-        return UNet2DConditionModel(cross_attention_dim=768, sample_size=32)
+        return UNet2DConditionModel(**config)
     with torch.device("meta"):
-        unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=32)
+        unet = UNet2DConditionModel(**config)
     unet = unet.to_empty(device="cpu")
     with torch.no_grad():
         for p in unet.parameters():
@@ -154,24 +173,33 @@ def sd15_unet(lean: bool = False):
     return unet
 
 
-def unet_batch():
+def unet_batch(unet=None):
+    """(latent, timestep, text states[, added conditioning]) for one step; SDXL's when ``unet`` is SDXL-shaped."""
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(1, 4, 32, 32, generator=g), torch.tensor([500]), torch.randn(1, 77, 768, generator=g))
+    width = unet.config.cross_attention_dim if unet is not None else 768
+    batch = (torch.randn(1, 4, 32, 32, generator=g), torch.tensor([500]), torch.randn(1, 77, width, generator=g))
+    if unet is None or unet.config.addition_embed_type != "text_time":
+        return batch
+    pooled = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
+    added = {"text_embeds": torch.randn(1, pooled, generator=g),
+             "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]])}
+    return (*batch, added)
 
 
 def train_step(model, opt, batch):
-    sample, t, enc = batch
-    loss = model(sample, t, enc).sample.float().pow(2).mean()
+    sample, t, enc, *added = batch
+    kwargs = {"added_cond_kwargs": added[0]} if added else {}
+    loss = model(sample, t, enc, **kwargs).sample.float().pow(2).mean()
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
 
-def bench_unet_time(r: int, repeats: int, kinds: list[str]) -> dict[str, float]:
-    base = sd15_unet()
+def bench_unet_time(r: int, repeats: int, kinds: list[str], sdxl: bool = False) -> dict[str, float]:
+    base = sd15_unet(lean=sdxl, sdxl=sdxl)  # SDXL: meta-built and filled in place (one copy of 2.6 B weights)
     models = {k: make_variant(k, base, r, TARGETS) for k in kinds}
     opts = {k: torch.optim.AdamW(params_of(m), lr=1e-4) for k, m in models.items()}
-    batch = unet_batch()
+    batch = unet_batch(base)
     times: dict[str, list[float]] = {k: [] for k in kinds}
     for k in kinds:
         train_step(models[k], opts[k], batch)  # warm-up
@@ -184,14 +212,14 @@ def bench_unet_time(r: int, repeats: int, kinds: list[str]) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def unet_peak_child(kind: str, r: int) -> None:
+def unet_peak_child(kind: str, r: int, sdxl: bool = False) -> None:
     """Run in a fresh process: peak RSS of building the UNet + 2 training steps of one variant."""
-    base = sd15_unet(lean=True)
+    base = sd15_unet(lean=True, sdxl=sdxl)
     model = make_variant(kind, base, r, TARGETS)
+    batch = unet_batch(base)
     del base
     opt = torch.optim.AdamW(params_of(model), lr=1e-4)
     after_build = peak_rss_kib()
-    batch = unet_batch()
     for _ in range(2):
         train_step(model, opt, batch)
     peak = peak_rss_kib()
@@ -199,11 +227,11 @@ def unet_peak_child(kind: str, r: int) -> None:
     print(json.dumps({"peak_kib": peak, "after_build_kib": after_build, "trainable": n}))
 
 
-def bench_unet_memory(r: int, kinds: list[str]) -> dict[str, dict]:
+def bench_unet_memory(r: int, kinds: list[str], sdxl: bool = False) -> dict[str, dict]:
     out = {}
     for kind in kinds:
         proc = subprocess.run(
-            [sys.executable, __file__, "--peak-child", kind, "--r", str(r)],
+            [sys.executable, __file__, "--peak-child", kind, "--r", str(r), *(["--sdxl"] if sdxl else [])],
             capture_output=True, text=True, check=True,
         )
         out[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -227,11 +255,19 @@ def main(argv: list[str] | None = None) -> None:
                     help=f"comma-separated whole-UNet variants, from {', '.join(UNET_VARIANTS)}")
     ap.add_argument("--json", default=str(DEFAULT_RESULTS),
                     help="results file to update with this run's sections ('' to skip writing)")
+    ap.add_argument("--sdxl", action="store_true",
+                    help="SDXL instead of SD 1.5: the per-layer table at SDXL shapes (section layers_sdxl); the "
+                         "whole-UNet step only with --sdxl-unet")
+    ap.add_argument("--sdxl-unet", action="store_true",
+                    help="with --sdxl: also the whole SDXL-UNet training step (section unet_sdxl; ~10 GiB fp32 "
+                         "per process, one process per variant for peak memory)")
     ap.add_argument("--peak-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.peak_child:
-        unet_peak_child(args.peak_child, args.r)
+        unet_peak_child(args.peak_child, args.r, sdxl=args.sdxl)
         return
+    if args.sdxl_unet and not args.sdxl:
+        ap.error("--sdxl-unet needs --sdxl")
 
     kinds = [k.strip() for k in args.unet_variants.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in UNET_VARIANTS]
@@ -240,13 +276,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, r = {args.r}\n")
     result: dict = {}
     env = environment(args.r)
+    suffix, model_name = ("_sdxl", "SDXL") if args.sdxl else ("", "SD-1.5")
     if not args.skip_layers:
-        result["layers"] = {"env": env, "repeats": args.repeats, "rows": print_layers(args.r, args.repeats)}
-    if not args.skip_unet:
-        t = bench_unet_time(args.r, args.unet_repeats, kinds)
-        mem = bench_unet_memory(args.r, kinds)
-        result["unet"] = {"env": env, "repeats": args.unet_repeats, "step_s": t, "memory": mem}
-        print("\n### Whole SD-1.5-shaped UNet training step (32x32 latent, batch 1, random weights)\n")
+        rows = print_layers(args.r, args.repeats, SDXL_SHAPES if args.sdxl else SHAPES)
+        result["layers" + suffix] = {"env": env, "repeats": args.repeats, "rows": rows}
+    if not args.skip_unet and (args.sdxl_unet or not args.sdxl):
+        t = bench_unet_time(args.r, args.unet_repeats, kinds, sdxl=args.sdxl)
+        mem = bench_unet_memory(args.r, kinds, sdxl=args.sdxl)
+        result["unet" + suffix] = {"env": env, "repeats": args.unet_repeats, "step_s": t, "memory": mem}
+        print(f"\n### Whole {model_name}-shaped UNet training step (32x32 latent, batch 1, random weights)\n")
         print(whole_step_report(t, mem))
     print("\ngoals: ours <= 1.15x LoRA time at every shape and for the whole step; PEFT HRA >= 3x slower than "
           "ours at the 1280-wide shapes; whole-step peak memory <= 1.05x LoRA's")
@@ -284,8 +322,8 @@ def update_results(path: Path, sections: dict) -> Path:
     return path
 
 
-def print_layers(r: int, repeats: int) -> list[dict]:
-    rows = bench_layers(r, repeats)
+def print_layers(r: int, repeats: int, shapes: list[tuple[int, int, int]] | None = None) -> list[dict]:
+    rows = bench_layers(r, repeats, shapes)
     print("### Per layer, forward + backward (median ms; MiB kept for backward)\n")
     print(layers_table({"env": environment(r), "repeats": repeats, "rows": rows}))
     return rows

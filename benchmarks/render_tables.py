@@ -5,7 +5,7 @@
     python benchmarks/render_tables.py --check README.md  # exit 1 if README.md's blocks differ from the file
 
 A block in a markdown file is delimited by ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` lines; NAME is a
-section of the results file (``layers``, ``unet``). Every table says where, when and with which torch version
+section of the results file (``layers``, ``unet``, and with ``bench_hra.py --sdxl`` ``layers_sdxl``, ``unet_sdxl``). Every table says where, when and with which torch version
 its figures were measured, so no figure is typed in by hand. Needs only the standard library.
 """
 
@@ -75,7 +75,17 @@ def unet_table(section: dict) -> str:
     return head + "\n\n" + whole_step_table(section["step_s"], section["memory"])
 
 
-RENDERERS = {"layers": layers_table, "unet": unet_table}
+def layers_sdxl_table(section: dict) -> str:
+    """The per-layer table at SDXL's shapes (1280-wide projections, cross-attention k/v 2048 -> 1280)."""
+    return "_SDXL shapes (tokens x batch 2)._ " + layers_table(section)
+
+
+def unet_sdxl_table(section: dict) -> str:
+    return "_SDXL-shaped UNet (2.6 B parameters, random weights, 32x32 latent, batch 1)._ " + unet_table(section)
+
+
+RENDERERS = {"layers": layers_table, "unet": unet_table, "layers_sdxl": layers_sdxl_table,
+             "unet_sdxl": unet_sdxl_table}
 
 
 def render(results: dict) -> dict[str, str]:

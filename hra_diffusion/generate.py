@@ -187,8 +187,11 @@ def _device_and_dtype(device: str | None, dtype: str | None):
 
 
 def load_pipeline(base: str, torch_dtype, safety_checker: bool = True):
-    """A StableDiffusionPipeline from a local folder or hub id, with an actionable message when it fails."""
-    from diffusers import StableDiffusionPipeline
+    """The base pipeline from a local folder or hub id, with an actionable message when it fails: a
+    StableDiffusionPipeline or StableDiffusionXLPipeline, chosen from the folder's model_index.json."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from .conditioning import pipeline_family
 
     local = Path(base)
     if (local.is_absolute() or base.startswith(".") or local.exists()) and not (local / "model_index.json").is_file():
@@ -196,22 +199,31 @@ def load_pipeline(base: str, torch_dtype, safety_checker: bool = True):
             f"base model folder {base!r} " + ("has no model_index.json: it is not a diffusers pipeline folder"
                                               if local.exists() else "does not exist")
         )
+    try:
+        family = pipeline_family(base)  # an unsupported pipeline class is a ValueError that says so
+    except OSError as err:
+        raise _not_loaded(base, err) from None
     kwargs: dict[str, Any] = dtype_kwargs(torch_dtype)  # dtype= where diffusers deprecates torch_dtype
-    if not safety_checker:
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if family == "sd" and not safety_checker:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)  # SDXL has no safety checker
+    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     from safetensors import SafetensorError
 
     try:
         with contextlib.nullcontext() if local.is_dir() else quiet_hub_warnings():
-            return StableDiffusionPipeline.from_pretrained(base, **kwargs)
+            return pipeline_class.from_pretrained(base, **kwargs)
     except (OSError, ValueError, SafetensorError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
-        raise OSError(
-            f"could not load base model {base!r}" + (" (HF_HUB_OFFLINE is set)" if offline else "")
-            + f": {str(err).splitlines()[0] if str(err) else type(err).__name__}\n"
-            f"Download it on a machine with internet access (`huggingface-cli download {base}`) and pass the "
-            "local folder with --base /path/to/model (a diffusers folder with model_index.json)."
-        ) from None
+        raise _not_loaded(base, err) from None
+
+
+def _not_loaded(base: str, err: Exception) -> OSError:
+    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+    return OSError(
+        f"could not load base model {base!r}" + (" (HF_HUB_OFFLINE is set)" if offline else "")
+        + f": {str(err).splitlines()[0] if str(err) else type(err).__name__}\n"
+        f"Download it on a machine with internet access (`huggingface-cli download {base}`) and pass the "
+        "local folder with --base /path/to/model (a diffusers folder with model_index.json)."
+    )
 
 
 def _set_scheduler(pipe, name: str | None) -> str:
@@ -295,18 +307,25 @@ def _load(cfg: GenerateConfig, info, is_control: bool, base: str) -> _Loaded:
     scheduler_name = _set_scheduler(pipe, cfg.scheduler)
     handle = None
     text_adapter = None
+    text_parts: list[str] = []  # text_encoder/ and, for SDXL, text_encoder_2/: each adapts that component
     if info is not None:
         _, _, encoder = load_trained_adapter(pipe.unet, cfg.adapter)
         if encoder is not None:
             handle = attach_condition_encoder(pipe.unet, encoder)
-        te_dir = Path(cfg.adapter) / TEXT_ENCODER_SUBDIR
-        if (te_dir / ADAPTER_CONFIG).is_file():
-            load_adapter(pipe.text_encoder, te_dir)
-            text_adapter = str(te_dir.resolve())
+        for component in (TEXT_ENCODER_SUBDIR, "text_encoder_2"):
+            te_dir = Path(cfg.adapter) / component
+            if (te_dir / ADAPTER_CONFIG).is_file():
+                if getattr(pipe, component, None) is None:
+                    raise ValueError(f"adapter {cfg.adapter} has a {component}/ part but base model {base!r} has "
+                                     f"no {component}: pass the base it was trained on with --base")
+                load_adapter(getattr(pipe, component), te_dir)
+                text_parts.append(component)
+        if text_parts:
+            text_adapter = str((Path(cfg.adapter) / text_parts[0]).resolve())
         if cfg.merge:
             merge_adapter(pipe.unet, info.kind)
-            if text_adapter:
-                merge_adapter(pipe.text_encoder, "hra")
+            for component in text_parts:
+                merge_adapter(getattr(pipe, component), "hra")
     scale = getattr(pipe, "vae_scale_factor", 8)
     common = {
         "steps": cfg.steps, "guidance": cfg.guidance_scale, "scheduler": scheduler_name,
@@ -316,7 +335,8 @@ def _load(cfg: GenerateConfig, info, is_control: bool, base: str) -> _Loaded:
         "adapter_source": info.source if info else None,
         "adapter_kind": ("control" if is_control else "subject") if info else None,
         "adapter_type": info.kind if info else None,
-        "text_encoder_adapter": text_adapter, "merged": bool(cfg.merge and cfg.adapter),
+        "text_encoder_adapter": text_adapter, "text_encoders_adapted": text_parts,
+        "merged": bool(cfg.merge and cfg.adapter),
         "base": str(Path(base).resolve()) if Path(base).is_dir() else base, "dtype": dtype_name,
         "device": str(device),
     }

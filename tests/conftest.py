@@ -78,6 +78,14 @@ def tiny_random_sd_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """A random-weight SDXL-shaped StableDiffusionXLPipeline folder (two text encoders, text/time conditioning)."""
+    from tiny_models import tiny_sdxl_pipeline_dir
+
+    return tiny_sdxl_pipeline_dir(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
 def tiny_subject_dir(tmp_path_factory) -> Path:
     """A subject folder (train/, heldout/, subject.json): the embedded one, or generated squares."""
     if (ASSET_SUBJECT / "subject.json").is_file():

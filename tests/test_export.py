@@ -228,8 +228,12 @@ def test_sd15_key_names_map_through_diffusers_kohya_converter():
         "lora_te_text_model_encoder_layers_11_self_attn_out_proj"
     assert kohya_module_name("sd", "unet", "up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_out.0") == \
         "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn1_to_out_0"
-    with pytest.raises(ValueError, match="SDXL"):
-        kohya_module_name("sdxl", "unet", "down_blocks.1.attentions.0.proj_in")
+    # SDXL's kohya names are LDM paths (tests/test_sdxl.py maps a whole SDXL UNet through diffusers' reader)
+    assert kohya_module_name("sdxl", "unet", "down_blocks.1.attentions.0.proj_in") == "lora_unet_input_blocks_4_1_proj_in"
+    assert kohya_module_name("sdxl", "text_encoder", "encoder.layers.0.mlp.fc1") == \
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1"
+    with pytest.raises(ValueError, match="no text_encoder_2"):
+        kohya_module_name("sd", "text_encoder_2", "text_model.encoder.layers.0.mlp.fc1")
 
 
 def _cli_error(args: list[str], capsys) -> str:

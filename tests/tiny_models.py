@@ -83,3 +83,78 @@ def tiny_pipeline_dir(path: Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(path)
     return path
+
+
+# SDXL-shaped: two text encoders of different widths (so a swapped concatenation or pooled embedding shows),
+# text/time added conditioning, and a cross-attention level with two transformer layers.
+SDXL_TE_WIDTHS = (32, 48)
+SDXL_PROJECTION_DIM = 24
+SDXL_TIME_EMBED_DIM = 8
+
+
+def tiny_sdxl_unet(seed: int = 0):
+    """An SDXL-shaped UNet of test size: ("DownBlock2D", "CrossAttnDownBlock2D") like SDXL's first levels,
+    transformer_layers_per_block (1, 2), addition_embed_type "text_time", cross-attention 32 + 48 = 80 wide."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(4, 8),
+        use_linear_projection=True,
+        cross_attention_dim=sum(SDXL_TE_WIDTHS),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_DIM + SDXL_PROJECTION_DIM,
+        norm_num_groups=16,
+    ).eval()
+
+
+def _tokenizer_source(path: Path) -> Path:
+    """The tiny world's CLIP tokenizer (assets/tiny-sd/tokenizer) when it is built, else a byte-level one."""
+    asset = Path(__file__).resolve().parent.parent / "assets" / "tiny-sd" / "tokenizer"
+    if (asset / "tokenizer_config.json").is_file():
+        return asset
+    write_tiny_clip_tokenizer(path)
+    return path
+
+
+def tiny_sdxl_pipeline_dir(path: Path, seed: int = 0) -> Path:
+    """Save a complete tiny StableDiffusionXLPipeline folder (random weights, both tokenizers the tiny world's
+    CLIP tokenizer) to ``path``; it loads with ``StableDiffusionXLPipeline.from_pretrained`` offline."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(_tokenizer_source(path / "_tok"))
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+
+    def text_config(width: int, layers: int) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                              num_hidden_layers=layers, num_attention_heads=4,
+                              max_position_embeddings=tokenizer.model_max_length,
+                              projection_dim=SDXL_PROJECTION_DIM, hidden_act="gelu", **special)
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(text_config(SDXL_TE_WIDTHS[0], 2))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(SDXL_TE_WIDTHS[1], 3))
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=16, sample_size=32,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=tiny_sdxl_unet(seed), scheduler=scheduler, add_watermarker=False,
+    )
+    pipe.save_pretrained(path)
+    return path

@@ -21,8 +21,10 @@ Layouts (``--to``):
   merged  the base's UNet folder with the adapter folded in (+ ``text_encoder/`` when adapted)
 
 Key names depend on the base family (:func:`base_family`): SD 1.x/2.x kohya names are diffusers module paths
-with ``.`` → ``_``; SDXL's kohya names are LDM paths (``input_blocks_4_1_…``), not supported yet (one entry
-in ``_KOHYA_MODULE_NAMES`` to add).
+with ``.`` → ``_`` (kohya trains SD 1.x on the diffusers UNet) and the text encoder is ``lora_te_``; SDXL's kohya
+names are the LDM/SGM paths kohya, ComfyUI and A1111 use for SDXL (``lora_unet_input_blocks_4_1_…``, see
+:func:`sgm_module_path`), with ``lora_te1_`` / ``lora_te2_`` for the two text encoders. diffusers reads both
+(``_maybe_map_sgm_blocks_to_diffusers`` + ``_convert_non_diffusers_lora_to_diffusers``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,7 @@ __all__ = [
     "hra_lora_factor",
     "base_family",
     "file_module_path",
+    "sgm_module_path",
     "lora_key",
     "kohya_module_name",
     "lora_state_dict",
@@ -75,10 +78,13 @@ EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfl
 METADATA_KEY = "hra_diffusion_export"
 """The safetensors header entry (a JSON document) that records where an exported file came from."""
 
-COMPONENTS = ("unet", TEXT_ENCODER_SUBDIR)
-"""Pipeline components an adapter folder can adapt: the UNet (the folder itself) and ``text_encoder/``."""
-KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-"""kohya's per-component prefixes (SDXL's second text encoder would be ``lora_te2_``)."""
+TEXT_COMPONENTS = (TEXT_ENCODER_SUBDIR, "text_encoder_2")
+COMPONENTS = ("unet", *TEXT_COMPONENTS)
+"""Pipeline components an adapter folder can adapt: the UNet (the folder itself), ``text_encoder/`` and, for
+SDXL, ``text_encoder_2/``."""
+KOHYA_PREFIX = {"sd": {"unet": "lora_unet_", "text_encoder": "lora_te_"},
+                "sdxl": {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}}
+"""kohya's per-family, per-component key prefixes."""
 CONDITION_ENCODER_FILE = "condition_encoder.safetensors"  # a control baseline's encoder (control.io's name)
 
 
@@ -145,7 +151,7 @@ def file_module_path(component: str, module: str) -> str:
     """The module path LoRA files use: the model's own, except that a CLIP text encoder's layers keep the
     ``text_model.`` prefix that transformers >= 5 dropped (CLIPTextModel is flat there): A1111, ComfyUI,
     kohya and diffusers all read ``text_model.encoder.layers.N...`` (diffusers strips it for a flat model)."""
-    if component == "text_encoder" and not module.startswith("text_model."):
+    if component in TEXT_COMPONENTS and not module.startswith(("text_model.", "text_projection")):
         return "text_model." + module
     return module
 
@@ -159,23 +165,90 @@ def _sd_kohya_name(module: str) -> str:
     return module.replace(".", "_")
 
 
-_KOHYA_MODULE_NAMES: dict[str, Callable[[str], str] | None] = {
-    "sd": _sd_kohya_name,  # kohya trains SD 1.x/2.x on the diffusers UNet: its module paths with _ for .
-    "sdxl": None,  # kohya names SDXL's UNet by the LDM layout (input_blocks_4_1_...): not mapped yet
-}
+_SGM_TOP = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+            "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+            "add_embedding.linear_2": "label_emb.0.2"}
+_SGM_RESNET = {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "conv2": "out_layers.3",
+               "conv_shortcut": "skip_connection"}
 
 
-def kohya_module_name(family: str, component: str, module: str) -> str:
-    """kohya's module name, e.g. ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``."""
-    convert = _KOHYA_MODULE_NAMES.get(family)
-    if convert is None:
-        raise ValueError(f"kohya key names for {family.upper()} bases (LDM names like input_blocks_4_1_...) are "
-                         "not supported yet; export --to lora (diffusers' layout) or --to merged instead")
-    return KOHYA_PREFIX[component] + convert(file_module_path(component, module))
+def sgm_module_path(module: str, unet_config: Mapping[str, Any] | None = None) -> str:
+    """The LDM/SGM path (what kohya, ComfyUI and A1111 name SDXL's UNet layers by) of a diffusers UNet module.
+
+    Down level b, layer j -> ``input_blocks.{1 + b(L+1) + j}.{0 resnet | 1 attention}``, its downsampler ->
+    ``input_blocks.{(b+1)(L+1)}.0.op``; mid -> ``middle_block.{0, 1, 2}``; up level b, layer j ->
+    ``output_blocks.{b(L+1) + j}.{0 | 1}``, its upsampler -> ``output_blocks.{b(L+1) + L}.{2 | 1}.conv``
+    (L = layers_per_block; 2 after an attention, else 1). Inside a resnet conv1 -> in_layers.2,
+    time_emb_proj -> emb_layers.1, conv2 -> out_layers.3, conv_shortcut -> skip_connection; inside a
+    transformer the names are the same. ``unet_config`` defaults to SDXL's (L = 2, up levels 0 and 1 with
+    attention).
+    """
+    config = unet_config or {}
+    per_level = int(config.get("layers_per_block", 2)) + 1
+    up_types = config.get("up_block_types", ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+
+    def fail() -> ValueError:
+        return ValueError(f"UNet layer {module!r} has no LDM (SGM) name for a kohya SDXL file; export --to lora "
+                          "(diffusers' layout) or --to merged instead")
+
+    if module in _SGM_TOP:
+        return _SGM_TOP[module]
+    parts = module.split(".")
+
+    def inner(kind: str, rest: list[str]) -> list[str]:
+        if kind == "resnets":
+            if not rest or rest[0] not in _SGM_RESNET:
+                raise fail()
+            return _SGM_RESNET[rest[0]].split(".") + rest[1:]
+        return rest  # attentions: proj_in, transformer_blocks.N.attn1.to_q, ff.net.0.proj, proj_out as they are
+
+    try:
+        if parts[0] in ("down_blocks", "up_blocks") and len(parts) >= 5:
+            level, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+            down = parts[0] == "down_blocks"
+            name = "input_blocks" if down else "output_blocks"
+            if kind in ("downsamplers", "upsamplers"):
+                if j != 0 or rest != ["conv"] or kind != ("downsamplers" if down else "upsamplers"):
+                    raise fail()
+                if down:
+                    return f"input_blocks.{(level + 1) * per_level}.0.op"
+                slot = 2 if "CrossAttn" in str(up_types[level]) else 1
+                return f"output_blocks.{level * per_level + per_level - 1}.{slot}.conv"
+            if kind not in ("resnets", "attentions"):
+                raise fail()
+            index = (1 if down else 0) + level * per_level + j
+            return ".".join([name, str(index), "0" if kind == "resnets" else "1", *inner(kind, rest)])
+        if parts[0] == "mid_block" and len(parts) >= 4:
+            kind, j, rest = parts[1], int(parts[2]), parts[3:]
+            slot = {("resnets", 0): 0, ("attentions", 0): 1, ("resnets", 1): 2}.get((kind, j))
+            if slot is None:
+                raise fail()
+            return ".".join(["middle_block", str(slot), *inner(kind, rest)])
+    except (ValueError, IndexError) as err:
+        if isinstance(err, ValueError) and "SGM" in str(err):
+            raise
+        raise fail() from None
+    raise fail()
+
+
+def kohya_module_name(family: str, component: str, module: str,
+                      unet_config: Mapping[str, Any] | None = None) -> str:
+    """kohya's module name, e.g. ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`` (SD 1.x),
+    ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`` (SDXL; ``unet_config`` for the block layout)."""
+    if family not in KOHYA_PREFIX:
+        raise ValueError(f"unknown base family {family!r}; expected one of {', '.join(KOHYA_PREFIX)}")
+    prefixes = KOHYA_PREFIX[family]
+    if component not in prefixes:
+        raise ValueError(f"a {family.upper()} base has no {component}; kohya names exist for {', '.join(prefixes)}")
+    path = file_module_path(component, module)
+    if family == "sdxl" and component == "unet":
+        path = sgm_module_path(module, unet_config)
+    return prefixes[component] + _sd_kohya_name(path)
 
 
 def lora_state_dict(factors: Mapping[str, Mapping[str, LoraFactor]], layout: str, family: str = "sd",
-                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                    dtype: torch.dtype = torch.float32,
+                    unet_config: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """``{component: {module: LoraFactor}}`` as one file's tensors in ``layout`` 'lora' or 'kohya'.
 
     diffusers' layout has no alpha tensors, so the scale alpha / rank is folded into ``up`` (1 for HRA);
@@ -188,7 +261,7 @@ def lora_state_dict(factors: Mapping[str, Mapping[str, LoraFactor]], layout: str
                 out[lora_key(component, module, "down")] = f.down.to(dtype).contiguous()
                 out[lora_key(component, module, "up")] = (f.up * (f.alpha / f.rank)).to(dtype).contiguous()
             else:
-                name = kohya_module_name(family, component, module)
+                name = kohya_module_name(family, component, module, unet_config)
                 out[f"{name}.lora_down.weight"] = f.down.to(dtype).contiguous()
                 out[f"{name}.lora_up.weight"] = f.up.to(dtype).contiguous()
                 out[f"{name}.alpha"] = torch.tensor(f.alpha, dtype=dtype)
@@ -225,9 +298,9 @@ def _read_source(adapter: str | os.PathLike) -> _Source:
     path = Path(adapter)
     info = describe_adapter(path)
     parts = {"unet": path}
-    te = path / TEXT_ENCODER_SUBDIR
-    if (te / ADAPTER_CONFIG).is_file():
-        parts[TEXT_ENCODER_SUBDIR] = te
+    for component in TEXT_COMPONENTS:
+        if (path / component / ADAPTER_CONFIG).is_file():
+            parts[component] = path / component
     control = (info.kind == "hra" and info.doc.get("extra_tensors")) or (path / CONDITION_ENCODER_FILE).is_file()
     if control:
         raise ValueError(f"adapter {path} is a control adapter: its condition encoder has no place in a LoRA, "
@@ -267,6 +340,10 @@ def _load_component(base: str, component: str, revision: str | None) -> nn.Modul
             from diffusers import UNet2DConditionModel
 
             model = UNet2DConditionModel.from_pretrained(base, **kwargs)
+        elif component == "text_encoder_2":  # SDXL's second text encoder (OpenCLIP bigG, with a projection)
+            from transformers import CLIPTextModelWithProjection
+
+            model = CLIPTextModelWithProjection.from_pretrained(base, **kwargs)
         else:
             from transformers import CLIPTextModel
 
@@ -276,6 +353,19 @@ def _load_component(base: str, component: str, revision: str | None) -> nn.Modul
         raise OSError(f"could not load the {component} of base model {base!r}: {first} Pass --base with the "
                       "diffusers folder (or hub id) the adapter was trained on") from None
     return model.eval().requires_grad_(False)
+
+
+def _unet_config(base: str, revision: str | None) -> dict[str, Any]:
+    """The base's UNet config (a pipeline folder / hub id, or a UNet folder) without loading weights."""
+    from diffusers import UNet2DConditionModel
+
+    sub = {} if (Path(base) / "config.json").is_file() else {"subfolder": "unet"}
+    try:
+        return dict(UNet2DConditionModel.load_config(base, revision=revision, **sub))
+    except (OSError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise OSError(f"could not read the UNet config of base model {base!r}: {first} Pass --base with the "
+                      "diffusers folder (or hub id) the adapter was trained on") from None
 
 
 def _base_modules(source: _Source, base: str, revision: str | None, us: Mapping[str, Mapping[str, torch.Tensor]]):
@@ -388,13 +478,16 @@ def _export_hra(source: _Source, to: str, target: Path, out: Path, base: str | N
                 folder.mkdir(exist_ok=True)
                 write_merged(model, folder, metadata=_header(record), dtype=torch_dtype)
         return out
-    family = base_family(models["unet"].config)
-    if to == "kohya":
-        kohya_module_name(family, "unet", "")  # refuse an unsupported family before any maths
+    unet_config = models["unet"].config if "unet" in models else _unet_config(base, revision)
+    family = base_family(unet_config)
+    if to == "kohya":  # refuse a layer without a kohya name before any maths
+        for component, u in us.items():
+            for name in u:
+                kohya_module_name(family, component, name, unet_config)
     factors = {component: {name: hra_lora_factor(modules[component][name], u[name], gs[component], name)
                            for name in u} for component, u in us.items()}
     record["base_family"] = family
-    _write_file(lora_state_dict(factors, to, family, torch_dtype), target, _header(record))
+    _write_file(lora_state_dict(factors, to, family, torch_dtype, unet_config), target, _header(record))
     return target
 
 
@@ -433,16 +526,15 @@ def _export_peft_baseline(source: _Source, to: str, target: Path, out: Path, bas
                              "of each weight, a change of full rank with no exact LoRA form; export --to merged "
                              "(or use it as it is with PEFT)")
         factors, r = _peft_lora_factors(source.path)
-        family = "sd"
+        family, unet_config = "sd", None
         if to == "kohya":
-            from diffusers import UNet2DConditionModel
-
             chosen, revision = _resolve_base(source, base)
-            sub = {} if (Path(chosen) / "config.json").is_file() else {"subfolder": "unet"}
-            family = base_family(UNet2DConditionModel.load_config(chosen, revision=revision, **sub))
+            unet_config = _unet_config(chosen, revision)
+            family = base_family(unet_config)
         record = _record(source, to, dtype, r=r, base_model=source.info.base_model, exact_for_base=True,
                          base_family=family)
-        _write_file(lora_state_dict({"unet": factors}, to, family, torch_dtype), target, _header(record))
+        _write_file(lora_state_dict({"unet": factors}, to, family, torch_dtype, unet_config), target,
+                    _header(record))
         return target
     if to == "peft":
         from safetensors.torch import load_file
