@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from .adapters.io import ADAPTER_CONFIG, TEXT_ENCODER_SUBDIR
+from .samples import MANIFEST, PromptEntry, read_prompts, write_jsonl
 from .utils import atomic_directory, default_device
 
 __all__ = [
     "SCHEDULERS",
     "DTYPES",
     "GenerateConfig",
-    "PromptEntry",
+    "PromptEntry",  # PromptEntry and read_prompts live in hra_diffusion.samples; re-exported here
     "read_prompts",
     "default_base_model",
     "load_pipeline",
@@ -41,7 +42,6 @@ SCHEDULERS = {
     "ddpm": "DDPMScheduler",
 }
 DTYPES = ("fp32", "fp16", "bf16")
-MANIFEST = "manifest.jsonl"
 
 
 @dataclass
@@ -86,58 +86,6 @@ class GenerateConfig:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
         if self.seeds is not None and not self.seeds:
             raise ValueError("seeds is an empty list; give at least one seed or leave it out")
-
-
-@dataclass
-class PromptEntry:
-    """One prompt and what goes with it (condition image, its source, a label map, a reference folder)."""
-
-    prompt: str
-    condition: Path | None = None
-    condition_source: Path | None = None
-    label: Path | None = None
-    reference_dir: Path | None = None
-
-
-def _resolve(base: Path, value: Any) -> Path | None:
-    if value in (None, ""):
-        return None
-    p = Path(str(value))
-    return p if p.is_absolute() else base / p
-
-
-def read_prompts(path: str | os.PathLike) -> list[PromptEntry]:
-    """Prompts from a file: .txt (one per line, '#' comments and blank lines skipped) or .jsonl with
-    keys prompt|text, condition|conditioning_image, condition_source|image, label, reference_dir
-    (relative paths are relative to the file; the control trainer's metadata.jsonl reads as is)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
-    entries: list[PromptEntry] = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if path.suffix.lower() in (".jsonl", ".json"):
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno} is not valid JSON ({err})") from None
-            prompt = doc.get("prompt", doc.get("text")) if isinstance(doc, dict) else None
-            if not isinstance(prompt, str):
-                raise ValueError(f"{path}:{lineno} has no 'prompt' (or 'text') string")
-            entries.append(PromptEntry(
-                prompt=prompt,
-                condition=_resolve(path.parent, doc.get("condition", doc.get("conditioning_image"))),
-                condition_source=_resolve(path.parent, doc.get("condition_source", doc.get("image"))),
-                label=_resolve(path.parent, doc.get("label")),
-                reference_dir=_resolve(path.parent, doc.get("reference_dir")),
-            ))
-    else:
-        entries = [PromptEntry(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not entries:
-        raise ValueError(f"prompts file {str(path)!r} holds no prompts")
-    return entries
 
 
 def default_base_model(adapter_doc: dict[str, Any] | None) -> str:
@@ -370,9 +318,7 @@ def generate(cfg: GenerateConfig) -> Path:
                 rows.append(_row(entries[pi], name, pi, k, s, loaded.common, cond_names, flagged))
         if loaded.handle is not None:
             loaded.handle.remove()
-        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        write_jsonl(tmp / MANIFEST, rows)
         settings = {k: v for k, v in asdict(cfg).items() if k != "progress"}
         (tmp / "generate_config.json").write_text(json.dumps({**settings, "resolved": loaded.common}, indent=2) + "\n")
     return out_dir

@@ -14,8 +14,8 @@ from hra_diffusion.metrics import functional as M
 from hra_diffusion.metrics.cache import FeatureCache, file_hash
 from hra_diffusion.metrics.control_metrics import canny_edges, score_control
 from hra_diffusion.metrics.extractors import WeightsUnavailableError, load_clip, load_dino
-from hra_diffusion.metrics.samples import load_image
 from hra_diffusion.metrics.subject import score_subject
+from hra_diffusion.samples import load_image
 
 # ---- pure metric maths -------------------------------------------------------------------------
 
@@ -245,7 +245,7 @@ def test_subject_bad_input(tmp_path, dino):
     with pytest.raises(FileNotFoundError, match="samples folder .* does not exist"):
         score_subject(tmp_path / "nope", metrics="dino", dino=dino)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="holds no images"):
+    with pytest.raises(ValueError, match="has no images"):
         score_subject(tmp_path / "empty", metrics="dino", dino=dino)
     samples = write_samples(tmp_path / "s", [random_image(1)])
     with pytest.raises(ValueError, match="--reference"):

@@ -4,6 +4,7 @@ Subject fidelity (DINO, CLIP-I, CLIP-T, LPIPS) and control consistency (Canny F1
 depth RMSE, segmentation mIoU, face-landmark error), following the protocols in anchors.md.
 """
 
+from ..samples import read_samples
 from .cache import FeatureCache, cached_features, default_cache_dir, file_hash
 from .control_metrics import CONTROL_METRICS, canny_edges, score_control
 from .extractors import (
@@ -16,7 +17,6 @@ from .extractors import (
 )
 from .report import write_outputs
 from .result import ScoreResult
-from .samples import read_samples
 from .subject import SUBJECT_METRICS, score_subject
 
 __all__ = [

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from ..samples import SampleRow, read_samples
 from .extractors import IMAGENET_MEAN, IMAGENET_STD, WeightsUnavailableError, weights_error
 from .functional import (
     binarize_edges,
@@ -30,7 +31,6 @@ from .functional import (
     ssim,
 )
 from .result import ScoreResult, parse_metric_names
-from .samples import SampleRow, read_samples
 
 __all__ = [
     "CONTROL_METRICS",

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..samples import SampleRow, list_images, load_image, read_samples
 from .cache import FeatureCache, cached_features, default_cache_dir
 from .extractors import (
     DEFAULT_CLIP_MODEL,
@@ -29,7 +30,6 @@ from .extractors import (
 )
 from .functional import is_all_black, matched_cosine, pairwise_cosine
 from .result import ScoreResult, parse_metric_names
-from .samples import SampleRow, list_images, load_image, read_samples
 
 __all__ = ["SUBJECT_METRICS", "default_subject_metrics", "score_subject", "lpips_available", "load_lpips"]
 
