@@ -14,11 +14,11 @@ median time per training step and peak memory (from the trainer's logs/train_sta
 metrics:
 - dreambooth: DINO, CLIP-I, CLIP-T, LPIPS (hra_diffusion.metrics; each needs its weights, and is reported
   n/a with the reason when they cannot be loaded, e.g. offline), plus two weight-free figures from
-  training.evaluate.fixed_noise_loss: the denoising loss on HELD-OUT subject images with the instance prompt
+  metrics.denoising.fixed_noise_loss: the denoising loss on HELD-OUT subject images with the instance prompt
   (lower: the subject was learned) and on fresh base-model class images with the class prompt (close to
   the base's: the class prior was kept).
 - control: Canny-edge F1 between each held-out condition and the image generated from it (ControlNet++'s
-  pixel-wise F1, and with a 1-pixel tolerance), training.control_eval.control_consistency.
+  pixel-wise F1, and with a 1-pixel tolerance), metrics.control_eval.control_consistency.
 A "base" row (no adapter; for control, no condition encoder) is the reference. Writes <output_dir>/compare.md
 and compare.json and prints the table.
 """
@@ -303,10 +303,10 @@ def evaluate_dreambooth(cfg: CompareConfig, runs: dict[str, dict]) -> dict:
     """Per method (and the base): subject metrics of generated samples and the fixed-noise losses."""
     from hra_diffusion.adapters.registry import load_any_adapter
     from hra_diffusion.generate import GenerateConfig, generate
+    from hra_diffusion.metrics.denoising import fixed_noise_loss
     from hra_diffusion.metrics.subject import score_subject
-    from hra_diffusion.training.data import list_images
+    from hra_diffusion.samples import list_images
     from hra_diffusion.training.dreambooth import apply_subject_file
-    from hra_diffusion.training.evaluate import fixed_noise_loss
     from hra_diffusion.training.models import load_sd_components
     from hra_diffusion.training.prior import generate_class_images
 
@@ -361,7 +361,7 @@ def evaluate_control(cfg: CompareConfig, runs: dict[str, dict]) -> dict:
     from PIL import Image
 
     from hra_diffusion.control import attach_condition_encoder, load_trained_adapter
-    from hra_diffusion.training.control_eval import control_consistency
+    from hra_diffusion.metrics.control_eval import control_consistency
     from hra_diffusion.training.validation import build_pipeline
 
     tcfg = trainer_config(cfg, "hra", cfg.out / "hra" / "train")

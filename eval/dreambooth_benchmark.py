@@ -156,10 +156,11 @@ def run_subject(cfg: BenchmarkConfig, protocol: dict, item: dict, adapter: Path,
     """Generate the subject's prompts from ``adapter`` and score them; one row per (subject, prompt)."""
     from hra_diffusion.generate import GenerateConfig, generate
     from hra_diffusion.metrics.subject import score_subject
+    from hra_diffusion.samples import MANIFEST
 
     gen = protocol["generation"]
     samples = Path(cfg.output_dir) / item["subject"] / f"samples-{tag}"
-    if not (samples / "manifest.jsonl").is_file():
+    if not (samples / MANIFEST).is_file():
         base = cfg.base_model or json.loads((adapter / "adapter_config.json").read_text()).get("base_model")
         generate(GenerateConfig(
             output_dir=str(samples), adapter=str(adapter), base_model=base,

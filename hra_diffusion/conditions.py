@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -25,6 +26,8 @@ __all__ = [
     "DETECTORS",
     "supported_conditions",
     "make_detector",
+    "load_annotator",
+    "canny",
     "detector_key",
     "ConditionCache",
 ]
@@ -82,23 +85,44 @@ def detector_key(name: str, low_threshold: int = 100, high_threshold: int = 200)
     return f"canny-{low_threshold}-{high_threshold}" if name == "canny" else name
 
 
+def canny(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
+    """Canny edges (H, W) uint8 (0 or 255) of a (H, W, 3) uint8 RGB image at its own resolution: the one edge
+    detector behind the ``canny`` condition and the ``canny`` control metric.
+
+    controlnet-aux's CannyDetector is used where it does not resample (sides multiples of 64); it snaps
+    other sizes to multiples of 64, so there the same ``cv2.Canny(image, low, high)`` is called directly.
+    """
+    h, w = image.shape[:2]
+    if h % 64 == 0 and w % 64 == 0:
+        out = load_annotator("canny")(image, low, high, detect_resolution=min(h, w), image_resolution=min(h, w),
+                                      output_type="np")
+        return np.ascontiguousarray(out[..., 0])
+    import cv2
+
+    return cv2.Canny(image, low, high)
+
+
 def _canny(low: int, high: int) -> Callable[[Image.Image], Image.Image]:
-    from controlnet_aux.canny import CannyDetector
-
-    detector = CannyDetector()
-
     def detect(image: Image.Image) -> Image.Image:
-        arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        h, w = arr.shape[:2]
-        if h % 64 == 0 and w % 64 == 0:  # CannyDetector keeps these sizes exactly
-            out = detector(arr, low, high, detect_resolution=min(h, w), image_resolution=min(h, w), output_type="np")
-        else:  # it would snap other sizes to multiples of 64: call its cv2.Canny at the native size
-            import cv2
-
-            out = np.repeat(cv2.Canny(arr, low, high)[..., None], 3, axis=2)
-        return Image.fromarray(np.ascontiguousarray(out)).convert("RGB")
+        edges = canny(np.asarray(image.convert("RGB"), dtype=np.uint8), low, high)
+        return Image.fromarray(edges).convert("RGB")
 
     return detect
+
+
+def load_annotator(name: str, weights: Any = None):
+    """The controlnet-aux detector behind condition type ``name``, the one way they are loaded: weight-free
+    types built directly; weight-based ones ``from_pretrained(weights)`` (a local folder holding the files
+    listed in DETECTORS, or a hub repo id), or ``weights`` itself when it already is such a detector."""
+    import importlib
+
+    spec = _spec(name)
+    cls = getattr(importlib.import_module(f"controlnet_aux.{spec.module}"), spec.cls)
+    if isinstance(weights, cls):
+        return weights
+    if not spec.weight_files:
+        return cls()
+    return cls.from_pretrained(str(weights))
 
 
 def make_detector(
@@ -112,10 +136,8 @@ def make_detector(
     spec = _spec(name)
     if name == "canny":
         return _canny(low_threshold, high_threshold)
-    import importlib
-
+    folder = Path(model_path) if model_path else None
     if spec.weight_files:
-        folder = Path(model_path) if model_path else None
         missing = [f for f in spec.weight_files if folder is None or not (folder / f).is_file()]
         if folder is None or missing:
             where = f"the folder {str(folder)!r} lacks {', '.join(missing)}" if folder else "no --condition_model_path was given"
@@ -125,8 +147,7 @@ def make_detector(
                 "is network and pass --condition_model_path FOLDER, or use a weight-free type: "
                 + ", ".join(n for n, s in DETECTORS.items() if not s.weight_files)
             )
-    cls = getattr(importlib.import_module(f"controlnet_aux.{spec.module}"), spec.cls)
-    detector = cls.from_pretrained(str(folder)) if spec.weight_files else cls()
+    detector = load_annotator(name, folder)
 
     def detect(image: Image.Image) -> Image.Image:
         image = image.convert("RGB")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from .sample_dir import (
     write_config,
     write_file_atomic,
 )
+from .samples import PromptEntry, read_prompts
 from .utils import default_device, dtype_kwargs, quiet_hub_warnings
 
 __all__ = [
@@ -41,7 +41,7 @@ __all__ = [
     "DTYPES",
     "MANIFEST",
     "GenerateConfig",
-    "PromptEntry",
+    "PromptEntry",  # PromptEntry and read_prompts live in hra_diffusion.samples; re-exported here
     "read_prompts",
     "default_base_model",
     "load_pipeline",
@@ -105,58 +105,6 @@ class GenerateConfig:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
         if self.seeds is not None and not self.seeds:
             raise ValueError("seeds is an empty list; give at least one seed or leave it out")
-
-
-@dataclass
-class PromptEntry:
-    """One prompt and what goes with it (condition image, its source, a label map, a reference folder)."""
-
-    prompt: str
-    condition: Path | None = None
-    condition_source: Path | None = None
-    label: Path | None = None
-    reference_dir: Path | None = None
-
-
-def _resolve(base: Path, value: Any) -> Path | None:
-    if value in (None, ""):
-        return None
-    p = Path(str(value))
-    return p if p.is_absolute() else base / p
-
-
-def read_prompts(path: str | os.PathLike) -> list[PromptEntry]:
-    """Prompts from a file: .txt (one per line, '#' comments and blank lines skipped) or .jsonl with
-    keys prompt|text, condition|conditioning_image, condition_source|image, label, reference_dir
-    (relative paths are relative to the file; the control trainer's metadata.jsonl reads as is)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
-    entries: list[PromptEntry] = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if path.suffix.lower() in (".jsonl", ".json"):
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno} is not valid JSON ({err})") from None
-            prompt = doc.get("prompt", doc.get("text")) if isinstance(doc, dict) else None
-            if not isinstance(prompt, str):
-                raise ValueError(f"{path}:{lineno} has no 'prompt' (or 'text') string")
-            entries.append(PromptEntry(
-                prompt=prompt,
-                condition=_resolve(path.parent, doc.get("condition", doc.get("conditioning_image"))),
-                condition_source=_resolve(path.parent, doc.get("condition_source", doc.get("image"))),
-                label=_resolve(path.parent, doc.get("label")),
-                reference_dir=_resolve(path.parent, doc.get("reference_dir")),
-            ))
-    else:
-        entries = [PromptEntry(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not entries:
-        raise ValueError(f"prompts file {str(path)!r} holds no prompts")
-    return entries
 
 
 def default_base_model(adapter_doc: dict[str, Any] | None) -> str:

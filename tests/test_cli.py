@@ -54,7 +54,7 @@ def test_bad_input_messages(tmp_path, capsys):
     assert rc == 2 and "samples folder" in err and "does not exist" in err
     (tmp_path / "empty").mkdir()
     rc, _, err = _run(["score", "control", "--samples", str(tmp_path / "empty")], capsys)
-    assert rc == 2 and "holds no images" in err
+    assert rc == 2 and "has no images" in err
     samples = write_samples(tmp_path / "s", [random_image(0)])
     rc, _, err = _run(["score", "subject", "--samples", str(samples), "--reference", str(tmp_path / "noref"),
                        "--metrics", "dino"], capsys)
@@ -62,7 +62,7 @@ def test_bad_input_messages(tmp_path, capsys):
     (tmp_path / "emptyref").mkdir()
     rc, _, err = _run(["score", "subject", "--samples", str(samples), "--reference", str(tmp_path / "emptyref"),
                        "--metrics", "dino"], capsys)
-    assert rc == 2 and "reference folder" in err and "holds no images" in err
+    assert rc == 2 and "reference folder" in err and "has no images" in err
     rc, _, err = _run(["score", "subject", "--samples", str(samples), "--metrics", "dino,fid"], capsys)
     assert rc == 2 and "unknown metric 'fid'" in err and "clip_t" in err
     rc, _, err = _run(["score", "control", "--samples", str(samples), "--metrics", "sharpness"], capsys)

@@ -174,7 +174,7 @@ def test_learns_to_follow_the_condition(default_run):
     from diffusers import StableDiffusionPipeline
 
     from hra_diffusion.control import attach_condition_encoder
-    from hra_diffusion.training.control_eval import control_consistency
+    from hra_diffusion.metrics.control_eval import control_consistency
     from hra_diffusion.training.validation import build_pipeline
 
     out = default_run[0]

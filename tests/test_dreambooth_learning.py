@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from hra_diffusion import load_adapter
-from hra_diffusion.training.data import list_images
-from hra_diffusion.training.evaluate import fixed_noise_loss
+from hra_diffusion.metrics.denoising import fixed_noise_loss
+from hra_diffusion.samples import list_images
 from hra_diffusion.training.models import load_sd_components
 from hra_diffusion.training.prior import generate_class_images
 

@@ -13,7 +13,7 @@ from helpers_score import random_hra_adapter, random_image, save_png, tiny_extra
 from PIL import Image
 
 from hra_diffusion.generate import GenerateConfig, generate, read_prompts
-from hra_diffusion.metrics.samples import read_samples
+from hra_diffusion.samples import read_samples
 
 MANIFEST_KEYS = {"file", "prompt", "seed", "steps", "guidance", "scheduler", "height", "width", "condition",
                  "adapter", "base", "merged", "reference_dir", "dtype", "device", "adapter_kind"}

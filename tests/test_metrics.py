@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 from helpers_score import random_image, save_png, tiny_extractors, write_samples
+from PIL import Image
 
 from hra_diffusion.metrics import functional as M
 from hra_diffusion.metrics.cache import FeatureCache, file_hash
 from hra_diffusion.metrics.control_metrics import canny_edges, score_control
 from hra_diffusion.metrics.extractors import WeightsUnavailableError, load_clip, load_dino
-from hra_diffusion.metrics.samples import load_image
 from hra_diffusion.metrics.subject import score_subject
+from hra_diffusion.samples import load_image
 
 # ---- pure metric maths -------------------------------------------------------------------------
 
@@ -245,7 +246,7 @@ def test_subject_bad_input(tmp_path, dino):
     with pytest.raises(FileNotFoundError, match="samples folder .* does not exist"):
         score_subject(tmp_path / "nope", metrics="dino", dino=dino)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="holds no images"):
+    with pytest.raises(ValueError, match="has no images"):
         score_subject(tmp_path / "empty", metrics="dino", dino=dino)
     samples = write_samples(tmp_path / "s", [random_image(1)])
     with pytest.raises(ValueError, match="--reference"):
@@ -337,3 +338,47 @@ def test_control_missing_weights_message_or_skip(tmp_path):
     plain = write_samples(tmp_path / "plain", [a])
     with pytest.raises(ValueError, match="neither 'condition' nor 'condition_source'"):
         score_control(plain, metrics="canny")
+
+
+def test_conditions_and_the_canny_metric_share_one_edge_detector():
+    from hra_diffusion.conditions import make_detector
+
+    detect = make_detector("canny")
+    for size in (64, 48):  # a multiple of 64 (controlnet-aux's CannyDetector) and not (cv2.Canny at that size)
+        img = _edges_image(slice(8, 40), slice(4, 28), size=size) // 2 + random_image(size, size=size) // 2
+        condition = np.asarray(detect(Image.fromarray(img)))
+        assert condition.shape == (size, size, 3) and (condition[..., 0] > 127).any()
+        assert torch.equal(torch.from_numpy(condition[..., 0] > 127), canny_edges(img))
+
+
+def test_a_registered_map_extractor_is_scored(tmp_path, monkeypatch):
+    from hra_diffusion.metrics import control_metrics as cm
+
+    for name in ("CONTROL_REGISTRY", "CONTROL_METRICS", "DEFAULT_WEIGHTS"):  # register into copies
+        monkeypatch.setattr(cm, name, dict(getattr(cm, name)))
+
+    class Brightness(cm.MapExtractor):
+        name = "brightness"
+
+        def extract(self, image):
+            return float(image.mean())
+
+        def from_condition(self, condition, size):
+            return float(condition.mean())
+
+        def compare(self, pred, ref, size):
+            return {"brightness_diff": abs(pred - ref)}
+
+    seen = []
+    cm.register_control_metric(cm.ControlMetric(
+        "brightness", "mean grey-level difference", lambda weights, device, opt: seen.append((weights, opt)) or Brightness()))
+    flat = [np.full((32, 32, 3), v, np.uint8) for v in (100, 60, 10)]
+    src, cond = save_png(tmp_path / "src.png", flat[1]), save_png(tmp_path / "cond.png", flat[2])
+    samples = write_samples(tmp_path / "s", [flat[0], flat[0]], extra=[{"condition_source": str(src)},
+                                                                      {"condition": str(cond)}])
+    result = score_control(samples, metrics="brightness,canny", canny_thresholds=(50, 150))
+    assert [r["brightness_diff"] for r in result.per_image] == [40.0, 90.0]
+    assert result.summary["brightness_diff"] == pytest.approx(65.0) and "canny_f1" in result.summary
+    assert seen == [(None, cm.ControlOptions((50, 150), 512))] and result.info["metrics"] == ["brightness", "canny"]
+    with pytest.raises(ValueError, match=r"unknown metric 'glow'.*brightness \(mean grey-level difference\)"):
+        score_control(samples, metrics="glow")

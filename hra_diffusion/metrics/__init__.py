@@ -1,9 +1,15 @@
-"""Scoring of generated samples: feature extractors, pure metric functions, feature cache, HTML report.
+"""Evaluation: scoring of generated samples, and the trainers' weight-free learning signals.
 
-Subject fidelity (DINO, CLIP-I, CLIP-T, LPIPS) and control consistency (Canny F1/IoU, HED/lineart SSIM,
-depth RMSE, segmentation mIoU, face-landmark error), following the protocols in anchors.md.
+Subject fidelity (DINO, CLIP-I, CLIP-T, LPIPS; ``subject``) and control consistency (Canny F1/IoU,
+HED/lineart SSIM, depth RMSE, segmentation mIoU, face-landmark error; ``control_metrics``), following the
+protocols in anchors.md, with feature extractors, pure metric functions, a feature cache and an HTML report.
+Model-side evaluation used by the trainers' tests and eval/compare.py (imported on demand, as they load
+the training stack): ``denoising.fixed_noise_loss`` (held-out denoising loss) and
+``control_eval.control_consistency`` (Canny-edge F1 of images generated from held-out conditions).
+Sample folders, manifests and image listing are read by ``hra_diffusion.samples``.
 """
 
+from ..samples import read_samples
 from .cache import FeatureCache, cached_features, default_cache_dir, file_hash
 from .control_metrics import CONTROL_METRICS, canny_edges, score_control
 from .extractors import (
@@ -16,7 +22,6 @@ from .extractors import (
 )
 from .report import write_outputs
 from .result import ScoreResult
-from .samples import read_samples
 from .subject import SUBJECT_METRICS, score_subject
 
 __all__ = [

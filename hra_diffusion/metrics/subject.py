@@ -10,12 +10,14 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..samples import SampleRow, list_images, load_image, read_samples
 from .cache import FeatureCache, cached_features, default_cache_dir
 from .extractors import (
     DEFAULT_CLIP_MODEL,
@@ -29,7 +31,6 @@ from .extractors import (
 )
 from .functional import is_all_black, matched_cosine, pairwise_cosine
 from .result import ScoreResult, parse_metric_names
-from .samples import SampleRow, list_images, load_image, read_samples
 
 __all__ = ["SUBJECT_METRICS", "default_subject_metrics", "score_subject", "lpips_available", "load_lpips"]
 
@@ -81,22 +82,9 @@ def _lpips_pairs(model: torch.nn.Module, reals: list[torch.Tensor], gens: list[t
     return out
 
 
-def score_subject(
-    samples_dir: str | os.PathLike,
-    reference_dir: str | os.PathLike | None = None,
-    metrics: str | list[str] | None = None,
-    dino: str | os.PathLike | torch.nn.Module | DINOExtractor = DEFAULT_DINO,
-    clip: str | torch.nn.Module | CLIPExtractor = DEFAULT_CLIP_MODEL,
-    clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
-    clip_tokenizer=None,
-    lpips_model: str | torch.nn.Module = "vgg",
-    cache_dir: str | os.PathLike | None = None,
-    batch_size: int = 16,
-    device: str | torch.device = "cpu",
-    progress: Callable | None = None,
-) -> ScoreResult:
-    """Score a samples folder against real subject images; see the module docstring for the protocol."""
-    names = parse_metric_names(metrics, SUBJECT_METRICS, default_subject_metrics())
+def _subject_rows(samples_dir: str | os.PathLike, reference_dir: str | os.PathLike | None,
+                  names: list[str]) -> list[SampleRow]:
+    """The manifest rows, with ``reference_dir`` applied, checked against what the metrics need."""
     rows = read_samples(samples_dir)
     if reference_dir is not None:
         for row in rows:
@@ -116,85 +104,138 @@ def score_subject(
                 f"clip_t needs each image's prompt, but {no_prompt[0].file.name} has none (no manifest.jsonl "
                 f"in {samples_dir}?); score a folder written by `generate`, or pass --metrics without clip_t"
             )
+    return rows
 
+
+def _reference_sets(kept: list[SampleRow]) -> tuple[dict[Path, list[SampleRow]], dict[Path, list[Path]], int]:
+    """Kept rows grouped by reference folder, each folder's non-black real images, and how many were black."""
+    groups: dict[Path, list[SampleRow]] = {}
+    refs: dict[Path, list[Path]] = {}
+    black_refs = 0
+    for r in kept:
+        groups.setdefault(r.reference_dir, []).append(r)
+    for ref_dir in groups:
+        files = list_images(ref_dir, "reference")
+        good = [f for f in files if not bool(is_all_black(load_image(f)[None])[0])]
+        black_refs += len(files) - len(good)
+        if not good:
+            raise ValueError(f"every image in reference folder {str(ref_dir)!r} is all black")
+        refs[ref_dir] = good
+    return groups, refs, black_refs
+
+
+def _load_models(names: list[str], dino, clip, clip_pretrained, clip_tokenizer, lpips_model,
+                 device) -> tuple[dict[str, Any], dict[str, Any]]:
+    """({'dino' | 'clip' | 'lpips': loaded model} for the requested metrics, the info entries naming them)."""
+    models: dict[str, Any] = {}
+    info: dict[str, Any] = {}
+    if "dino" in names:
+        models["dino"] = dino if isinstance(dino, DINOExtractor) else load_dino(dino, device=device)
+        info["dino_model"] = models["dino"].cache_key
+    if "clip_i" in names or "clip_t" in names:
+        models["clip"] = clip if isinstance(clip, CLIPExtractor) else load_clip(
+            clip, clip_pretrained, device=device, tokenizer=clip_tokenizer)
+        info["clip_model"] = models["clip"].cache_key
+    if "lpips" in names:
+        models["lpips"] = load_lpips(lpips_model, device=device)
+        info["lpips_model"] = lpips_model if isinstance(lpips_model, str) else type(lpips_model).__name__
+    return models, info
+
+
+@dataclass
+class _SubjectRun:
+    """What every metric of one scoring run shares; each metric writes per-image values and its summary."""
+
+    kept: list[SampleRow]
+    groups: dict[Path, list[SampleRow]]
+    refs: dict[Path, list[Path]]
+    gen_pixels: dict[Path, torch.Tensor]
+    per_image: dict[Path, dict[str, Any]]
+    cache_root: Path
+    batch_size: int
+    progress: Callable | None
+    summary: dict[str, float] = field(default_factory=dict)
+
+    def features(self, extractor, files: list[Path]) -> torch.Tensor:
+        cache = FeatureCache(self.cache_root, extractor.cache_key)
+        return cached_features(files, extractor, load_image, cache, batch_size=self.batch_size, progress=self.progress)
+
+    def pair_metric(self, metric: str, extractor) -> None:
+        """Feature cosine over ALL (real, generated) pairs of each subject."""
+        total, count = 0.0, 0
+        for ref_dir, members in self.groups.items():
+            real = self.features(extractor, self.refs[ref_dir])
+            gen = self.features(extractor, [m.file for m in members])
+            sims = pairwise_cosine(real, gen)  # (R, G)
+            total += sims.sum().item()
+            count += sims.numel()
+            for m, v in zip(members, sims.mean(0).tolist(), strict=True):
+                self.per_image[m.file][metric] = v
+        self.summary[metric] = total / count
+
+    def clip_t(self, extractor: CLIPExtractor) -> None:
+        """Each image against its own prompt."""
+        img = self.features(extractor, [r.file for r in self.kept])
+        txt = extractor.encode_text([r.prompt for r in self.kept])
+        values = matched_cosine(img, txt)
+        for r, v in zip(self.kept, values.tolist(), strict=True):
+            self.per_image[r.file]["clip_t"] = v
+        self.summary["clip_t"] = values.mean().item()
+
+    def lpips(self, model: torch.nn.Module, device) -> None:
+        """LPIPS distance over ALL (real, generated) pairs of each subject."""
+        total, count = 0.0, 0
+        for ref_dir, members in self.groups.items():
+            reals = [load_image(f) for f in self.refs[ref_dir]]
+            d = _lpips_pairs(model, reals, [self.gen_pixels[m.file] for m in members], device)
+            total += d.sum().item()
+            count += d.numel()
+            for m, v in zip(members, d.mean(0).tolist(), strict=True):
+                self.per_image[m.file]["lpips"] = v
+        self.summary["lpips"] = total / count
+
+
+def score_subject(
+    samples_dir: str | os.PathLike,
+    reference_dir: str | os.PathLike | None = None,
+    metrics: str | list[str] | None = None,
+    dino: str | os.PathLike | torch.nn.Module | DINOExtractor = DEFAULT_DINO,
+    clip: str | torch.nn.Module | CLIPExtractor = DEFAULT_CLIP_MODEL,
+    clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
+    clip_tokenizer=None,
+    lpips_model: str | torch.nn.Module = "vgg",
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    progress: Callable | None = None,
+) -> ScoreResult:
+    """Score a samples folder against real subject images; see the module docstring for the protocol."""
+    names = parse_metric_names(metrics, SUBJECT_METRICS, default_subject_metrics())
+    rows = _subject_rows(samples_dir, reference_dir, names)
     gen_pixels = {r.file: load_image(r.file) for r in rows}
     black = {f for f, x in gen_pixels.items() if bool(is_all_black(x[None])[0])}
     kept = [r for r in rows if r.file not in black]
     if not kept:
         raise ValueError(f"every image in {samples_dir} is all black (safety-filtered?): nothing to score")
+    groups, refs, black_refs = _reference_sets(kept) if any(n != "clip_t" for n in names) else ({}, {}, 0)
+    models, model_info = _load_models(names, dino, clip, clip_pretrained, clip_tokenizer, lpips_model, device)
 
-    groups: dict[Path, list[SampleRow]] = {}
-    refs: dict[Path, list[Path]] = {}
-    black_refs = 0
-    if needs_ref:
-        for r in kept:
-            groups.setdefault(r.reference_dir, []).append(r)
-        for ref_dir in groups:
-            files = list_images(ref_dir, "reference")
-            good = [f for f in files if not bool(is_all_black(load_image(f)[None])[0])]
-            black_refs += len(files) - len(good)
-            if not good:
-                raise ValueError(f"every image in reference folder {str(ref_dir)!r} is all black")
-            refs[ref_dir] = good
-
-    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    per_image: dict[Path, dict[str, Any]] = {
-        r.file: {"file": str(r.file), "prompt": r.prompt or "", "reference_dir": str(r.reference_dir or ""),
-                 "skipped": ""} for r in rows}
-    for f in black:
-        per_image[f]["skipped"] = "all-black"
-    summary: dict[str, float] = {}
-    info: dict[str, Any] = {"samples_dir": str(samples_dir), "metrics": names}
-
-    def features(extractor, files: list[Path]) -> torch.Tensor:
-        cache = FeatureCache(cache_root, extractor.cache_key)
-        return cached_features(files, extractor, load_image, cache, batch_size=batch_size, progress=progress)
-
-    def pair_metric(metric: str, extractor) -> None:
-        total, count = 0.0, 0
-        for ref_dir, members in groups.items():
-            real = features(extractor, refs[ref_dir])
-            gen = features(extractor, [m.file for m in members])
-            sims = pairwise_cosine(real, gen)  # (R, G)
-            total += sims.sum().item()
-            count += sims.numel()
-            for m, v in zip(members, sims.mean(0).tolist(), strict=True):
-                per_image[m.file][metric] = v
-        summary[metric] = total / count
-
+    per_image = {r.file: {"file": str(r.file), "prompt": r.prompt or "", "reference_dir": str(r.reference_dir or ""),
+                          "skipped": "all-black" if r.file in black else ""} for r in rows}
+    run = _SubjectRun(kept, groups, refs, gen_pixels, per_image,
+                      Path(cache_dir) if cache_dir is not None else default_cache_dir(), batch_size, progress)
     if "dino" in names:
-        extractor = dino if isinstance(dino, DINOExtractor) else load_dino(dino, device=device)
-        info["dino_model"] = extractor.cache_key
-        pair_metric("dino", extractor)
-    clip_extractor = None
-    if "clip_i" in names or "clip_t" in names:
-        clip_extractor = clip if isinstance(clip, CLIPExtractor) else load_clip(
-            clip, clip_pretrained, device=device, tokenizer=clip_tokenizer)
-        info["clip_model"] = clip_extractor.cache_key
+        run.pair_metric("dino", models["dino"])
     if "clip_i" in names:
-        pair_metric("clip_i", clip_extractor)
+        run.pair_metric("clip_i", models["clip"])
     if "clip_t" in names:
-        img = features(clip_extractor, [r.file for r in kept])
-        txt = clip_extractor.encode_text([r.prompt for r in kept])
-        values = matched_cosine(img, txt)
-        for r, v in zip(kept, values.tolist(), strict=True):
-            per_image[r.file]["clip_t"] = v
-        summary["clip_t"] = values.mean().item()
+        run.clip_t(models["clip"])
     if "lpips" in names:
-        model = load_lpips(lpips_model, device=device)
-        info["lpips_model"] = lpips_model if isinstance(lpips_model, str) else type(lpips_model).__name__
-        total, count = 0.0, 0
-        for ref_dir, members in groups.items():
-            reals = [load_image(f) for f in refs[ref_dir]]
-            d = _lpips_pairs(model, reals, [gen_pixels[m.file] for m in members], device)
-            total += d.sum().item()
-            count += d.numel()
-            for m, v in zip(members, d.mean(0).tolist(), strict=True):
-                per_image[m.file]["lpips"] = v
-        summary["lpips"] = total / count
+        run.lpips(models["lpips"], device)
 
     counts = {"images": len(rows), "scored": len(kept), "skipped_black": len(black),
               "references": sum(len(v) for v in refs.values()), "skipped_black_references": black_refs,
               "reference_sets": len(refs)}
-    return ScoreResult(kind="subject", summary=summary, per_image=[per_image[r.file] for r in rows],
+    info = {"samples_dir": str(samples_dir), "metrics": names, **model_info}
+    return ScoreResult(kind="subject", summary=run.summary, per_image=[per_image[r.file] for r in rows],
                        counts=counts, info=info, references=[f for v in refs.values() for f in v])

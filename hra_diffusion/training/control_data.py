@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 from PIL import Image
 
 from ..conditions import ConditionCache
+from ..samples import read_jsonl
 from .data import IMAGE_EXTENSIONS, DataError, ImageTransform, StreamSampler, load_rgb, stream_seed
 
 __all__ = [
@@ -85,17 +85,7 @@ def _read_metadata(path: Path) -> list[dict[str, Any]]:
     if path.suffix == ".csv":
         with open(path, newline="") as fh:
             return [dict(r) for r in csv.DictReader(fh)]
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            doc = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} line {n} is not valid JSON ({err}); each line must be one JSON object") from None
-        if not isinstance(doc, dict):
-            raise DataError(f"{path} line {n} must be a JSON object with the columns, got {type(doc).__name__}")
-        rows.append(doc)
+    rows = [doc for _, doc in read_jsonl(path)]
     if not rows:
         raise DataError(f"{path} has no rows; add one JSON object per training pair")
     return rows

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..samples import IMAGE_EXTENSIONS, DataError, list_images
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DataError",
@@ -27,34 +29,13 @@ __all__ = [
     "StreamSampler",
     "stream_seed",
     "ImageFolderDataset",
-]
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-class DataError(ValueError):
-    """Bad training data: a missing/empty folder or an unreadable image (the message names it)."""
+]  # IMAGE_EXTENSIONS, DataError and list_images live in hra_diffusion.samples
 
 
 def stream_seed(*parts: int | str) -> int:
     """A 63-bit seed derived from ``parts`` (stable across runs, processes and Python versions)."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def list_images(folder: str | os.PathLike, what: str = "image") -> list[Path]:
-    """Sorted image files of ``folder``; raises DataError if it is missing, not a folder or empty."""
-    path = Path(folder)
-    if not path.exists():
-        raise DataError(f"{what} folder {str(path)!r} does not exist; check the path (relative paths are from the current directory {os.getcwd()!r})")
-    if not path.is_dir():
-        raise DataError(f"{what} folder {str(path)!r} is not a directory")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise DataError(
-            f"{what} folder {str(path)!r} has no images ({', '.join(IMAGE_EXTENSIONS)}); put your images there"
-        )
-    return files
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:

@@ -1,7 +1,7 @@
 """Control consistency of a control adapter on held-out (condition, prompt) pairs (ControlNet++ Canny protocol).
 
 F1 between Canny(100, 200) edges of the generated image and the condition's edge map (the condition
-binarised, as ``metrics.control_metrics.score_control`` does for edge conditions). The same seeds are
+binarised, as ``control_metrics.score_control`` does for edge conditions). The same seeds are
 used for every model, so base, trained and deliberately broken controllers are compared on equal terms.
 """
 
@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from ..control import ConditionHandle, prepare_condition
-from ..metrics.control_metrics import canny_edges
-from ..metrics.functional import binarize_edges, edge_f1_tolerant
-from .validation import generate_images
+from ..training.validation import generate_images
+from .control_metrics import canny_edges
+from .functional import binarize_edges, edge_f1_tolerant
 
 __all__ = ["edge_consistency", "control_consistency"]
 
