@@ -9,16 +9,14 @@ encoder are two modules of one optimizer (two parameter groups, so the encoder h
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from PIL import Image
 
-from ..adapters.config import CONTROL_TARGETS
 from ..adapters.peft_baselines import count_trainable
-from ..conditions import ConditionCache, detector_key, make_detector, supported_conditions
+from ..conditions import ConditionCache, detector_key, make_detector
 from ..control import (
     attach_condition_encoder,
     build_condition_encoder,
@@ -26,9 +24,8 @@ from ..control import (
     save_control_adapter,
 )
 from .card import adapter_facts, write_model_card
-from .config import ConfigError, TrainConfig, save_resolved_config
+from .config import VALIDATION_SCHEDULERS, ConfigError, ControlConfig, save_resolved_config
 from .control_data import (
-    ColumnNames,
     ControlDataset,
     ControlRow,
     attach_computed_conditions,
@@ -43,64 +40,8 @@ from .models import SDComponents, add_unet_adapter, load_sd_components, weight_d
 from .trainer import TrainingTask, TrainResult, make_accelerator, run_training
 from .validation import build_pipeline, eval_mode, generate_images
 
+# ControlConfig and VALIDATION_SCHEDULERS live in .config with the other task configs (re-exported here)
 __all__ = ["ControlConfig", "ControlTask", "train_control", "VALIDATION_SCHEDULERS"]
-
-VALIDATION_SCHEDULERS = ("dpm++", "ddim")
-
-
-@dataclass
-class ControlConfig(TrainConfig):
-    """Controllable-generation HRA settings (data source, condition, encoder, validation conditions)."""
-
-    target_modules: list[str] = field(default_factory=lambda: list(CONTROL_TARGETS))
-    # data: a local folder, or a `datasets` name (hub id or save_to_disk folder)
-    train_data_dir: str | None = None
-    dataset_name: str | None = None
-    dataset_config_name: str | None = None
-    dataset_split: str = "train"
-    cache_dir: str | None = None
-    image_column: str = "image"
-    conditioning_image_column: str = "conditioning_image"
-    caption_column: str = "text"
-    max_train_samples: int | None = None
-    proportion_empty_prompts: float = 0.0
-    # compute the condition from the image (no conditioning column): canny, lineart_standard, hed, ...
-    condition: str | None = None
-    condition_model_path: str | None = None
-    condition_cache_dir: str | None = None  # None: <output_dir>/condition_cache
-    canny_low_threshold: int = 100
-    canny_high_threshold: int = 200
-    # the condition encoder (fully trained); None: learning_rate
-    encoder_learning_rate: float | None = None
-    # validation: explicit condition images (+ validation_prompts), or the first rows of a folder / the data
-    validation_conditions: list[str] | None = None
-    validation_data_dir: str | None = None
-    num_validation_conditions: int = 4
-    validation_scheduler: str = "dpm++"
-
-    def validate(self) -> None:
-        super().validate()
-        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
-            raise ConfigError(f"proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts!r}")
-        if self.encoder_learning_rate is not None and not self.encoder_learning_rate > 0:
-            raise ConfigError(f"encoder_learning_rate must be > 0 (or null for learning_rate), got {self.encoder_learning_rate!r}")
-        if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ConfigError(f"max_train_samples must be >= 1 (or null for all), got {self.max_train_samples!r}")
-        if self.num_validation_conditions < 1:
-            raise ConfigError(f"num_validation_conditions must be >= 1, got {self.num_validation_conditions!r}")
-        if self.validation_scheduler not in VALIDATION_SCHEDULERS:
-            raise ConfigError(f"validation_scheduler must be one of {list(VALIDATION_SCHEDULERS)}, got {self.validation_scheduler!r}")
-        if self.condition is not None and self.condition not in supported_conditions():
-            detector_key(self.condition)  # raises ConditionError listing the supported types
-        if not 0 <= self.canny_low_threshold <= self.canny_high_threshold:
-            raise ConfigError(
-                f"canny thresholds must satisfy 0 <= low <= high, got {self.canny_low_threshold}, {self.canny_high_threshold}"
-            )
-        if self.cache_latents:
-            raise ConfigError("cache_latents is not supported by the control trainer (its data set is usually large); set it to false")
-
-    def columns(self) -> ColumnNames:
-        return ColumnNames(self.image_column, self.conditioning_image_column, self.caption_column)
 
 
 def _require(cfg: ControlConfig) -> None:
