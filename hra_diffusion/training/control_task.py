@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from ..adapters.peft_baselines import count_trainable
 from ..conditions import ConditionCache, detector_key, make_detector
 from ..control import (
     attach_condition_encoder,
@@ -24,7 +23,7 @@ from ..control import (
     save_control_adapter,
 )
 from .card import adapter_facts, write_model_card
-from .config import VALIDATION_SCHEDULERS, ConfigError, ControlConfig, save_resolved_config
+from .config import VALIDATION_SCHEDULERS, ConfigError, ControlConfig
 from .control_data import (
     ControlDataset,
     ControlRow,
@@ -35,10 +34,11 @@ from .control_data import (
     rows_from_folder,
 )
 from .data import ImageTransform, load_rgb
-from .loss import add_noise, denoising_loss, sample_latents, with_orthogonality
-from .models import SDComponents, add_unet_adapter, load_sd_components, weight_dtype_for
-from .trainer import TrainingTask, TrainResult, make_accelerator, run_training
-from .validation import build_pipeline, eval_mode, generate_images
+from .loss import denoising_loss, with_orthogonality
+from .runner import run_task
+from .sd_task import StableDiffusionTask
+from .trainer import TrainResult
+from .validation import eval_mode, generate_images
 
 # ControlConfig and VALIDATION_SCHEDULERS live in .config with the other task configs (re-exported here)
 __all__ = ["ControlConfig", "ControlTask", "train_control", "VALIDATION_SCHEDULERS"]
@@ -72,15 +72,20 @@ def load_rows(cfg: ControlConfig, folder: str | None = None) -> list[ControlRow]
     return rows
 
 
-class ControlTask(TrainingTask):
+class ControlTask(StableDiffusionTask):
     """HRA on the UNet + a fully trained condition encoder on (image, condition, caption) rows."""
+
+    trainer = "control_hra"
+    cfg: ControlConfig
+
+    @classmethod
+    def check_config(cls, cfg: ControlConfig) -> ControlConfig:
+        _require(cfg)
+        return cfg
 
     def __init__(self, cfg: ControlConfig, accelerator) -> None:
         _require(cfg)
-        self.cfg = cfg
-        self.accelerator = accelerator
-        self.weight_dtype = weight_dtype_for(cfg.mixed_precision)
-        self.autocast_dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
+        super().__init__(cfg, accelerator)
         # data first: bad columns/files/condition types fail before any model is loaded
         self.detector = None
         if cfg.condition is not None:
@@ -94,19 +99,13 @@ class ControlTask(TrainingTask):
         self.data = ControlDataset(rows, transform, cfg.seed, cfg.proportion_empty_prompts)
         self.validation_rows = self._validation_rows(rows)
 
-        self.sd: SDComponents = load_sd_components(cfg.pretrained_model, cfg.revision, cfg.variant, self.weight_dtype)
-        device = accelerator.device
-        for m in (self.sd.unet, self.sd.vae, self.sd.text_encoder):
-            m.to(device)
-        self.unet_hra = add_unet_adapter(self.sd.unet, cfg, "UNet")  # HRA, or a PEFT baseline (None)
-        self.trainable_unet = count_trainable(self.sd.unet)
-        if cfg.gradient_checkpointing:
-            self.sd.unet.enable_gradient_checkpointing()
+        self.load_base()
+        self.add_unet_adapter()  # HRA, or a PEFT baseline (unet_hra None)
         self.vae_scale_factor = 2 ** (len(self.sd.vae.config.block_out_channels) - 1)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # the same encoder init on every rank and every (resumed) run
             self.encoder = build_condition_encoder(self.sd.unet, vae_scale_factor=self.vae_scale_factor)
-        self.encoder.to(device=device, dtype=torch.float32).train()  # fp32 like the adapter tensors
+        self.encoder.to(device=accelerator.device, dtype=torch.float32).train()  # fp32 like the adapter tensors
         # the library's conv_in hook; its encoder is the DDP-wrapped one in training, the plain one in validation
         self.handle = attach_condition_encoder(self.sd.unet, self.encoder)
 
@@ -141,11 +140,6 @@ class ControlTask(TrainingTask):
             prompts = cfg.validation_prompts * len(rows) if len(cfg.validation_prompts) == 1 else cfg.validation_prompts[: len(rows)]
         return [(r.load_condition(), p) for r, p in zip(rows, prompts, strict=False)]
 
-    def _tokens(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.sd.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        return ids.input_ids.to(self.accelerator.device)
-
     # ---- TrainingTask ----------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
         return {"unet": self.sd.unet, "condition_encoder": self.encoder}
@@ -158,12 +152,10 @@ class ControlTask(TrainingTask):
 
     def loss(self, modules, batch, generator):
         device = self.accelerator.device
+        mean, std = self._encode_pixels(batch["pixel_values"])
         with torch.no_grad():
-            dist = self.sd.vae.encode(batch["pixel_values"].to(device, self.weight_dtype)).latent_dist
-            mean, std = dist.mean.float(), dist.std.float()
             states = self.sd.text_encoder(self._tokens(batch["prompts"]))[0]
-        latents = sample_latents(mean, std, generator, self.sd.vae.config.scaling_factor)
-        noisy = add_noise(self.sd.noise_scheduler, latents, generator)
+        noisy = self._noisy_latents(mean, std, generator)
         self.handle.encoder = modules["condition_encoder"]  # wrapped: DDP syncs the encoder's gradients
         self.handle.set_condition(batch["condition"].to(device))
         try:
@@ -181,7 +173,7 @@ class ControlTask(TrainingTask):
         """Images per (condition, prompt) from the training modules (no copy); image i uses seed + i."""
         cfg = self.cfg
         unet, encoder = modules["unet"], modules["condition_encoder"]
-        pipe = build_pipeline(unet, self.sd.text_encoder, self.sd.vae, self.sd.tokenizer, self.sd.noise_scheduler)
+        pipe = self._pipeline(unet)
         if scheduler == "ddim":
             from diffusers import DDIMScheduler
 
@@ -217,78 +209,60 @@ class ControlTask(TrainingTask):
         path = output_dir / "adapter"
         save_control_adapter(
             modules["unet"], modules["condition_encoder"], path, cfg.adapter, base_model=cfg.pretrained_model,
-            base_model_revision=cfg.revision, trainer="control_hra", condition_type=cfg.condition or "given",
+            base_model_revision=cfg.revision, trainer=self.trainer, condition_type=cfg.condition or "given",
             resolution=cfg.resolution,
         )
         return [path]
 
+    # ---- the model card ------------------------------------------------------------------------
+    def write_card(self, result: TrainResult) -> Path:
+        """The README.md: what the adapter and encoder are, how they were trained, samples, how to load them."""
+        cfg = self.cfg
+        out = Path(cfg.output_dir)
+        source = f"`{cfg.train_data_dir}`" if cfg.train_data_dir else f"dataset `{cfg.dataset_name}` ({cfg.dataset_split})"
+        n_encoder = sum(p.numel() for p in self.encoder.parameters())
+        name, _, _ = adapter_facts(cfg, self.trainable_unet)
+        loader = "from hra_diffusion.control import attach_condition_encoder, load_control_adapter, prepare_condition\n\n"
+        load_line = (f'_, encoder = load_control_adapter(pipe.unet, "{out}/adapter")'
+                     + ("\n" if cfg.adapter == "hra" else f"  # PEFT {name} + encoder\n"))
+        usage = (
+            "from diffusers import StableDiffusionPipeline\nfrom PIL import Image\n" + loader +
+            f"pipe = StableDiffusionPipeline.from_pretrained({cfg.pretrained_model!r})\n" + load_line +
+            "handle = attach_condition_encoder(pipe.unet, encoder)\n"
+            f'handle.set_condition(prepare_condition(Image.open("condition.png"), {cfg.resolution}, {cfg.resolution}))\n'
+            f"image = pipe({(self.validation_rows[0][1] if self.validation_rows else 'a prompt')!r}, "
+            f"height={cfg.resolution}, width={cfg.resolution}).images[0]\n"
+        )
+        facts = self.card_facts(result, data={
+            "data": f"{len(self.data)} pairs from {source}",
+            "condition": (f"computed with `{cfg.condition}` (cached in `{self.condition_cache}`)" if cfg.condition
+                          else f"column `{cfg.conditioning_image_column}`"),
+            "empty prompts": f"{cfg.proportion_empty_prompts:.0%}",
+        }, model={
+            "condition encoder": f"{n_encoder:,} values, lr {cfg.encoder_learning_rate or cfg.learning_rate}, "
+                                 f"channels {self.encoder.hra_condition_config['block_out_channels']}",
+        }, run={
+            "validation": f"{cfg.validation_scheduler}, {cfg.validation_inference_steps} steps, CFG {cfg.validation_guidance_scale}",
+        })
+        return write_model_card(
+            out, title=f"{name} control adapter ({cfg.condition or 'condition images'})", base_model=cfg.pretrained_model,
+            command=cfg.command or "accelerate launch train/control_hra.py",
+            summary=(
+                ("A Householder Reflection Adaptation (HRA) adapter" if cfg.adapter == "hra" else
+                 f"A {name} adapter (PEFT's, a baseline for HRA)") + " for controllable generation, trained with "
+                f"hra-diffusion's `train/control_hra.py`: {name} on the UNet plus a condition encoder whose output is "
+                "added to the UNet's conv_in output. Both live in one adapter folder. Validation grids show the "
+                "condition in the first column, then the generated images."),
+            adapters={str(out / "adapter"): "the UNet's HRA tensors and the condition encoder (`condition_encoder.*`); "
+                      "load with `hra_diffusion.control.load_control_adapter(pipe.unet, ...)`"} if cfg.adapter == "hra" else
+            {str(out / "adapter"): f"the UNet's {name} adapter in PEFT's format and the condition encoder "
+                                   "(`condition_encoder.safetensors`); load both with "
+                                   "`hra_diffusion.control.load_control_adapter(pipe.unet, ...)`"},
+            facts=facts, sample_images=result.validation_grids[-1:], usage=usage,
+            notes=[f"validation prompts: {', '.join(shlex.quote(p) for _, p in self.validation_rows)}"] if self.validation_rows else [],
+        )
+
 
 def train_control(cfg: ControlConfig) -> TrainResult:
     """Run control-HRA end to end: data and model checks, training, adapter + encoder, card, config, logs."""
-    _require(cfg)
-    accelerator = make_accelerator(cfg, "control_hra")
-    try:
-        out = Path(cfg.output_dir)
-        task = ControlTask(cfg, accelerator)
-        if accelerator.is_main_process:
-            save_resolved_config(cfg, out)
-        result = run_training(task, accelerator)
-        if accelerator.is_main_process:
-            _write_card(cfg, task, result, out)
-        accelerator.wait_for_everyone()
-        return result
-    finally:
-        accelerator.end_training()
-
-
-def _write_card(cfg: ControlConfig, task: ControlTask, result: TrainResult, out: Path) -> None:
-    source = f"`{cfg.train_data_dir}`" if cfg.train_data_dir else f"dataset `{cfg.dataset_name}` ({cfg.dataset_split})"
-    n_encoder = sum(p.numel() for p in task.encoder.parameters())
-    name, adapter_fact, _ = adapter_facts(cfg, task.trainable_unet)
-    loader = "from hra_diffusion.control import attach_condition_encoder, load_control_adapter, prepare_condition\n\n"
-    load_line = (f'_, encoder = load_control_adapter(pipe.unet, "{out}/adapter")'
-                 + ("\n" if cfg.adapter == "hra" else f"  # PEFT {name} + encoder\n"))
-    usage = (
-        "from diffusers import StableDiffusionPipeline\nfrom PIL import Image\n" + loader +
-        f"pipe = StableDiffusionPipeline.from_pretrained({cfg.pretrained_model!r})\n" + load_line +
-        "handle = attach_condition_encoder(pipe.unet, encoder)\n"
-        f'handle.set_condition(prepare_condition(Image.open("condition.png"), {cfg.resolution}, {cfg.resolution}))\n'
-        f"image = pipe({(task.validation_rows[0][1] if task.validation_rows else 'a prompt')!r}, "
-        f"height={cfg.resolution}, width={cfg.resolution}).images[0]\n"
-    )
-    facts = {
-        "base model": f"`{cfg.pretrained_model}`" + (f" @ {cfg.revision}" if cfg.revision else ""),
-        "data": f"{len(task.data)} pairs from {source}",
-        "condition": (f"computed with `{cfg.condition}` (cached in `{task.condition_cache}`)" if cfg.condition
-                      else f"column `{cfg.conditioning_image_column}`"),
-        "empty prompts": f"{cfg.proportion_empty_prompts:.0%}",
-        "adapter": adapter_fact,
-        "condition encoder": f"{n_encoder:,} values, lr {cfg.encoder_learning_rate or cfg.learning_rate}, "
-                             f"channels {task.encoder.hra_condition_config['block_out_channels']}",
-        "steps": f"{result.global_step} (batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps} "
-                 f"x {task.accelerator.num_processes} process(es))",
-        "optimizer": f"{'8-bit ' if cfg.use_8bit_adam else ''}AdamW lr {cfg.learning_rate}, {cfg.lr_scheduler} "
-                     f"(warm-up {cfg.lr_warmup_steps}), wd {cfg.adam_weight_decay}, clip {cfg.max_grad_norm}",
-        "resolution": cfg.resolution,
-        "mixed precision": cfg.mixed_precision,
-        "validation": f"{cfg.validation_scheduler}, {cfg.validation_inference_steps} steps, CFG {cfg.validation_guidance_scale}",
-        "seed": cfg.seed,
-        "training time": f"{result.seconds:.0f} s" + (f" (resumed from {result.resumed_from.name})" if result.resumed_from else ""),
-    }
-    write_model_card(
-        out, title=f"{name} control adapter ({cfg.condition or 'condition images'})", base_model=cfg.pretrained_model,
-        command=cfg.command or "accelerate launch train/control_hra.py",
-        summary=(
-            ("A Householder Reflection Adaptation (HRA) adapter" if cfg.adapter == "hra" else
-             f"A {name} adapter (PEFT's, a baseline for HRA)") + " for controllable generation, trained with "
-            f"hra-diffusion's `train/control_hra.py`: {name} on the UNet plus a condition encoder whose output is "
-            "added to the UNet's conv_in output. Both live in one adapter folder. Validation grids show the "
-            "condition in the first column, then the generated images."),
-        adapters={str(out / "adapter"): "the UNet's HRA tensors and the condition encoder (`condition_encoder.*`); "
-                  "load with `hra_diffusion.control.load_control_adapter(pipe.unet, ...)`"} if cfg.adapter == "hra" else
-        {str(out / "adapter"): f"the UNet's {name} adapter in PEFT's format and the condition encoder "
-                               "(`condition_encoder.safetensors`); load both with "
-                               "`hra_diffusion.control.load_control_adapter(pipe.unet, ...)`"},
-        facts=facts, sample_images=result.validation_grids[-1:], usage=usage,
-        notes=[f"validation prompts: {', '.join(shlex.quote(p) for _, p in task.validation_rows)}"] if task.validation_rows else [],
-    )
+    return run_task(ControlTask, cfg)
