@@ -16,10 +16,11 @@ from typing import ClassVar
 import torch
 
 from ..adapters.peft_baselines import count_trainable
+from . import models
 from .card import adapter_facts
 from .config import TrainConfig
 from .loss import NoisyBatch, add_noise, sample_latents
-from .models import SDComponents, add_unet_adapter, load_sd_components, weight_dtype_for
+from .models import SDComponents, load_sd_components, weight_dtype_for
 from .trainer import TrainingTask, TrainResult
 from .validation import build_pipeline
 
@@ -59,7 +60,7 @@ class StableDiffusionTask(TrainingTask):
     def add_unet_adapter(self) -> None:
         """``cfg.adapter`` on the UNet (fp32 tensors on the cast base; ``unet_hra`` is None for a PEFT
         baseline), its trainable count, and gradient checkpointing if asked."""
-        self.unet_hra = add_unet_adapter(self.sd.unet, self.cfg, "UNet")
+        self.unet_hra = models.add_unet_adapter(self.sd.unet, self.cfg, "UNet")
         self.trainable_unet = count_trainable(self.sd.unet)
         if self.cfg.gradient_checkpointing:
             self.sd.unet.enable_gradient_checkpointing()
