@@ -204,15 +204,9 @@ def match_budgets(cfg: CompareConfig) -> dict[str, dict]:
 
 def trainer_config(cfg: CompareConfig, method: str, run_dir: Path):
     """The resolved trainer config of one method (parsed exactly as its command line will be)."""
-    sys.path.insert(0, str(REPO / "train"))
-    try:
-        if cfg.task == "dreambooth":
-            import dreambooth_hra as trainer
-        else:
-            import control_hra as trainer
-    finally:
-        sys.path.pop(0)
-    return trainer.parse_args(train_argv(cfg, method, run_dir))
+    from hra_diffusion.training import parse_task_config
+
+    return parse_task_config(cfg.task, train_argv(cfg, method, run_dir))
 
 
 def train_argv(cfg: CompareConfig, method: str, run_dir: Path, sizes: dict | None = None) -> list[str]:

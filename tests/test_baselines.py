@@ -346,6 +346,24 @@ def test_compare_matches_each_baselines_budget_to_hra(tmp_path, tiny_random_sd_d
     assert argv.index("--adapter") > argv.index("--target_modules")  # the matched size wins over train_args
 
 
+
+def test_compare_parses_trainer_configs_through_the_library(tmp_path):
+    """compare.py reads a method's trainer config with hra_diffusion.training.parse_task_config (the trainer's
+    own recipe and program), without putting train/ on sys.path."""
+    import compare
+
+    from hra_diffusion.training import ControlConfig, DreamBoothConfig
+
+    path = list(sys.path)
+    cfg = compare.parse_args(["--task", "control", "--output_dir", str(tmp_path), "--max_train_steps", "3"])
+    tcfg = compare.trainer_config(cfg, "lora", tmp_path / "lora" / "train")
+    assert sys.path == path
+    assert type(tcfg) is ControlConfig and tcfg.adapter == "lora" and tcfg.max_train_steps == 3
+    assert tcfg.output_dir == str(tmp_path / "lora" / "train") and tcfg.train_data_dir == "assets/tiny-data/control/train"
+    assert tcfg.command.startswith("accelerate launch train/control_hra.py --seed 0 --report_to none")
+    db = compare.trainer_config(compare.parse_args(["--output_dir", str(tmp_path)]), "hra", tmp_path / "hra")
+    assert type(db) is DreamBoothConfig and db.class_data_dir == str(tmp_path / "class_images")
+
 def test_peak_rss_is_the_processs_own_not_its_parents(tmp_path):
     """Linux carries a parent's ru_maxrss into a child across fork + exec; peak_rss_kib must not (a trainer
     or benchmark child of a large parent would report the parent's peak, as bench_hra.py's table once did)."""

@@ -120,3 +120,85 @@ def test_trainer_help_lists_every_key_and_bad_keys_exit_cleanly(script, keys):
     bad = subprocess.run([sys.executable, f"train/{script}", "--lerning_rate", "1e-4"], **run)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert f"{script}: error: unknown config key 'lerning_rate'" in bad.stderr and "learning_rate" in bad.stderr
+
+
+@pytest.mark.parametrize("argv, recipe, words", [
+    (["--seed", "1.5"], None, ["seed must be an integer (command-line override)", "'1.5'"]),
+    (["--learning_rate", "fast"], None, ["learning_rate must be a number (command-line override)", "'fast'"]),
+    ([], "seed: 2.0\n", ["seed must be an integer (recipe)", "2.0"]),
+    ([], "seed: true\n", ["seed must be an integer (recipe)", "True"]),  # a bool is no integer here
+    ([], "learning_rate: false\n", ["learning_rate must be a number (recipe)", "False"]),
+    ([], "learning_rate: '1e-4'\n", ["learning_rate must be a number (recipe)", "'1e-4'"]),
+])
+def test_bad_numbers_name_the_key_and_the_source(argv, recipe, words, tmp_path):
+    if recipe is not None:
+        (tmp_path / "r.yaml").write_text(recipe)
+        argv = ["--config", str(tmp_path / "r.yaml"), *argv]
+    with pytest.raises(ConfigError) as err:
+        parse_config(DreamBoothConfig, argv)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_numbers_are_converted_to_the_field_type(tmp_path):
+    (tmp_path / "r.yaml").write_text("learning_rate: 1\nlr_power: 2\nseed: 3\n")
+    cfg = parse_config(DreamBoothConfig, ["--config", str(tmp_path / "r.yaml"), "--adam_epsilon", "1e-6",
+                                          "--max_train_steps", "12"])
+    assert type(cfg.learning_rate) is float and cfg.learning_rate == 1.0  # a YAML int for a float field
+    assert type(cfg.lr_power) is float and type(cfg.seed) is int and cfg.seed == 3
+    assert cfg.adam_epsilon == 1e-6 and type(cfg.max_train_steps) is int and cfg.max_train_steps == 12
+
+
+# ---- every task's config, parsed by the library as the entry scripts parse it --------------------------
+
+@pytest.mark.parametrize("task, cls_name, script", [
+    ("dreambooth", "DreamBoothConfig", "train/dreambooth_hra.py"),
+    ("control", "ControlConfig", "train/control_hra.py"),
+])
+def test_parse_task_config_reads_the_default_recipe_then_overrides(task, cls_name, script):
+    from hra_diffusion.training import config, parse_task_config
+
+    cls = getattr(config, cls_name)
+    argv = ["--max_train_steps", "7", "--seed", "5"]
+    cfg = parse_task_config(task, argv)
+    assert type(cfg) is cls
+    recipe = yaml.safe_load((REPO / "configs" / task / "tiny.yaml").read_text())
+    assert cfg.pretrained_model == recipe["pretrained_model"] and cfg.learning_rate == recipe["learning_rate"]
+    assert (cfg.max_train_steps, cfg.seed) == (7, 5)  # the overrides beat the recipe
+    assert cfg.command == f"accelerate launch {script} --max_train_steps 7 --seed 5"
+    assert cfg == parse_config(cls, argv, REPO / "configs" / task / "tiny.yaml", program=f"accelerate launch {script}")
+    other = REPO / "configs" / task / ("sd15.yaml" if task == "dreambooth" else "sd15_canny.yaml")
+    assert parse_task_config(task, ["--config", str(other)]).pretrained_model == "runwayml/stable-diffusion-v1-5"
+
+
+def test_control_config_lives_with_the_other_task_configs():
+    from hra_diffusion.training import ControlConfig, config, control_task
+
+    assert control_task.ControlConfig is config.ControlConfig is ControlConfig  # re-exported, one class
+    assert control_task.VALIDATION_SCHEDULERS is config.VALIDATION_SCHEDULERS
+    with pytest.raises(ConfigError, match="validation_scheduler must be one of"):
+        parse_config(ControlConfig, ["--validation_scheduler", "euler"])
+    assert parse_config(ControlConfig, ["--caption_column", "caption"]).columns().caption == "caption"
+
+
+def test_unknown_task_and_missing_default_recipe_say_what_to_do(tmp_path, monkeypatch):
+    from hra_diffusion.training import parse_task_config, runner
+
+    with pytest.raises(ConfigError, match="unknown training task 'lora': choose one of dreambooth, control"):
+        parse_task_config("lora", [])
+    monkeypatch.setattr(runner, "REPO_ROOT", tmp_path)  # as if installed away from the repository
+    with pytest.raises(ConfigError, match="default dreambooth recipe .* is missing.*pass --config RECIPE.yaml"):
+        parse_task_config("dreambooth", ["--seed", "1"])
+    (tmp_path / "mine.yaml").write_text("seed: 4\n")
+    assert parse_task_config("dreambooth", ["--config", str(tmp_path / "mine.yaml")]).seed == 4
+
+
+def test_run_script_reports_a_bad_key_in_one_line(capsys):
+    from hra_diffusion.training import run_script
+
+    with pytest.raises(SystemExit) as stop:
+        run_script("control", ["--encoder_learning_rat", "1e-4"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("control_hra.py: error: unknown config key 'encoder_learning_rat'")
+    assert "encoder_learning_rate" in err and "Traceback" not in err

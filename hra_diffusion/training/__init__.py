@@ -1,16 +1,27 @@
-"""Shared trainer pieces: typed config, image data, base-model loading, loss, checkpoints, validation,
-model card, and the training loop that the DreamBooth and control trainers plug into."""
+"""Shared trainer pieces: typed configs (every task's), image data, base-model loading, loss, checkpoints,
+validation, model card, the training loop, the Stable Diffusion task base the DreamBooth and control tasks
+share, and the runner that parses a task's config and runs it."""
 
 from .checkpoint import latest_checkpoint, list_checkpoints, prune_checkpoints, save_checkpoint
-from .config import ConfigError, DreamBoothConfig, TrainConfig, parse_config, save_resolved_config
+from .config import (
+    ConfigError,
+    ControlConfig,
+    DreamBoothConfig,
+    TrainConfig,
+    parse_config,
+    save_resolved_config,
+)
 from .data import DataError, ImageFolderDataset, ImageTransform, StreamSampler, list_images, load_rgb
 from .models import BaseModelError, SDComponents, add_hra, load_sd_components, weight_dtype_for
+from .runner import TASKS, parse_task_config, run_script, run_task
+from .sd_task import StableDiffusionTask
 from .trainer import NonFiniteLossError, TrainingTask, TrainResult, make_accelerator, run_training
 
 __all__ = [
     "ConfigError",
     "TrainConfig",
     "DreamBoothConfig",
+    "ControlConfig",
     "parse_config",
     "save_resolved_config",
     "DataError",
@@ -33,4 +44,9 @@ __all__ = [
     "TrainResult",
     "make_accelerator",
     "run_training",
+    "StableDiffusionTask",
+    "TASKS",
+    "parse_task_config",
+    "run_task",
+    "run_script",
 ]

@@ -33,6 +33,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..errors import UserError
+
 __all__ = [
     "MARKER",
     "FORMAT",
@@ -58,7 +60,7 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 _NAMES_ATTR = "_hra_checkpoint_names"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint to resume from is missing, half-written, damaged or does not fit the model.
 
     ``reason`` is the message without the checkpoint's path (for lists of several checkpoints)."""

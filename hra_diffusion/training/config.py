@@ -14,16 +14,22 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
-from ..adapters.config import DEFAULT_TARGETS, TEXT_ENCODER_TARGETS
+from ..adapters.config import CONTROL_TARGETS, DEFAULT_TARGETS, TEXT_ENCODER_TARGETS
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    from .control_data import ColumnNames
 
 __all__ = [
     "ConfigError",
     "TrainConfig",
     "DreamBoothConfig",
+    "ControlConfig",
+    "VALIDATION_SCHEDULERS",
     "parse_config",
     "config_help",
     "load_recipe",
@@ -37,7 +43,7 @@ RESOLVED_CONFIG_NAME = "config.yaml"
 C = TypeVar("C", bound="TrainConfig")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad recipe key/value or command-line override (the message names the key)."""
 
 
@@ -220,6 +226,69 @@ class DreamBoothConfig(TrainConfig):
             raise ConfigError(f"text_encoder_lr must be > 0 (or null for learning_rate), got {self.text_encoder_lr!r}")
 
 
+VALIDATION_SCHEDULERS = ("dpm++", "ddim")
+
+
+@dataclass
+class ControlConfig(TrainConfig):
+    """Controllable-generation HRA settings (data source, condition, encoder, validation conditions)."""
+
+    target_modules: list[str] = field(default_factory=lambda: list(CONTROL_TARGETS))
+    # data: a local folder, or a `datasets` name (hub id or save_to_disk folder)
+    train_data_dir: str | None = None
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    dataset_split: str = "train"
+    cache_dir: str | None = None
+    image_column: str = "image"
+    conditioning_image_column: str = "conditioning_image"
+    caption_column: str = "text"
+    max_train_samples: int | None = None
+    proportion_empty_prompts: float = 0.0
+    # compute the condition from the image (no conditioning column): canny, lineart_standard, hed, ...
+    condition: str | None = None
+    condition_model_path: str | None = None
+    condition_cache_dir: str | None = None  # None: <output_dir>/condition_cache
+    canny_low_threshold: int = 100
+    canny_high_threshold: int = 200
+    # the condition encoder (fully trained); None: learning_rate
+    encoder_learning_rate: float | None = None
+    # validation: explicit condition images (+ validation_prompts), or the first rows of a folder / the data
+    validation_conditions: list[str] | None = None
+    validation_data_dir: str | None = None
+    num_validation_conditions: int = 4
+    validation_scheduler: str = "dpm++"
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
+            raise ConfigError(f"proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts!r}")
+        if self.encoder_learning_rate is not None and not self.encoder_learning_rate > 0:
+            raise ConfigError(f"encoder_learning_rate must be > 0 (or null for learning_rate), got {self.encoder_learning_rate!r}")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ConfigError(f"max_train_samples must be >= 1 (or null for all), got {self.max_train_samples!r}")
+        if self.num_validation_conditions < 1:
+            raise ConfigError(f"num_validation_conditions must be >= 1, got {self.num_validation_conditions!r}")
+        if self.validation_scheduler not in VALIDATION_SCHEDULERS:
+            raise ConfigError(f"validation_scheduler must be one of {list(VALIDATION_SCHEDULERS)}, got {self.validation_scheduler!r}")
+        if self.condition is not None:
+            from ..conditions import detector_key, supported_conditions
+
+            if self.condition not in supported_conditions():
+                detector_key(self.condition)  # raises ConditionError listing the supported types
+        if not 0 <= self.canny_low_threshold <= self.canny_high_threshold:
+            raise ConfigError(
+                f"canny thresholds must satisfy 0 <= low <= high, got {self.canny_low_threshold}, {self.canny_high_threshold}"
+            )
+        if self.cache_latents:
+            raise ConfigError("cache_latents is not supported by the control trainer (its data set is usually large); set it to false")
+
+    def columns(self) -> ColumnNames:
+        from .control_data import ColumnNames  # imports torch: only when the data is read
+
+        return ColumnNames(self.image_column, self.conditioning_image_column, self.caption_column)
+
+
 # ---- type checking / coercion ---------------------------------------------------------------------
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -271,24 +340,16 @@ def _coerce(key: str, value: Any, tp: Any, from_cli: bool, whole: bool = False) 
         if from_cli and isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
         raise ConfigError(f"{key} must be true or false ({where}), got {value!r}")
-    if base is int:
+    if base in (int, float):  # a bool is an int to Python, never to a config
+        what, allowed = ("an integer", (int,)) if base is int else ("a number", (int, float))
         if from_cli and isinstance(value, str):
             try:
-                return int(value)
+                return base(value)
             except ValueError:
-                raise ConfigError(f"{key} must be an integer ({where}), got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer ({where}), got {value!r}")
-        return value
-    if base is float:
-        if from_cli and isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigError(f"{key} must be a number ({where}), got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number ({where}), got {value!r}")
-        return float(value)
+                raise ConfigError(f"{key} must be {what} ({where}), got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            raise ConfigError(f"{key} must be {what} ({where}), got {value!r}")
+        return base(value)
     if base is str:
         if not isinstance(value, str):
             if from_cli or isinstance(value, bool) or not isinstance(value, (int, float)):

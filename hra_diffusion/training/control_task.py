@@ -9,16 +9,13 @@ encoder are two modules of one optimizer (two parameter groups, so the encoder h
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from PIL import Image
 
-from ..adapters.config import CONTROL_TARGETS
-from ..adapters.peft_baselines import count_trainable
-from ..conditions import ConditionCache, detector_key, make_detector, supported_conditions
+from ..conditions import ConditionCache, detector_key, make_detector
 from ..control import (
     attach_condition_encoder,
     build_condition_encoder,
@@ -26,9 +23,8 @@ from ..control import (
     save_control_adapter,
 )
 from .card import adapter_facts, write_model_card
-from .config import ConfigError, TrainConfig, save_resolved_config
+from .config import VALIDATION_SCHEDULERS, ConfigError, ControlConfig
 from .control_data import (
-    ColumnNames,
     ControlDataset,
     ControlRow,
     attach_computed_conditions,
@@ -38,70 +34,15 @@ from .control_data import (
     rows_from_folder,
 )
 from .data import ImageTransform, load_rgb
-from .loss import add_noise, denoising_loss, sample_latents, with_orthogonality
-from .models import SDComponents, add_unet_adapter, load_sd_components, weight_dtype_for
-from .run_guard import check_run_start, print_summary, resume_notes, use_cpu_threads
-from .trainer import TrainingTask, TrainResult, make_accelerator, run_training
-from .validation import build_pipeline, eval_mode, generate_images
+from .loss import denoising_loss, with_orthogonality
+from .run_guard import resume_notes
+from .runner import run_task
+from .sd_task import StableDiffusionTask
+from .trainer import TrainResult
+from .validation import eval_mode, generate_images
 
+# ControlConfig and VALIDATION_SCHEDULERS live in .config with the other task configs (re-exported here)
 __all__ = ["ControlConfig", "ControlTask", "train_control", "VALIDATION_SCHEDULERS"]
-
-VALIDATION_SCHEDULERS = ("dpm++", "ddim")
-
-
-@dataclass
-class ControlConfig(TrainConfig):
-    """Controllable-generation HRA settings (data source, condition, encoder, validation conditions)."""
-
-    target_modules: list[str] = field(default_factory=lambda: list(CONTROL_TARGETS))
-    # data: a local folder, or a `datasets` name (hub id or save_to_disk folder)
-    train_data_dir: str | None = None
-    dataset_name: str | None = None
-    dataset_config_name: str | None = None
-    dataset_split: str = "train"
-    cache_dir: str | None = None
-    image_column: str = "image"
-    conditioning_image_column: str = "conditioning_image"
-    caption_column: str = "text"
-    max_train_samples: int | None = None
-    proportion_empty_prompts: float = 0.0
-    # compute the condition from the image (no conditioning column): canny, lineart_standard, hed, ...
-    condition: str | None = None
-    condition_model_path: str | None = None
-    condition_cache_dir: str | None = None  # None: <output_dir>/condition_cache
-    canny_low_threshold: int = 100
-    canny_high_threshold: int = 200
-    # the condition encoder (fully trained); None: learning_rate
-    encoder_learning_rate: float | None = None
-    # validation: explicit condition images (+ validation_prompts), or the first rows of a folder / the data
-    validation_conditions: list[str] | None = None
-    validation_data_dir: str | None = None
-    num_validation_conditions: int = 4
-    validation_scheduler: str = "dpm++"
-
-    def validate(self) -> None:
-        super().validate()
-        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
-            raise ConfigError(f"proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts!r}")
-        if self.encoder_learning_rate is not None and not self.encoder_learning_rate > 0:
-            raise ConfigError(f"encoder_learning_rate must be > 0 (or null for learning_rate), got {self.encoder_learning_rate!r}")
-        if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ConfigError(f"max_train_samples must be >= 1 (or null for all), got {self.max_train_samples!r}")
-        if self.num_validation_conditions < 1:
-            raise ConfigError(f"num_validation_conditions must be >= 1, got {self.num_validation_conditions!r}")
-        if self.validation_scheduler not in VALIDATION_SCHEDULERS:
-            raise ConfigError(f"validation_scheduler must be one of {list(VALIDATION_SCHEDULERS)}, got {self.validation_scheduler!r}")
-        if self.condition is not None and self.condition not in supported_conditions():
-            detector_key(self.condition)  # raises ConditionError listing the supported types
-        if not 0 <= self.canny_low_threshold <= self.canny_high_threshold:
-            raise ConfigError(
-                f"canny thresholds must satisfy 0 <= low <= high, got {self.canny_low_threshold}, {self.canny_high_threshold}"
-            )
-        if self.cache_latents:
-            raise ConfigError("cache_latents is not supported by the control trainer (its data set is usually large); set it to false")
-
-    def columns(self) -> ColumnNames:
-        return ColumnNames(self.image_column, self.conditioning_image_column, self.caption_column)
 
 
 def _require(cfg: ControlConfig) -> None:
@@ -132,15 +73,24 @@ def load_rows(cfg: ControlConfig, folder: str | None = None) -> list[ControlRow]
     return rows
 
 
-class ControlTask(TrainingTask):
+class ControlTask(StableDiffusionTask):
     """HRA on the UNet + a fully trained condition encoder on (image, condition, caption) rows."""
+
+    trainer = "control_hra"
+    summary_kind = "Control"
+
+    def generate_hint(self) -> str:
+        return "--condition CONDITION.png --prompt 'PROMPT' "
+    cfg: ControlConfig
+
+    @classmethod
+    def check_config(cls, cfg: ControlConfig) -> ControlConfig:
+        _require(cfg)
+        return cfg
 
     def __init__(self, cfg: ControlConfig, accelerator) -> None:
         _require(cfg)
-        self.cfg = cfg
-        self.accelerator = accelerator
-        self.weight_dtype = weight_dtype_for(cfg.mixed_precision)
-        self.autocast_dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
+        super().__init__(cfg, accelerator)
         # data first: bad columns/files/condition types fail before any model is loaded
         self.detector = None
         if cfg.condition is not None:
@@ -154,19 +104,13 @@ class ControlTask(TrainingTask):
         self.data = ControlDataset(rows, transform, cfg.seed, cfg.proportion_empty_prompts)
         self.validation_rows = self._validation_rows(rows)
 
-        self.sd: SDComponents = load_sd_components(cfg.pretrained_model, cfg.revision, cfg.variant, self.weight_dtype)
-        device = accelerator.device
-        for m in (self.sd.unet, self.sd.vae, self.sd.text_encoder):
-            m.to(device)
-        self.unet_hra = add_unet_adapter(self.sd.unet, cfg, "UNet")  # HRA, or a PEFT baseline (None)
-        self.trainable_unet = count_trainable(self.sd.unet)
-        if cfg.gradient_checkpointing:
-            self.sd.unet.enable_gradient_checkpointing()
+        self.load_base()
+        self.add_unet_adapter()  # HRA, or a PEFT baseline (unet_hra None)
         self.vae_scale_factor = 2 ** (len(self.sd.vae.config.block_out_channels) - 1)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # the same encoder init on every rank and every (resumed) run
             self.encoder = build_condition_encoder(self.sd.unet, vae_scale_factor=self.vae_scale_factor)
-        self.encoder.to(device=device, dtype=torch.float32).train()  # fp32 like the adapter tensors
+        self.encoder.to(device=accelerator.device, dtype=torch.float32).train()  # fp32 like the adapter tensors
         # the library's conv_in hook; its encoder is the DDP-wrapped one in training, the plain one in validation
         self.handle = attach_condition_encoder(self.sd.unet, self.encoder)
 
@@ -201,11 +145,6 @@ class ControlTask(TrainingTask):
             prompts = cfg.validation_prompts * len(rows) if len(cfg.validation_prompts) == 1 else cfg.validation_prompts[: len(rows)]
         return [(r.load_condition(), p) for r, p in zip(rows, prompts, strict=False)]
 
-    def _tokens(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.sd.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        return ids.input_ids.to(self.accelerator.device)
-
     # ---- TrainingTask ----------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
         return {"unet": self.sd.unet, "condition_encoder": self.encoder}
@@ -218,12 +157,10 @@ class ControlTask(TrainingTask):
 
     def loss(self, modules, batch, generator):
         device = self.accelerator.device
+        mean, std = self._encode_pixels(batch["pixel_values"])
         with torch.no_grad():
-            dist = self.sd.vae.encode(batch["pixel_values"].to(device, self.weight_dtype)).latent_dist
-            mean, std = dist.mean.float(), dist.std.float()
             states = self.sd.text_encoder(self._tokens(batch["prompts"]))[0]
-        latents = sample_latents(mean, std, generator, self.sd.vae.config.scaling_factor)
-        noisy = add_noise(self.sd.noise_scheduler, latents, generator)
+        noisy = self._noisy_latents(mean, std, generator)
         self.handle.encoder = modules["condition_encoder"]  # wrapped: DDP syncs the encoder's gradients
         self.handle.set_condition(batch["condition"].to(device))
         try:
@@ -241,7 +178,7 @@ class ControlTask(TrainingTask):
         """Images per (condition, prompt) from the training modules (no copy); image i uses seed + i."""
         cfg = self.cfg
         unet, encoder = modules["unet"], modules["condition_encoder"]
-        pipe = build_pipeline(unet, self.sd.text_encoder, self.sd.vae, self.sd.tokenizer, self.sd.noise_scheduler)
+        pipe = self._pipeline(unet)
         if scheduler == "ddim":
             from diffusers import DDIMScheduler
 
@@ -277,81 +214,61 @@ class ControlTask(TrainingTask):
         path = output_dir / "adapter"
         save_control_adapter(
             modules["unet"], modules["condition_encoder"], path, cfg.adapter, base_model=cfg.pretrained_model,
-            base_model_revision=cfg.revision, trainer="control_hra", condition_type=cfg.condition or "given",
+            base_model_revision=cfg.revision, trainer=self.trainer, condition_type=cfg.condition or "given",
             resolution=cfg.resolution,
         )
         return [path]
 
+    # ---- the model card ------------------------------------------------------------------------
+    def write_card(self, result: TrainResult) -> Path:
+        """The README.md: what the adapter and encoder are, how they were trained, samples, how to load them."""
+        cfg = self.cfg
+        out = Path(cfg.output_dir)
+        source = f"`{cfg.train_data_dir}`" if cfg.train_data_dir else f"dataset `{cfg.dataset_name}` ({cfg.dataset_split})"
+        n_encoder = sum(p.numel() for p in self.encoder.parameters())
+        name, _, _ = adapter_facts(cfg, self.trainable_unet)
+        loader = "from hra_diffusion.control import attach_condition_encoder, load_control_adapter, prepare_condition\n\n"
+        load_line = (f'_, encoder = load_control_adapter(pipe.unet, "{out}/adapter")'
+                     + ("\n" if cfg.adapter == "hra" else f"  # PEFT {name} + encoder\n"))
+        usage = (
+            "from diffusers import StableDiffusionPipeline\nfrom PIL import Image\n" + loader +
+            f"pipe = StableDiffusionPipeline.from_pretrained({cfg.pretrained_model!r})\n" + load_line +
+            "handle = attach_condition_encoder(pipe.unet, encoder)\n"
+            f'handle.set_condition(prepare_condition(Image.open("condition.png"), {cfg.resolution}, {cfg.resolution}))\n'
+            f"image = pipe({(self.validation_rows[0][1] if self.validation_rows else 'a prompt')!r}, "
+            f"height={cfg.resolution}, width={cfg.resolution}).images[0]\n"
+        )
+        facts = self.card_facts(result, data={
+            "data": f"{len(self.data)} pairs from {source}",
+            "condition": (f"computed with `{cfg.condition}` (cached in `{self.condition_cache}`)" if cfg.condition
+                          else f"column `{cfg.conditioning_image_column}`"),
+            "empty prompts": f"{cfg.proportion_empty_prompts:.0%}",
+        }, model={
+            "condition encoder": f"{n_encoder:,} values, lr {cfg.encoder_learning_rate or cfg.learning_rate}, "
+                                 f"channels {self.encoder.hra_condition_config['block_out_channels']}",
+        }, run={
+            "validation": f"{cfg.validation_scheduler}, {cfg.validation_inference_steps} steps, CFG {cfg.validation_guidance_scale}",
+        })
+        return write_model_card(
+            out, title=f"{name} control adapter ({cfg.condition or 'condition images'})", base_model=cfg.pretrained_model,
+            command=cfg.command or "accelerate launch train/control_hra.py",
+            summary=(
+                ("A Householder Reflection Adaptation (HRA) adapter" if cfg.adapter == "hra" else
+                 f"A {name} adapter (PEFT's, a baseline for HRA)") + " for controllable generation, trained with "
+                f"hra-diffusion's `train/control_hra.py`: {name} on the UNet plus a condition encoder whose output is "
+                "added to the UNet's conv_in output. Both live in one adapter folder. Validation grids show the "
+                "condition in the first column, then the generated images."),
+            adapters={str(out / "adapter"): "the UNet's HRA tensors and the condition encoder (`condition_encoder.*`); "
+                      "load with `hra_diffusion.control.load_control_adapter(pipe.unet, ...)`"} if cfg.adapter == "hra" else
+            {str(out / "adapter"): f"the UNet's {name} adapter in PEFT's format and the condition encoder "
+                                   "(`condition_encoder.safetensors`); load both with "
+                                   "`hra_diffusion.control.load_control_adapter(pipe.unet, ...)`"},
+            facts=facts, sample_images=result.validation_grids[-1:], usage=usage,
+            notes=([f"validation prompts: {', '.join(shlex.quote(p) for _, p in self.validation_rows)}"]
+                   if self.validation_rows else []) + resume_notes(result),
+        )
+
 
 def train_control(cfg: ControlConfig) -> TrainResult:
     """Run control-HRA end to end: data and model checks, training, adapter + encoder, card, config, logs."""
-    _require(cfg)
-    check_run_start(cfg)  # never silently replace a previous run, nor resume another run's checkpoint
-    accelerator = make_accelerator(cfg, "control_hra")
-    use_cpu_threads(accelerator)
-    try:
-        out = Path(cfg.output_dir)
-        task = ControlTask(cfg, accelerator)
-        if accelerator.is_main_process:
-            save_resolved_config(cfg, out)
-        result = run_training(task, accelerator)
-        if accelerator.is_main_process:
-            _write_card(cfg, task, result, out)
-            print_summary(cfg, result, "Control", "--condition CONDITION.png --prompt 'PROMPT' ")
-        accelerator.wait_for_everyone()
-        return result
-    finally:
-        accelerator.end_training()
-
-
-def _write_card(cfg: ControlConfig, task: ControlTask, result: TrainResult, out: Path) -> None:
-    source = f"`{cfg.train_data_dir}`" if cfg.train_data_dir else f"dataset `{cfg.dataset_name}` ({cfg.dataset_split})"
-    n_encoder = sum(p.numel() for p in task.encoder.parameters())
-    name, adapter_fact, _ = adapter_facts(cfg, task.trainable_unet)
-    loader = "from hra_diffusion.control import attach_condition_encoder, load_control_adapter, prepare_condition\n\n"
-    load_line = (f'_, encoder = load_control_adapter(pipe.unet, "{out}/adapter")'
-                 + ("\n" if cfg.adapter == "hra" else f"  # PEFT {name} + encoder\n"))
-    usage = (
-        "from diffusers import StableDiffusionPipeline\nfrom PIL import Image\n" + loader +
-        f"pipe = StableDiffusionPipeline.from_pretrained({cfg.pretrained_model!r})\n" + load_line +
-        "handle = attach_condition_encoder(pipe.unet, encoder)\n"
-        f'handle.set_condition(prepare_condition(Image.open("condition.png"), {cfg.resolution}, {cfg.resolution}))\n'
-        f"image = pipe({(task.validation_rows[0][1] if task.validation_rows else 'a prompt')!r}, "
-        f"height={cfg.resolution}, width={cfg.resolution}).images[0]\n"
-    )
-    facts = {
-        "base model": f"`{cfg.pretrained_model}`" + (f" @ {cfg.revision}" if cfg.revision else ""),
-        "data": f"{len(task.data)} pairs from {source}",
-        "condition": (f"computed with `{cfg.condition}` (cached in `{task.condition_cache}`)" if cfg.condition
-                      else f"column `{cfg.conditioning_image_column}`"),
-        "empty prompts": f"{cfg.proportion_empty_prompts:.0%}",
-        "adapter": adapter_fact,
-        "condition encoder": f"{n_encoder:,} values, lr {cfg.encoder_learning_rate or cfg.learning_rate}, "
-                             f"channels {task.encoder.hra_condition_config['block_out_channels']}",
-        "steps": f"{result.global_step} (batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps} "
-                 f"x {task.accelerator.num_processes} process(es))",
-        "optimizer": f"{'8-bit ' if cfg.use_8bit_adam else ''}AdamW lr {cfg.learning_rate}, {cfg.lr_scheduler} "
-                     f"(warm-up {cfg.lr_warmup_steps}), wd {cfg.adam_weight_decay}, clip {cfg.max_grad_norm}",
-        "resolution": cfg.resolution,
-        "mixed precision": cfg.mixed_precision,
-        "validation": f"{cfg.validation_scheduler}, {cfg.validation_inference_steps} steps, CFG {cfg.validation_guidance_scale}",
-        "seed": cfg.seed,
-        "training time": f"{result.seconds:.0f} s" + (f" (resumed from {result.resumed_from.name})" if result.resumed_from else ""),
-    }
-    write_model_card(
-        out, title=f"{name} control adapter ({cfg.condition or 'condition images'})", base_model=cfg.pretrained_model,
-        command=cfg.command or "accelerate launch train/control_hra.py",
-        summary=(
-            ("A Householder Reflection Adaptation (HRA) adapter" if cfg.adapter == "hra" else
-             f"A {name} adapter (PEFT's, a baseline for HRA)") + " for controllable generation, trained with "
-            f"hra-diffusion's `train/control_hra.py`: {name} on the UNet plus a condition encoder whose output is "
-            "added to the UNet's conv_in output. Both live in one adapter folder. Validation grids show the "
-            "condition in the first column, then the generated images."),
-        adapters={str(out / "adapter"): "the UNet's HRA tensors and the condition encoder (`condition_encoder.*`); "
-                  "load with `hra_diffusion.control.load_control_adapter(pipe.unet, ...)`"} if cfg.adapter == "hra" else
-        {str(out / "adapter"): f"the UNet's {name} adapter in PEFT's format and the condition encoder "
-                               "(`condition_encoder.safetensors`); load both with "
-                               "`hra_diffusion.control.load_control_adapter(pipe.unet, ...)`"},
-        facts=facts, sample_images=result.validation_grids[-1:], usage=usage,
-        notes=([f"validation prompts: {', '.join(shlex.quote(p) for _, p in task.validation_rows)}"] if task.validation_rows else []) + resume_notes(result),
-    )
+    return run_task(ControlTask, cfg)

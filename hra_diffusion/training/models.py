@@ -21,6 +21,8 @@ __all__ = ["BaseModelError", "SDComponents", "load_sd_components", "weight_dtype
 class BaseModelError(OSError):
     """The base model could not be found or loaded (the message says where it looked and what to do)."""
 
+    hra_user_error = True  # an expected error: entry points print it as one line (hra_diffusion.errors)
+
 
 @dataclass
 class SDComponents:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from abc import ABC, abstractmethod
@@ -42,6 +41,8 @@ STATS_NAME = "train_stats.json"  # <output_dir>/logs/: trainable values, time pe
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite: training stopped, no adapter was saved, checkpoints were kept."""
+
+    hra_user_error = True  # an expected error: entry points print it as one line (hra_diffusion.errors)
 
 
 @dataclass
@@ -154,12 +155,65 @@ def _mean_logs(accelerator, logs: list[dict[str, float]]) -> dict[str, float]:
 
 def run_training(task: TrainingTask, accelerator) -> TrainResult:
     """Train ``task`` for ``cfg.max_train_steps`` optimizer steps (resuming if asked) and save its adapter."""
-    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     cfg = task.cfg
-    out = Path(cfg.output_dir)
     started = time.time()
+    run = _prepare(task, accelerator)
+    result = TrainResult(global_step=0)
+    _resume(run, result)
+    batches = _batches(run)
+    meter = _StepMeter(accelerator.device)
+    progress = tqdm(total=cfg.max_train_steps, initial=result.global_step, desc="train", unit="step",
+                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    run.guard.start()
+    try:
+        while result.global_step < cfg.max_train_steps:
+            meter.start()
+            step_logs = _optimizer_step(run, batches, result.global_step)
+            meter.stop()
+            result.global_step += 1
+            logs = _after_step(run, result, step_logs, progress)
+            run.guard.after_step(result.global_step, logs)  # a pending Ctrl-C: save a checkpoint, then stop
+    except BaseException as err:
+        _note_where_it_stopped(err, run, result.global_step)
+        progress.close()
+        run.guard.close()
+        raise
+    progress.close()
+    run.guard.close()
+    _finish(run, result, meter)
+    result.seconds = time.time() - started
+    return result
+
+
+@dataclass
+class _Run:
+    """One training run after ``accelerator.prepare``: what its steps share."""
+
+    task: TrainingTask
+    accelerator: Any
+    wrapped: dict[str, nn.Module]  # for the loss (DDP-wrapped)
+    unwrapped: dict[str, nn.Module]  # for validation and saving
+    optimizer: Any
+    lr_scheduler: Any
+    trainable: list[torch.Tensor]
+    guard: RunGuard  # resume, checkpoints, the Ctrl-C stop (run_guard)
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.task.cfg
+
+    @property
+    def out(self) -> Path:
+        return Path(self.task.cfg.output_dir)
+
+
+def _prepare(task: TrainingTask, accelerator) -> _Run:
+    """Parameter groups (fp32 trainables, per-module learning rates), optimizer, LR schedule, accelerate."""
+    from diffusers.optimization import get_scheduler
+
+    cfg = task.cfg
     modules = task.modules()
     names = list(modules)
     lrs = task.learning_rates()
@@ -186,99 +240,109 @@ def run_training(task: TrainingTask, accelerator) -> TrainResult:
     register_checkpoint_hooks(accelerator, names)
     unwrapped = {name: accelerator.unwrap_model(m) for name, m in wrapped.items()}
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    return _Run(task, accelerator, wrapped, unwrapped, optimizer, lr_scheduler, trainable, RunGuard(cfg, accelerator))
 
-    result = TrainResult(global_step=0)
-    # resume (newest intact checkpoint, identity checked, changed optimisation settings applied), checkpoints,
-    # the Ctrl-C stop: see run_guard
-    guard = RunGuard(cfg, accelerator)
-    resumed = guard.resume()
+
+def _resume(run: _Run, result: TrainResult) -> None:
+    """Load ``cfg.resume_from_checkpoint`` into the run: the newest intact checkpoint, its identity checked,
+    changed optimisation settings applied (run_guard.RunGuard.resume)."""
+    resumed = run.guard.resume()
     if resumed is not None:
         result.resumed_from, result.global_step = resumed
-        result.resume_changes = guard.resume_changes
+        result.resume_changes = run.guard.resume_changes
 
-    dataset, n_items, collate = task.dataset()
+
+def _batches(run: _Run):
+    """The micro-batches from the resumed position on (the sampler's stream skips the ones already seen)."""
+    cfg, accelerator = run.cfg, run.accelerator
+    dataset, n_items, collate = run.task.dataset()
     sampler = StreamSampler(
         n_items, cfg.train_batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
-        start_batch=guard.micro_batches,
+        start_batch=run.guard.micro_batches,
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.dataloader_num_workers,
     )
-    batches = iter(loader)
-    meter = _StepMeter(accelerator.device)
-    progress = tqdm(total=cfg.max_train_steps, initial=result.global_step, desc="train", unit="step",
-                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    guard.start()
-    try:
-        while result.global_step < cfg.max_train_steps:
-            step_logs = []
-            meter.start()
-            for _micro in range(cfg.gradient_accumulation_steps):
-                micro_step = guard.next_micro_batch()
-                batch = next(batches)
-                generator = step_generator(cfg.seed, micro_step, accelerator.process_index)
-                with accelerator.accumulate(*wrapped.values()):
-                    loss, logs = task.loss(wrapped, batch, generator)
-                    if not _all_finite(accelerator, loss):
-                        raise NonFiniteLossError(
-                            f"the loss became {loss.item()} at step {result.global_step + 1} (micro-batch {micro_step}); "
-                            f"stopping without saving an adapter; {guard.kept()}. Lower learning_rate, use bf16 "
-                            "instead of fp16, or check the data."
-                        )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                step_logs.append({"loss": loss.item(), **logs})
-            if not accelerator.sync_gradients:  # pragma: no cover - accelerate's step counter drifted
-                raise RuntimeError("gradient accumulation out of step with accelerate's counter")
-            meter.stop()
-            result.global_step += 1
-            step = result.global_step
-            logs = _mean_logs(accelerator, step_logs)
-            logs["lr"] = lr_scheduler.get_last_lr()[0]
-            progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-            if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
-                accelerator.log(logs, step=step)
-            if step % cfg.checkpointing_steps == 0 and step < cfg.max_train_steps:
-                path = guard.save(step)
-                progress.write(f"saved checkpoint {path}")
-            if step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
-                grid = _validate(task, accelerator, unwrapped, step, out)
-                if grid is not None:
-                    result.validation_grids.append(grid)
-            guard.after_step(step, logs)  # a pending Ctrl-C: save a checkpoint, then stop
-    except BaseException as err:
-        last = latest_checkpoint(out) if accelerator.is_main_process else None
-        if hasattr(err, "add_note") and accelerator.is_main_process:
-            err.add_note(
-                f"training stopped at step {result.global_step}; "
-                + (f"the last checkpoint {last} is kept: resume with --resume_from_checkpoint latest"
-                   if last else "no checkpoint was written yet")
-            )
-        progress.close()
-        guard.close()
-        raise
-    progress.close()
-    guard.close()
-    _check_ranks_agree(accelerator, trainable, out)
+    return iter(loader)
+
+
+def _optimizer_step(run: _Run, batches, global_step: int) -> list[dict[str, float]]:
+    """One optimizer step (``gradient_accumulation_steps`` micro-batches); the logs of each micro-batch."""
+    cfg, accelerator = run.cfg, run.accelerator
+    step_logs = []
+    for _micro in range(cfg.gradient_accumulation_steps):
+        micro_step = run.guard.next_micro_batch()
+        batch = next(batches)
+        generator = step_generator(cfg.seed, micro_step, accelerator.process_index)
+        with accelerator.accumulate(*run.wrapped.values()):
+            loss, logs = run.task.loss(run.wrapped, batch, generator)
+            if not _all_finite(accelerator, loss):
+                raise NonFiniteLossError(
+                    f"the loss became {loss.item()} at step {global_step + 1} (micro-batch {micro_step}); "
+                    f"stopping without saving an adapter; {run.guard.kept()}. Lower learning_rate, use bf16 "
+                    "instead of fp16, or check the data."
+                )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(run.trainable, cfg.max_grad_norm)
+            run.optimizer.step()
+            run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        step_logs.append({"loss": loss.item(), **logs})
+    if not accelerator.sync_gradients:  # pragma: no cover - accelerate's step counter drifted
+        raise RuntimeError("gradient accumulation out of step with accelerate's counter")
+    return step_logs
+
+
+def _after_step(run: _Run, result: TrainResult, step_logs: list[dict[str, float]], progress) -> dict[str, float]:
+    """Logs and the progress bar; a checkpoint and a validation grid when their step comes (not the last).
+    Returns the step's logs."""
+    cfg, accelerator = run.cfg, run.accelerator
+    step = result.global_step
+    logs = _mean_logs(accelerator, step_logs)
+    logs["lr"] = run.lr_scheduler.get_last_lr()[0]
+    progress.update(1)
+    progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+    if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
+        accelerator.log(logs, step=step)
+    if step % cfg.checkpointing_steps == 0 and step < cfg.max_train_steps:
+        path = run.guard.save(step)
+        progress.write(f"saved checkpoint {path}")
+    if step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
+        grid = _validate(run.task, accelerator, run.unwrapped, step, run.out)
+        if grid is not None:
+            result.validation_grids.append(grid)
+    return logs
+
+
+def _note_where_it_stopped(err: BaseException, run: _Run, global_step: int) -> None:
+    """Add to ``err`` where training stopped and which checkpoint to resume from (main process)."""
+    accelerator = run.accelerator
+    last = latest_checkpoint(run.out) if accelerator.is_main_process else None
+    if hasattr(err, "add_note") and accelerator.is_main_process:
+        err.add_note(
+            f"training stopped at step {global_step}; "
+            + (f"the last checkpoint {last} is kept: resume with --resume_from_checkpoint latest"
+               if last else "no checkpoint was written yet")
+        )
+
+
+def _finish(run: _Run, result: TrainResult, meter: _StepMeter) -> None:
+    """Check the ranks agree, write logs/train_stats.json, save the adapter, the final validation grid."""
+    cfg, out, accelerator = run.cfg, run.out, run.accelerator
+    _check_ranks_agree(accelerator, run.trainable, out)
     result.stats = {"adapter": getattr(cfg, "adapter", "hra"),
                     "trainable_parameters": {n: sum(p.numel() for p in m.parameters() if p.requires_grad)
-                                             for n, m in unwrapped.items()},
-                    "final_loss": guard.final_loss, **meter.summary()}
+                                             for n, m in run.unwrapped.items()},
+                    "final_loss": run.guard.final_loss, **meter.summary()}
     if accelerator.is_main_process:
         (out / "logs").mkdir(parents=True, exist_ok=True)
         (out / "logs" / STATS_NAME).write_text(json.dumps(result.stats, indent=2) + "\n")
-        result.adapter_paths = task.save(unwrapped, out)
-    grid = _validate(task, accelerator, unwrapped, result.global_step, out)
+        result.adapter_paths = run.task.save(run.unwrapped, out)
+    grid = _validate(run.task, accelerator, run.unwrapped, result.global_step, out)
     if grid is not None:
         result.validation_grids.append(grid)
     accelerator.wait_for_everyone()
-    result.seconds = time.time() - started
-    return result
 
 
 class _StepMeter:
@@ -372,8 +436,3 @@ def _validate(task: TrainingTask, accelerator, unwrapped: dict[str, nn.Module], 
     accelerator.wait_for_everyone()
     return grid
 
-
-def total_epochs(n_items: int, cfg: TrainConfig, num_processes: int) -> float:
-    """How many passes over the data ``cfg`` makes (for logs and the model card)."""
-    seen = cfg.max_train_steps * cfg.gradient_accumulation_steps * cfg.train_batch_size * num_processes
-    return seen / max(1, n_items) if n_items else math.nan

@@ -1,0 +1,122 @@
+"""What the Stable Diffusion trainer tasks share: the frozen components in their dtype, the UNet adapter,
+prompt tokens, latent encoding and noising, the validation pipeline and the model card's common facts.
+
+A task (:class:`~hra_diffusion.training.dreambooth.DreamBoothTask`,
+:class:`~hra_diffusion.training.control_task.ControlTask`) subclasses :class:`StableDiffusionTask`, loads its
+data first (bad data fails before any model is loaded), then calls :meth:`~StableDiffusionTask.load_base` and
+:meth:`~StableDiffusionTask.add_unet_adapter`; :func:`~hra_diffusion.training.runner.run_task` runs it.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from ..adapters.peft_baselines import count_trainable
+from . import models
+from .card import adapter_facts
+from .config import TrainConfig
+from .loss import NoisyBatch, add_noise, sample_latents
+from .models import SDComponents, load_sd_components, weight_dtype_for
+from .trainer import TrainingTask, TrainResult
+from .validation import build_pipeline
+
+__all__ = ["StableDiffusionTask"]
+
+
+class StableDiffusionTask(TrainingTask):
+    """A :class:`TrainingTask` on a frozen Stable Diffusion pipeline with an adapter on its UNet.
+
+    Subclasses set ``trainer`` (the entry script's name: the accelerate project, the adapter's ``trainer``
+    metadata) and implement :meth:`write_card`.
+    """
+
+    trainer: ClassVar[str]
+    sd: SDComponents
+
+    def __init__(self, cfg: TrainConfig, accelerator) -> None:
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.weight_dtype = weight_dtype_for(cfg.mixed_precision)
+        self.autocast_dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
+
+    @classmethod
+    def check_config(cls, cfg: TrainConfig) -> TrainConfig:
+        """Complete and check ``cfg`` before anything is made (raise ConfigError naming the key)."""
+        return cfg
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def load_base(self) -> SDComponents:
+        """The frozen components, cast to ``weight_dtype``, on the accelerator's device."""
+        cfg = self.cfg
+        self.sd = load_sd_components(cfg.pretrained_model, cfg.revision, cfg.variant, self.weight_dtype)
+        for m in (self.sd.unet, self.sd.vae, self.sd.text_encoder):
+            m.to(self.accelerator.device)
+        return self.sd
+
+    def add_unet_adapter(self) -> None:
+        """``cfg.adapter`` on the UNet (fp32 tensors on the cast base; ``unet_hra`` is None for a PEFT
+        baseline), its trainable count, and gradient checkpointing if asked."""
+        self.unet_hra = models.add_unet_adapter(self.sd.unet, self.cfg, "UNet")
+        self.trainable_unet = count_trainable(self.sd.unet)
+        if self.cfg.gradient_checkpointing:
+            self.sd.unet.enable_gradient_checkpointing()
+
+    # ---- pieces of the loss and of validation ---------------------------------------------------
+    def _tokens(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.sd.tokenizer
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        return ids.input_ids.to(self.accelerator.device)
+
+    @torch.no_grad()
+    def _encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's latent distribution (mean, std) of ``pixels``, fp32."""
+        dist = self.sd.vae.encode(pixels.to(self.accelerator.device, self.weight_dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def _noisy_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> NoisyBatch:
+        """Scaled latents drawn from (mean, std), noised at random timesteps, all from ``generator``."""
+        latents = sample_latents(mean, std, generator, self.sd.vae.config.scaling_factor)
+        return add_noise(self.sd.noise_scheduler, latents, generator)
+
+    def _pipeline(self, unet, text_encoder=None):
+        """A pipeline around the training modules (no copies) for validation images."""
+        sd = self.sd
+        return build_pipeline(unet, text_encoder or sd.text_encoder, sd.vae, sd.tokenizer, sd.noise_scheduler)
+
+    # ---- the model card -------------------------------------------------------------------------
+    def card_facts(self, result: TrainResult, data: dict, model: dict, run: dict | None = None) -> dict:
+        """The card's settings table: base model, ``data``, the UNet adapter, ``model``, the schedule,
+        ``run``, seed and time (in that order)."""
+        cfg = self.cfg
+        _, adapter_fact, _ = adapter_facts(cfg, self.trainable_unet)
+        return {
+            "base model": f"`{cfg.pretrained_model}`" + (f" @ {cfg.revision}" if cfg.revision else ""),
+            **data,
+            "adapter": adapter_fact,
+            **model,
+            "steps": f"{result.global_step} (batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps} "
+                     f"x {self.accelerator.num_processes} process(es))",
+            "optimizer": f"{'8-bit ' if cfg.use_8bit_adam else ''}AdamW lr {cfg.learning_rate}, {cfg.lr_scheduler} "
+                         f"(warm-up {cfg.lr_warmup_steps}), wd {cfg.adam_weight_decay}, clip {cfg.max_grad_norm}",
+            "resolution": cfg.resolution,
+            "mixed precision": cfg.mixed_precision,
+            **(run or {}),
+            "seed": cfg.seed,
+            "training time": f"{result.seconds:.0f} s"
+                             + (f" (resumed from {result.resumed_from.name})" if result.resumed_from else ""),
+        }
+
+    summary_kind = "training"
+    """What the end-of-run summary calls the run ("DreamBooth", "Control")."""
+
+    def generate_hint(self) -> str:
+        """The prompt/condition flags of the summary's suggested ``hra-diffusion generate`` command."""
+        return "--prompt 'PROMPT' "
+
+    @abstractmethod
+    def write_card(self, result: TrainResult) -> Path:
+        """Write ``<output_dir>/README.md`` for the trained adapter (main process only)."""

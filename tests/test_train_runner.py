@@ -1,0 +1,163 @@
+"""The task runner and the training loop on a toy task (a linear model, seconds on a CPU): the order of
+run_task's steps and its outputs, exact resume after a crash, and the model card's common facts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from hra_diffusion.training import StableDiffusionTask, TrainConfig, TrainingTask, TrainResult, run_task
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps process-wide state; each in-process run starts from a clean one."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+class ToyTask(TrainingTask):
+    """y = x·w + noise drawn from the step's generator; fails once at ``fail_at`` (a micro-step) if set."""
+
+    trainer = "toy"
+    calls: list[str] = []
+    fail_at: int | None = None
+
+    @classmethod
+    def check_config(cls, cfg: TrainConfig) -> TrainConfig:
+        cls.calls.append("check")
+        return cfg
+
+    def __init__(self, cfg: TrainConfig, accelerator) -> None:
+        self.calls.append("task")
+        self.cfg, self.accelerator = cfg, accelerator
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.net = nn.Linear(4, 1)
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(6, 4, generator=g)
+        self.y = self.x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+        self.micro = 0
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"net": self.net}
+
+    def dataset(self):
+        x, y = self.x, self.y
+
+        class Rows(torch.utils.data.Dataset):
+            def __getitem__(self, position: int):
+                return x[position % len(x)], y[position % len(x)]
+
+            def __len__(self) -> int:
+                return len(x)
+
+        return Rows(), len(x), None
+
+    def loss(self, modules, batch, generator):
+        if self.micro == self.fail_at:
+            raise RuntimeError("toy failure")
+        self.micro += 1
+        x, y = batch
+        noisy = y + 0.1 * torch.randn(y.shape, generator=generator)
+        return ((modules["net"](x) - noisy) ** 2).mean(), {"extra": 1.0}
+
+    def save(self, modules, output_dir: Path) -> list[Path]:
+        self.calls.append("save")
+        path = output_dir / "adapter"
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in modules["net"].state_dict().items()}, str(path / "net.safetensors"))
+        return [path]
+
+    def write_card(self, result: TrainResult) -> Path:
+        self.calls.append("card")
+        assert (Path(self.cfg.output_dir) / "config.yaml").is_file()  # the resolved config came first
+        path = Path(self.cfg.output_dir) / "README.md"
+        path.write_text(f"steps {result.global_step}\n")
+        return path
+
+
+def toy_config(out: Path, **kw) -> TrainConfig:
+    return TrainConfig(output_dir=str(out), max_train_steps=4, train_batch_size=2, learning_rate=0.05,
+                       checkpointing_steps=2, validation_steps=100, report_to="none", seed=3, **kw)
+
+
+def test_run_task_checks_builds_trains_saves_and_writes_the_card(tmp_path):
+    ToyTask.calls, ToyTask.fail_at = [], None
+    result = run_task(ToyTask, toy_config(tmp_path / "run"))
+    assert ToyTask.calls == ["check", "task", "save", "card"]
+    out = tmp_path / "run"
+    assert result.global_step == 4 and result.adapter_paths == [out / "adapter"]
+    assert (out / "README.md").read_text() == "steps 4\n"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]  # none at the last step
+    assert result.stats["trainable_parameters"] == {"net": 5} and result.stats["steps_timed"] == 3
+    assert (out / "logs" / "train_stats.json").is_file() and (out / "logs" / "ranks.json").is_file()
+
+
+def test_a_crash_keeps_the_checkpoint_and_resuming_ends_where_a_straight_run_does(tmp_path):
+    ToyTask.calls, ToyTask.fail_at = [], None
+    run_task(ToyTask, toy_config(tmp_path / "straight"))
+    straight = load_file(str(tmp_path / "straight" / "adapter" / "net.safetensors"))
+
+    ToyTask.fail_at = 2  # the third micro-batch: step 3, after checkpoint-2
+    with pytest.raises(RuntimeError, match="toy failure") as err:
+        run_task(ToyTask, toy_config(tmp_path / "crash"))
+    note = " ".join(getattr(err.value, "__notes__", []))
+    assert "training stopped at step 2" in note and "checkpoint-2" in note and "--resume_from_checkpoint latest" in note
+    assert not (tmp_path / "crash" / "adapter").exists()
+
+    ToyTask.fail_at = None
+    result = run_task(ToyTask, toy_config(tmp_path / "crash", resume_from_checkpoint="latest"))
+    assert result.resumed_from == tmp_path / "crash" / "checkpoints" / "checkpoint-2" and result.global_step == 4
+    resumed = load_file(str(tmp_path / "crash" / "adapter" / "net.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0)
+    assert not torch.equal(straight["weight"], ToyTask(toy_config(tmp_path), None).net.weight.detach())  # it trained
+
+
+class FactsTask(StableDiffusionTask):
+    """Just enough of a Stable Diffusion task for its model-card facts (no model is loaded)."""
+
+    trainer = "facts"
+
+    def modules(self):  # pragma: no cover - not trained here
+        return {}
+
+    def dataset(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def loss(self, modules, batch, generator):  # pragma: no cover
+        raise NotImplementedError
+
+    def save(self, modules, output_dir):  # pragma: no cover
+        return []
+
+    def write_card(self, result):  # pragma: no cover
+        raise NotImplementedError
+
+
+def test_card_facts_put_the_tasks_own_rows_in_place():
+    cfg = TrainConfig(pretrained_model="base/x", revision="abc", r=4, target_modules=["to_q"], learning_rate=2e-4,
+                      train_batch_size=3, gradient_accumulation_steps=2, mixed_precision="bf16", seed=9)
+    task = FactsTask(cfg, SimpleNamespace(num_processes=2))
+    assert task.weight_dtype == torch.bfloat16 and task.autocast_dtype == torch.bfloat16
+    task.trainable_unet = 1234
+    result = TrainResult(global_step=7, seconds=65.4, resumed_from=Path("out/checkpoints/checkpoint-5"))
+    facts = task.card_facts(result, data={"data": "D"}, model={"encoder": "E"}, run={"validation": "V"})
+    assert list(facts) == ["base model", "data", "adapter", "encoder", "steps", "optimizer", "resolution",
+                           "mixed precision", "validation", "seed", "training time"]
+    assert facts["base model"] == "`base/x` @ abc"
+    assert facts["adapter"].startswith("HRA r=4 on to_q") and "1,234 trainable UNet values" in facts["adapter"]
+    assert facts["steps"] == "7 (batch 3 x accumulation 2 x 2 process(es))"
+    assert facts["optimizer"] == "AdamW lr 0.0002, constant (warm-up 0), wd 0.01, clip 1.0"
+    assert facts["training time"] == "65 s (resumed from checkpoint-5)"
+    assert (facts["seed"], facts["mixed precision"]) == (9, "bf16")
