@@ -135,7 +135,7 @@ def test_baseline_trains_saves_reloads_and_generates(kind, tmp_path, tiny_random
     assert stats["adapter"] == kind and stats["trainable_parameters"]["unet"] == n_saved
     assert stats["step_seconds_median"] > 0 and stats["peak_rss_mib"] > 0
     card = (out / "README.md").read_text()
-    assert f"{n_saved:,} trainable UNet values" in card and "load_peft_adapter" in card
+    assert f"{n_saved:,} trainable UNet values" in card and "load_any_adapter(pipe.unet" in card  # the registry (d2e4059)
 
     def fresh():
         return UNet2DConditionModel.from_pretrained(tiny_random_sd_dir, subfolder="unet").eval()
