@@ -62,6 +62,7 @@ SDXL_UNET_CONFIG = {
 }
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 VARIANTS = ["base", "ours", "peft_hra", "peft_lora"]
+CLOCK = time.perf_counter  # --cpu-time: time.process_time (with one torch thread: robust on a shared machine)
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "bench_hra.json"
 UNET_VARIANTS = ["ours", "peft_hra", "peft_lora", "peft_lora_half", "peft_oft", "peft_boft"]
 
@@ -142,9 +143,9 @@ def bench_layers(r: int, repeats: int, shapes: list[tuple[int, int, int]] | None
             layer_step(models[k], x, g)
         for _ in range(repeats):
             for k in VARIANTS:  # interleaved
-                t0 = time.perf_counter()
+                t0 = CLOCK()
                 layer_step(models[k], x, g)
-                times[k].append(time.perf_counter() - t0)
+                times[k].append(CLOCK() - t0)
         mem = {k: saved_bytes(models[k], x) for k in VARIANTS}
         row = {"shape": f"({d_in}, {d_out}, {n})"}
         for k in VARIANTS:
@@ -205,9 +206,9 @@ def bench_unet_time(r: int, repeats: int, kinds: list[str], sdxl: bool = False) 
         train_step(models[k], opts[k], batch)  # warm-up
     for i in range(repeats):
         for k in kinds:
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             train_step(models[k], opts[k], batch)
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(CLOCK() - t0)
         print(f"  unet step round {i + 1}/{repeats}", file=sys.stderr, flush=True)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -261,8 +262,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sdxl-unet", action="store_true",
                     help="with --sdxl: also the whole SDXL-UNet training step (section unet_sdxl; ~10 GiB fp32 "
                          "per process, one process per variant for peak memory)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time each call by the process's CPU time with one torch thread, instead of wall time: "
+                         "other jobs on a shared machine then barely move the figures (CPU only)")
     ap.add_argument("--peak-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    global CLOCK
+    if args.cpu_time:
+        torch.set_num_threads(1)
+        CLOCK = time.process_time
     if args.peak_child:
         unet_peak_child(args.peak_child, args.r, sdxl=args.sdxl)
         return
@@ -274,23 +282,28 @@ def main(argv: list[str] | None = None) -> None:
     if unknown or not kinds:
         ap.error(f"unknown --unet-variants {unknown}; choose from {', '.join(UNET_VARIANTS)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, r = {args.r}\n")
-    result: dict = {}
     env = environment(args.r)
     suffix, model_name = ("_sdxl", "SDXL") if args.sdxl else ("", "SD-1.5")
+    def save(section: str, figures: dict) -> None:  # each section is written as soon as it is measured
+        if args.json:
+            path = update_results(Path(args.json), {section: figures})
+            print(f"results: {section} -> {path}", file=sys.stderr, flush=True)
+
     if not args.skip_layers:
         rows = print_layers(args.r, args.repeats, SDXL_SHAPES if args.sdxl else SHAPES)
-        result["layers" + suffix] = {"env": env, "repeats": args.repeats, "rows": rows}
+        save("layers" + suffix, {"env": env, "repeats": args.repeats, "rows": rows})
     if not args.skip_unet and (args.sdxl_unet or not args.sdxl):
-        t = bench_unet_time(args.r, args.unet_repeats, kinds, sdxl=args.sdxl)
+        # peak memory first, in fresh children, while this process is still small (a parent holding every
+        # variant's UNet plus a child at PEFT HRA's peak can exceed a small machine's memory)
         mem = bench_unet_memory(args.r, kinds, sdxl=args.sdxl)
-        result["unet" + suffix] = {"env": env, "repeats": args.unet_repeats, "step_s": t, "memory": mem}
+        t = bench_unet_time(args.r, args.unet_repeats, kinds, sdxl=args.sdxl)
+        save("unet" + suffix, {"env": env, "repeats": args.unet_repeats, "step_s": t, "memory": mem})
         print(f"\n### Whole {model_name}-shaped UNet training step (32x32 latent, batch 1, random weights)\n")
         print(whole_step_report(t, mem))
     print("\ngoals: ours <= 1.15x LoRA time at every shape and for the whole step; PEFT HRA >= 3x slower than "
           "ours at the 1280-wide shapes; whole-step peak memory <= 1.05x LoRA's")
     if args.json:
-        path = update_results(Path(args.json), result)
-        print(f"\nresults: {path} (render the README tables with python benchmarks/render_tables.py --write README.md)")
+        print("\nrender the README tables with python benchmarks/render_tables.py --write README.md")
 
 
 def environment(r: int) -> dict:
@@ -308,6 +321,7 @@ def environment(r: int) -> dict:
         "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
         "cores": os.cpu_count(), "threads": torch.get_num_threads(),
         "device": "cuda" if torch.cuda.is_available() else "cpu", "dtype": "fp32", "r": r,
+        "clock": "process CPU time" if CLOCK is time.process_time else "wall time",
     }
 
 

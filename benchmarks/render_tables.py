@@ -23,8 +23,9 @@ UNET_LABELS = {"ours": "ours (HRA r)", "peft_hra": "PEFT HRA r", "peft_lora": "P
 
 
 def env_line(env: dict, what: str) -> str:
+    clock = f", {env['clock']}" if env.get("clock") else ""
     return (f"_{what}: measured {env['date']} on {env['cpu']} ({env['cores']} cores, {env['threads']} torch threads, "
-            f"{env['device']}), torch {env['torch']}, Python {env['python']}, {env['dtype']}, r = {env['r']}._")
+            f"{env['device']}{clock}), torch {env['torch']}, Python {env['python']}, {env['dtype']}, r = {env['r']}._")
 
 
 def layers_table(section: dict) -> str:
@@ -94,7 +95,7 @@ def render(results: dict) -> dict[str, str]:
 
 
 def _block(name: str) -> re.Pattern:
-    return re.compile(rf"(<!-- bench:{name} -->\n)(.*?)(\n<!-- /bench:{name} -->)", re.S)
+    return re.compile(rf"(<!-- bench:{name} -->\n)(.*?)\n?(<!-- /bench:{name} -->)", re.S)
 
 
 def replace_blocks(text: str, tables: dict[str, str]) -> tuple[str, list[str]]:
@@ -107,7 +108,7 @@ def replace_blocks(text: str, tables: dict[str, str]) -> tuple[str, list[str]]:
             continue
         if match.group(2) != table:
             changed.append(name)
-        text = pattern.sub(lambda m, t=table: m.group(1) + t + m.group(3), text, count=1)
+        text = pattern.sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(3), text, count=1)
     return text, changed
 
 
