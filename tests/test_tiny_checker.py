@@ -77,3 +77,17 @@ def test_subject_rates_on_drawn_positives_and_negatives():
     assert ctx["subject_rate"] == 1.0 and ctx["context_rate"] < 0.5
     with pytest.raises(ValueError, match="images for"):
         checker.subject_rates(wrong[:2], held)
+
+
+def test_showroom_prompts_come_from_the_subject_file(tmp_path):
+    from hra_diffusion.tiny import measure
+    from hra_diffusion.tiny.paths import TINY_SUBJECT_DIR
+
+    held, cls = measure.showroom_prompts(TINY_SUBJECT_DIR / "subject.json")
+    assert held == data.heldout_subject_prompts() and cls == data.class_check_prompts()
+    assert all(checker.parse_prompt(p) for p in held + cls)
+    other = tmp_path / "subject.json"
+    other.write_text('{"instance_prompt": "a photo of qwe dog"}')
+    assert not measure.has_showroom(other) and not measure.has_showroom(None)
+    with pytest.raises(ValueError, match="no heldout_prompts"):
+        measure.showroom_prompts(other)

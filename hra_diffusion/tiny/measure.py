@@ -15,16 +15,27 @@ import torch
 
 from . import checker, data
 
-__all__ = ["showroom_prompts", "showroom_rates", "load_with_adapter", "format_rates"]
+__all__ = ["has_showroom", "showroom_prompts", "showroom_rates", "load_with_adapter", "format_rates"]
 
 SEEDS = (0, 1, 2)
 
 
+def has_showroom(subject_file: str | Path | None) -> bool:
+    """Whether ``subject.json`` lists tiny-world showroom prompts (``heldout_prompts``): only then are the rates
+    meaningful (the checker reads the tiny world's six colours and four shapes, not photos)."""
+    if not subject_file or not Path(subject_file).is_file():
+        return False
+    return bool(json.loads(Path(subject_file).read_text()).get("heldout_prompts"))
+
+
 def showroom_prompts(subject_file: str | Path | None = None) -> tuple[list[str], list[str]]:
-    """(held-out subject prompts, class check prompts), from ``subject.json`` if it has them, else the tiny world's."""
-    doc = json.loads(Path(subject_file).read_text()) if subject_file else {}
-    return (list(doc.get("heldout_prompts") or data.heldout_subject_prompts()),
-            list(doc.get("class_check_prompts") or data.class_check_prompts()))
+    """(held-out subject prompts, class check prompts) from ``subject.json``; the tiny world's without a file."""
+    if subject_file is None:
+        return data.heldout_subject_prompts(), data.class_check_prompts()
+    if not has_showroom(subject_file):
+        raise ValueError(f"{subject_file} lists no heldout_prompts: the showroom rates are for the tiny-world subject")
+    doc = json.loads(Path(subject_file).read_text())
+    return list(doc["heldout_prompts"]), list(doc.get("class_check_prompts") or data.class_check_prompts())
 
 
 @torch.no_grad()
