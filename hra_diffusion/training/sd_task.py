@@ -110,13 +110,6 @@ class StableDiffusionTask(TrainingTask):
                              + (f" (resumed from {result.resumed_from.name})" if result.resumed_from else ""),
         }
 
-    summary_kind = "training"
-    """What the end-of-run summary calls the run ("DreamBooth", "Control")."""
-
-    def generate_hint(self) -> str:
-        """The prompt/condition flags of the summary's suggested ``hra-diffusion generate`` command."""
-        return "--prompt 'PROMPT' "
-
     @abstractmethod
     def write_card(self, result: TrainResult) -> Path:
         """Write ``<output_dir>/README.md`` for the trained adapter (main process only)."""

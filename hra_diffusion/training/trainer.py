@@ -67,6 +67,13 @@ class TrainingTask(ABC):
 
     cfg: TrainConfig
 
+    summary_kind = "training"
+    """What the end-of-run summary calls the run ("DreamBooth", "Control")."""
+
+    def generate_hint(self) -> str:
+        """The prompt/condition flags of the summary's suggested ``hra-diffusion generate`` command."""
+        return "--prompt 'PROMPT' "
+
     @abstractmethod
     def modules(self) -> dict[str, nn.Module]:
         """Trainable modules by name (the names label checkpoint files)."""
