@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..adapters.io import read_adapter, read_safetensors, save_adapter
 from ..adapters.peft_baselines import save_peft_adapter
-from ..adapters.registry import AdapterInfo, adapter_type, describe_adapter, load_any_adapter
+from ..adapters.registry import AdapterInfo, adapter_type, load_any_adapter
 from .encoder import build_condition_encoder
 
 __all__ = [
@@ -75,14 +75,15 @@ def save_condition_encoder(encoder: nn.Module, file: str | os.PathLike) -> Path:
 
 def load_condition_encoder(unet: nn.Module, folder: str | os.PathLike) -> nn.Module | None:
     """Rebuild the condition encoder stored in an adapter folder (either layout); None when it has none."""
-    info = describe_adapter(folder)
-    if not has_condition_encoder(info):
-        return None
-    if info.kind == "hra":
-        _, _, extras = read_adapter(folder)
+    if adapter_type(folder) == "hra":  # one read of the adapter file gives the config and the encoder
+        doc, _, extras = read_adapter(folder)
+        if not doc.get("condition_encoder"):
+            return None
         state = {k[len(ENCODER_PREFIX):]: v for k, v in extras.items() if k.startswith(ENCODER_PREFIX)}
-        return _rebuild(unet, info.doc["condition_encoder"], state, f"adapter {folder}")
+        return _rebuild(unet, doc["condition_encoder"], state, f"adapter {folder}")
     file = Path(folder) / CONDITION_ENCODER_FILE
+    if not file.is_file():
+        return None
     state, meta = read_safetensors(file)
     if "condition_encoder" not in meta:
         raise ValueError(f"{file} has no 'condition_encoder' metadata (its shape); it was not written by "
