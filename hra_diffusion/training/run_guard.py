@@ -499,6 +499,7 @@ def print_summary(cfg, result, kind: str, generate_hint: str = "") -> str:
     q = shlex.quote
     lines = [
         f"{kind} training finished: {'; '.join(figures)}",
+        *[f"  {line}" for line in stats.get("report", [])],
         f"  adapter:    {adapter}",
         f"  model card: {out / 'README.md'}",
         f"  config:     {out / RESOLVED_CONFIG_NAME}",
