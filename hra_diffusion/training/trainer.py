@@ -101,6 +101,7 @@ class TrainingTask(ABC):
     def after_training(self, modules: dict[str, nn.Module], result: TrainResult) -> None:
         """Measure the trained modules once more after the final save (main process only; default: nothing).
         What it finds goes into ``result.stats`` (and so the model card and the summary)."""
+        return None
 
 
 def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Generator:
