@@ -202,7 +202,10 @@ def test_interrupted_build_resumes_to_the_same_model(tmp_path):
     cfg = quick_config()
     full = build_model(tmp_path / "a", cfg, verbose=False, checkpoint_dir=tmp_path / "ckpt")
     # the folder now holds the state saved at UNet step 3 of 6: resuming from it must land where the full build did
-    state = torch.load(tmp_path / "ckpt" / "build-state.pt", weights_only=False)
+    from hra_diffusion.utils import load_nested_state
+
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "build-state").iterdir()) == ["state.json", "state.safetensors"]
+    state = load_nested_state(tmp_path / "ckpt" / "build-state")  # safetensors + JSON, no pickle
     assert (state["stage"], state["step"]) == ("unet", 3)
     resumed = build_model(tmp_path / "b", cfg, verbose=False, checkpoint_dir=tmp_path / "ckpt", resume=True)
     assert resumed["resumed"] and not full["resumed"]

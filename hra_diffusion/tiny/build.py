@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..training.loss import diffusion_target
+from ..utils import dtype_kwargs, load_nested_state, save_nested_state
 from . import scenes
 from .tokenizer import VOCAB_SIZE, write_clip_tokenizer
 
@@ -145,33 +146,34 @@ _LATER_SETTINGS = {"max_length", "unet_steps", "unet_batch", "unet_lr", "text_lr
 
 
 class _Checkpointer:
-    """Resumable build state in one file (``folder/build-state.pt``), written atomically; no-op without a folder."""
+    """Resumable build state (``folder/build-state/``: safetensors + JSON, never a pickle), swapped in atomically;
+    no-op without a folder."""
 
     def __init__(self, folder: Path | None, cfg: BuildConfig):
-        self.path = None if folder is None else Path(folder) / "build-state.pt"
+        self.path = None if folder is None else Path(folder) / "build-state"
         self.cfg = cfg
 
     @property
     def vae_path(self) -> Path | None:
         """The end-of-VAE state, kept apart so that UNet checkpoints never overwrite it."""
-        return None if self.path is None else self.path.with_name("build-state-vae-done.pt")
+        return None if self.path is None else self.path.with_name("build-state-vae-done")
 
     def load(self) -> dict[str, Any] | None:
-        if self.path is None or not self.path.is_file():
+        if self.path is None or not (self.path / "state.json").is_file():
             return None
         try:
             return self._load(self.path)
         except ValueError:
             # the UNet settings changed since: the end-of-VAE state still resumes (the UNet starts over)
-            if self.vae_path is not None and self.vae_path.is_file():
+            if self.vae_path is not None and (self.vae_path / "state.json").is_file():
                 return self._load(self.vae_path)
             raise
 
     def _load(self, path: Path) -> dict[str, Any]:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_nested_state(path)
         # a state saved at the end of the VAE stage also resumes a build that changed only later settings
         skip = {"threads", "checkpoint_every"} | (_LATER_SETTINGS if state.get("stage") == "vae_done" else set())
-        mine = {k: v for k, v in asdict(self.cfg).items() if k not in skip}
+        mine = {k: v for k, v in json.loads(json.dumps(asdict(self.cfg))).items() if k not in skip}
         theirs = {k: v for k, v in state["config"].items() if k not in skip}
         if mine != theirs:
             diff = sorted(k for k in mine if mine.get(k) != theirs.get(k))
@@ -181,11 +183,8 @@ class _Checkpointer:
     def save(self, state: dict[str, Any]) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         for path in (self.path, self.vae_path) if state.get("stage") == "vae_done" else (self.path,):
-            tmp = path.with_suffix(".tmp")
-            torch.save({**state, "config": asdict(self.cfg)}, tmp)
-            tmp.replace(path)
+            save_nested_state(path, {**state, "config": asdict(self.cfg)})
 
 
 def _progress(total: int, initial: int, desc: str, verbose: bool):
@@ -560,7 +559,7 @@ def load_pipeline(path: Path):
     """Load a tiny-world pipeline folder in fp32 on CPU (offline)."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), **dtype_kwargs(torch.float32), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
