@@ -261,6 +261,9 @@ class ControlConfig(TrainConfig):
     validation_data_dir: str | None = None
     num_validation_conditions: int = 4
     validation_scheduler: str = "dpm++"
+    # tiny world only (validation_data_dir is its held-out split): after training, the held-out Canny F1 of
+    # every pair (pixel-wise and 1-px tolerant), and with another pair's condition (card, logs, summary)
+    showroom_f1: bool = True
 
     def validate(self) -> None:
         super().validate()
