@@ -199,6 +199,9 @@ class DreamBoothConfig(TrainConfig):
     subject_file: str | None = None
     instance_data_dir: str | None = None
     instance_prompt: str | None = None
+    # per-image captions: NAME.png trains with the text of NAME<ext> beside it when present (kohya's convention,
+    # e.g. ".txt"); instance_prompt for images without one. None: instance_prompt for every image
+    instance_caption_extension: str | None = None
     with_prior_preservation: bool = False
     class_data_dir: str | None = None
     class_prompt: str | None = None
