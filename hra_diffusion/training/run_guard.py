@@ -60,8 +60,8 @@ __all__ = [
 # a change to any of these makes a resumed run continue another run's checkpoint (refused unless
 # resume_allow_changes); keys a config class does not have are skipped
 IDENTITY_KEYS = (
-    "pretrained_model", "revision", "variant", "adapter", "r", "target_modules", "apply_gs", "block_size",
-    "lora_alpha", "seed", "resolution", "use_8bit_adam",
+    "pretrained_model", "revision", "variant", "pretrained_vae_model", "adapter", "r", "target_modules", "apply_gs",
+    "block_size", "lora_alpha", "seed", "resolution", "use_8bit_adam",
     # DreamBooth
     "instance_data_dir", "instance_prompt", "with_prior_preservation", "class_prompt", "train_text_encoder",
     "text_encoder_r", "text_encoder_target_modules",
@@ -221,7 +221,7 @@ def run_identity(cfg) -> dict[str, Any]:
             continue
         if key.startswith("canny_") and getattr(cfg, "condition", None) != "canny":
             continue
-        ident[key] = _norm_path(value) if key in ("pretrained_model", *DATA_DIR_KEYS) else value
+        ident[key] = _norm_path(value) if key in ("pretrained_model", "pretrained_vae_model", *DATA_DIR_KEYS) else value
         if key in DATA_DIR_KEYS and value:
             ident[f"{key} files"] = folder_fingerprint(value)
     return ident
