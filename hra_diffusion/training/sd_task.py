@@ -110,7 +110,8 @@ class StableDiffusionTask(TrainingTask):
         ``run``, seed and time (in that order)."""
         cfg = self.cfg
         _, adapter_fact, _ = adapter_facts(cfg, self.trainable_unet)
-        family = " (SDXL)" if self.sd.family == "sdxl" else ""
+        loaded = getattr(self, "sd", None)  # None: the base is not loaded (the facts come from cfg alone)
+        family = " (SDXL)" if loaded is not None and loaded.family == "sdxl" else ""
         vae = {"VAE": f"`{cfg.pretrained_vae_model}` (not the base's)"} if cfg.pretrained_vae_model else {}
         return {
             "base model": f"`{cfg.pretrained_model}`" + (f" @ {cfg.revision}" if cfg.revision else "") + family,
