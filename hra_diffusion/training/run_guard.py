@@ -497,13 +497,15 @@ def print_summary(cfg, result, kind: str, generate_hint: str = "") -> str:
     if trainable:
         figures.append("trainable values " + ", ".join(f"{n} {v:,}" for n, v in trainable.items()))
     q = shlex.quote
+    # generate finds a local base from the adapter, but falls back to the tiny world for a hub id: name it
+    base = "" if Path(cfg.pretrained_model).expanduser().is_dir() else f"--base {q(cfg.pretrained_model)} "
     lines = [
         f"{kind} training finished: {'; '.join(figures)}",
         f"  adapter:    {adapter}",
         f"  model card: {out / 'README.md'}",
         f"  config:     {out / RESOLVED_CONFIG_NAME}",
         "next:",
-        f"  hra-diffusion generate --adapter {q(str(adapter))} {generate_hint}--out {q(str(out / 'samples'))}",
+        f"  hra-diffusion generate {base}--adapter {q(str(adapter))} {generate_hint}--out {q(str(out / 'samples'))}",
         f"  hra-diffusion export --adapter {q(str(adapter))} --to lora --out {q(str(out / 'adapter-lora'))}",
     ]
     text = "\n".join(lines)
