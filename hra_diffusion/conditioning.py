@@ -25,6 +25,7 @@ Both trainers use :func:`conditioner_from_pipeline` / :class:`PromptConditioner`
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Sequence
@@ -166,6 +167,21 @@ class PromptConditioner:
     def encode_tokens(self, ids: Sequence[torch.Tensor]) -> PromptEmbeds:
         raise NotImplementedError
 
+    def using(self, text_encoders: Sequence[nn.Module]) -> PromptConditioner:
+        """This conditioner encoding with ``text_encoders`` instead (same order and kind), e.g. the DDP-wrapped
+        copies a trainer tunes, so their gradients are synchronised. Their attributes are never read."""
+        if len(text_encoders) != len(self.text_encoders):
+            raise ValueError(f"{type(self).__name__} encodes with {len(self.text_encoders)} text encoder(s), "
+                             f"got {len(text_encoders)}")
+        other = copy.copy(self)
+        other.text_encoders = tuple(text_encoders)
+        return other
+
+    def unused_layers(self) -> tuple[tuple[str, ...], ...]:
+        """Per text encoder, the module-name prefixes whose outputs the conditioning never reads (an adapter
+        there would get no gradient: a trainer leaves them out). Default: none."""
+        return tuple(() for _ in self.text_encoders)
+
     def encode(self, prompts: Sequence[str] | str) -> PromptEmbeds:
         """Tokenize and encode (grad follows the caller's mode: wrap in ``torch.no_grad()`` for frozen encoders)."""
         return self.encode_tokens(self.tokenize(prompts))
@@ -193,12 +209,14 @@ class SDConditioner(PromptConditioner):
     def __init__(self, tokenizer: Any, text_encoder: nn.Module) -> None:
         self.tokenizers = (tokenizer,)
         self.text_encoders = (text_encoder,)
+        # read once here: encode_tokens may run on a wrapped copy (see using) that has no .config
+        self.use_attention_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
 
     def encode_tokens(self, ids: Sequence[torch.Tensor]) -> PromptEmbeds:
         (te,) = self.text_encoders
         (tokens,) = ids
         mask = None
-        if getattr(te.config, "use_attention_mask", False):  # as StableDiffusionPipeline.encode_prompt
+        if self.use_attention_mask:  # as StableDiffusionPipeline.encode_prompt
             mask = (tokens != self.tokenizers[0].pad_token_id).long().to(_device_of(te))
         return PromptEmbeds(te(tokens.to(_device_of(te)), attention_mask=mask)[0])
 
@@ -234,6 +252,14 @@ class SDXLConditioner(PromptConditioner):
                              f"{type(self.text_encoders[1]).__name__}; it should be CLIPTextModelWithProjection")
         device = hidden[-1].device
         return PromptEmbeds(torch.cat([h.to(device) for h in hidden], dim=-1), pooled)
+
+    def unused_layers(self) -> tuple[tuple[str, ...], ...]:
+        """The first encoder's last layer: only its penultimate hidden states are read (its pooled output is
+        not), so that layer's output reaches nothing. The second encoder's last layer feeds the pooled
+        embedding."""
+        te = self.text_encoders[0]
+        last = f"encoder.layers.{int(te.config.num_hidden_layers) - 1}"  # 'text_model.' before it in older transformers
+        return tuple(f"{n}." for n, _ in te.named_modules() if n == last or n.endswith("." + last)), ()
 
     @staticmethod
     def time_ids(sizes: Sequence[SizeCondition], dtype: torch.dtype = torch.float32,
@@ -282,10 +308,12 @@ def load_conditioner(base: str | os.PathLike, revision: str | None = None, varia
                      dtype: torch.dtype = torch.float32, local_files_only: bool | None = None) -> PromptConditioner:
     """The tokenizer(s) and text encoder(s) of pipeline ``base`` (folder or hub id) as its family's conditioner.
 
-    The text encoders are frozen (``requires_grad_(False)``, eval mode) and cast to ``dtype``; a trainer that
+    The text encoders are loaded in ``dtype`` and frozen (``requires_grad_(False)``, eval mode); a trainer that
     tunes them puts its adapter on ``cond.text_encoders`` afterwards.
     """
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .utils import dtype_kwargs
 
     family = pipeline_family(base, revision)
     base = str(Path(base).expanduser()) if Path(base).expanduser().is_dir() else str(base)
@@ -299,7 +327,8 @@ def load_conditioner(base: str | os.PathLike, revision: str | None = None, varia
     for tok_dir, te_dir, cls in names:
         try:
             tokenizers.append(CLIPTokenizer.from_pretrained(base, subfolder=tok_dir, **kwargs))
-            encoders.append(cls.from_pretrained(base, subfolder=te_dir, variant=variant, **kwargs))
+            encoders.append(cls.from_pretrained(base, subfolder=te_dir, variant=variant,
+                                                **dtype_kwargs(dtype, "transformers"), **kwargs))
         except (OSError, ValueError) as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise OSError(f"could not load {tok_dir}/ and {te_dir}/ of base model {base!r} ({family.upper()}): "

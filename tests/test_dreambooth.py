@@ -110,10 +110,17 @@ def test_cli_default_command_writes_every_output(tmp_path, tiny_sd_dir, tiny_sub
     assert "4/4" in proc.stderr and "loss=" in proc.stderr
 
 
-def test_two_processes_run_real_ddp(tmp_path, tiny_random_sd_dir, generated_subject_dir):
+# SDXL: the same command on the tiny SDXL-shaped pipeline, with HRA on both text encoders too (three DDP-wrapped
+# modules; every adapter tensor must get a gradient each step, or DDP stops at the second step)
+DDP_RUNS = {"sd": ("tiny_random_sd_dir", []), "sdxl": ("tiny_sdxl_dir", ["--train_text_encoder", "true"])}
+
+
+@pytest.mark.parametrize("family", list(DDP_RUNS))
+def test_two_processes_run_real_ddp(family, tmp_path, generated_subject_dir, request):
+    base_fixture, extra = DDP_RUNS[family]
     out = tmp_path / "ddp"
-    args = fast_args(tiny_random_sd_dir, generated_subject_dir, out, "--max_train_steps", "3",
-                     "--with_prior_preservation", "true", "--num_class_images", "4")
+    args = fast_args(request.getfixturevalue(base_fixture), generated_subject_dir, out, "--max_train_steps", "3",
+                     "--with_prior_preservation", "true", "--num_class_images", "4", *extra)
     proc = launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                    "--dynamo_backend", "no", "train/dreambooth_hra.py", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -122,8 +129,10 @@ def test_two_processes_run_real_ddp(tmp_path, tiny_random_sd_dir, generated_subj
     sums = ranks["adapter_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]  # identical adapters on both ranks (gathered from each)
     assert "adapter checksums per rank" in proc.stdout + proc.stderr
-    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert len(list(out.rglob("adapter_model.safetensors"))) == 1  # one adapter written
+    parts = ["text_encoder", "text_encoder_2"] if family == "sdxl" else []
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                                   *parts]
+    assert len(list(out.rglob("adapter_model.safetensors"))) == 1 + len(parts)  # one adapter (+ its text parts)
     assert len(list((out / "class_images").glob("class-*.png"))) == 4  # shared out between ranks
 
 

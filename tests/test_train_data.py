@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from hra_diffusion.conditioning import SizeCondition
 from hra_diffusion.training.data import (
+    CachedLatent,
     DataError,
     ImageFolderDataset,
     ImageTransform,
@@ -78,6 +80,47 @@ def test_transform_resize_crop_flip():
     crops = {tuple(rand.params(img.size, seed)) for seed in range(40)}
     assert len({c[0] for c in crops}) > 3 and {c[2] for c in crops} == {True, False}
     assert torch.equal(rand(img, seed=5), rand(img, seed=5))  # a pure function of the seed
+
+
+def test_size_condition_is_the_crop_made_of_a_non_square_image():
+    """SDXL's size condition: original (h, w), the crop's (top, left) in the resized image, target (R, R). A
+    flipped crop's left is counted in the mirrored resized image: what diffusers' SDXL scripts record (they
+    flip, then crop), for the very same pixels."""
+    rng = np.random.default_rng(0)
+    wide = Image.fromarray(rng.integers(0, 256, (40, 62, 3), dtype=np.uint8))  # w 62, h 40: resized to 25 x 16
+    tall = Image.fromarray(rng.integers(0, 256, (70, 40, 3), dtype=np.uint8))  # w 40, h 70: resized to 16 x 28
+    center = ImageTransform(16, center_crop=True)
+    assert center.size_condition(wide.size, flip=False) == SizeCondition((40, 62), (0, 4), (16, 16))
+    assert center.size_condition(wide.size, flip=True) == SizeCondition((40, 62), (0, 5), (16, 16))  # 25 - 16 - 4
+    assert center.size_condition(tall.size) == SizeCondition((70, 40), (6, 0), (16, 16))
+    assert center.size_condition(wide.size).as_list() == [40, 62, 0, 4, 16, 16]  # the UNet's time ids
+    rand = ImageTransform(16, center_crop=False, random_flip=True)
+    flips = set()
+    for image in (wide, tall):
+        resized = image.resize(rand.resized_size(image.size), Image.BICUBIC)
+        for seed in range(16):
+            size = rand.size_condition(image.size, seed)
+            flip = rand.params(image.size, seed)[2]
+            flips.add(flip)
+            source = resized.transpose(Image.FLIP_LEFT_RIGHT) if flip else resized
+            top, left = size.crop_top_left
+            want = np.asarray(source.crop((left, top, left + 16, top + 16)), np.float32) / 127.5 - 1.0
+            assert np.allclose(rand(image, seed).permute(1, 2, 0).numpy(), want), (image.size, seed)
+            assert size.original_size == image.size[::-1] and size.target_size == (16, 16)
+    assert flips == {True, False}
+
+
+def test_dataset_items_carry_the_size_condition_cached_or_not(tmp_path):
+    Image.new("RGB", (62, 40), "red").save(tmp_path / "wide.png")
+    Image.new("RGB", (30, 50), "blue").save(tmp_path / "tall.png")
+    ds = ImageFolderDataset(tmp_path, "a photo", ImageTransform(16, center_crop=True, random_flip=True), seed=3)
+    fresh = [ds[p]["size"] for p in range(16)]
+    assert {s.original_size for s in fresh} == {(40, 62), (50, 30)}
+    assert {s.crop_top_left for s in fresh if s.original_size == (40, 62)} == {(0, 4), (0, 5)}  # both flips
+    ds.latent_cache = {key: CachedLatent(torch.zeros(1), torch.zeros(1), ds.cache_pixels(key)[1])
+                       for key in ds.cache_keys()}
+    cached = [ds[p] for p in range(16)]
+    assert "pixel_values" not in cached[0] and [item["size"] for item in cached] == fresh
 
 
 def test_stream_sampler_is_resumable_and_sharded():

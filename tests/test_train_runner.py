@@ -161,3 +161,15 @@ def test_card_facts_put_the_tasks_own_rows_in_place():
     assert facts["optimizer"] == "AdamW lr 0.0002, constant (warm-up 0), wd 0.01, clip 1.0"
     assert facts["training time"] == "65 s (resumed from checkpoint-5)"
     assert (facts["seed"], facts["mixed precision"]) == (9, "bf16")
+
+
+def test_summary_names_a_hub_base_for_generate(tmp_path, capsys):
+    """generate finds a local base from the adapter's record, not a hub id: the suggested command passes it."""
+    from hra_diffusion.training.run_guard import print_summary
+
+    result = TrainResult(global_step=3, seconds=1.0)
+    hub = print_summary(TrainConfig(pretrained_model="stabilityai/stable-diffusion-xl-base-1.0",
+                                    output_dir=str(tmp_path / "a")), result, "DreamBooth")
+    assert "hra-diffusion generate --base stabilityai/stable-diffusion-xl-base-1.0 --adapter" in hub
+    local = print_summary(TrainConfig(pretrained_model=str(tmp_path), output_dir=str(tmp_path / "b")), result, "Control")
+    assert "hra-diffusion generate --adapter" in local and "--base" not in local

@@ -56,10 +56,13 @@ def _internal(default: Any) -> Any:
 class TrainConfig:
     """Settings every HRA trainer shares (model, data transform, optimisation, checkpoints, logging)."""
 
-    # base model
+    # base model: an SD 1.x/2.x or SDXL diffusers pipeline (folder or hub id; its model_index.json says which)
     pretrained_model: str = "runwayml/stable-diffusion-v1-5"
     revision: str | None = None
     variant: str | None = None
+    # a separate VAE instead of the base's vae/ (an AutoencoderKL folder or hub id, e.g. SDXL's fp16-safe
+    # madebyollin/sdxl-vae-fp16-fix); null: the base's own
+    pretrained_vae_model: str | None = None
     # output
     output_dir: str = "outputs/run"
     seed: int = 0

@@ -262,7 +262,8 @@ class ControlDataset(torch.utils.data.Dataset):
     """Control rows indexed by stream position (see StreamSampler): pixels, condition, caption.
 
     Items: ``pixel_values`` (3, R, R) in [-1, 1], ``condition`` (3, R, R) in [0, 1] (same crop/flip),
-    ``prompt`` (empty with probability ``proportion_empty_prompts``, a pure function of the position).
+    ``size`` (the crop's SDXL :class:`~hra_diffusion.conditioning.SizeCondition`), ``prompt`` (empty with
+    probability ``proportion_empty_prompts``, a pure function of the position).
     """
 
     def __init__(self, rows: Sequence[ControlRow], transform: ImageTransform, seed: int,
@@ -293,6 +294,7 @@ class ControlDataset(torch.utils.data.Dataset):
         return {
             "pixel_values": self.transform(image, seed),
             "condition": (self.transform(cond, seed) + 1.0) / 2.0,
+            "size": self.transform.size_condition(image.size, seed),
             "prompt": prompt,
             "position": position,
         }
@@ -302,5 +304,6 @@ def collate_control(items: list[dict]) -> dict:
     return {
         "pixel_values": torch.stack([it["pixel_values"] for it in items]),
         "condition": torch.stack([it["condition"] for it in items]),
+        "sizes": [it["size"] for it in items],
         "prompts": [it["prompt"] for it in items],
     }

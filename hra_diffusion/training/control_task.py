@@ -1,9 +1,11 @@
-"""Controllable generation with HRA (OFT/HRA papers' control setting) as a :class:`TrainingTask`.
+"""Controllable generation with HRA (OFT/HRA papers' control setting) as a :class:`TrainingTask`, on SD 1.x/2.x
+or SDXL bases (the family comes from the base's model_index.json; see :mod:`.sd_task`).
 
 A condition encoder (ControlNetConditioningEmbedding, zero-initialised last conv) adds its output to the
 UNet's conv_in output, through the library's conv_in hook (``hra_diffusion.control``); the frozen UNet is
 tuned with HRA on the attention projections and ``ff.net.0.proj``. Both train together: the UNet and the
 encoder are two modules of one optimizer (two parameter groups, so the encoder has its own learning rate).
+The encoder is sized from the UNet's conv_in (320 channels on SDXL) and the VAE's downsampling.
 """
 
 from __future__ import annotations
@@ -161,12 +163,12 @@ class ControlTask(StableDiffusionTask):
         device = self.accelerator.device
         mean, std = self._encode_pixels(batch["pixel_values"])
         with torch.no_grad():
-            states = self.sd.text_encoder(self._tokens(batch["prompts"]))[0]
+            embeds = self._encode_prompts(batch["prompts"])
         noisy = self._noisy_latents(mean, std, generator)
         self.handle.encoder = modules["condition_encoder"]  # wrapped: DDP syncs the encoder's gradients
         self.handle.set_condition(batch["condition"].to(device))
         try:
-            pred = modules["unet"](noisy.noisy, noisy.timesteps, states).sample
+            pred = modules["unet"](noisy.noisy, noisy.timesteps, **self._unet_kwargs(embeds, batch["sizes"])).sample
         finally:
             self.handle.set_condition(None)
             self.handle.encoder = self.encoder
@@ -260,12 +262,11 @@ class ControlTask(StableDiffusionTask):
         source = f"`{cfg.train_data_dir}`" if cfg.train_data_dir else f"dataset `{cfg.dataset_name}` ({cfg.dataset_split})"
         n_encoder = sum(p.numel() for p in self.encoder.parameters())
         name, _, _ = adapter_facts(cfg, self.trainable_unet)
-        loader = "from hra_diffusion.control import attach_condition_encoder, load_control_adapter, prepare_condition\n\n"
+        loader = "from hra_diffusion.control import attach_condition_encoder, load_control_adapter, prepare_condition\n"
         load_line = (f'_, encoder = load_control_adapter(pipe.unet, "{out}/adapter")'
                      + ("\n" if cfg.adapter == "hra" else f"  # PEFT {name} + encoder\n"))
         usage = (
-            "from diffusers import StableDiffusionPipeline\nfrom PIL import Image\n" + loader +
-            f"pipe = StableDiffusionPipeline.from_pretrained({cfg.pretrained_model!r})\n" + load_line +
+            self.card_pipeline_lines("from PIL import Image\n" + loader) + load_line +
             "handle = attach_condition_encoder(pipe.unet, encoder)\n"
             f'handle.set_condition(prepare_condition(Image.open("condition.png"), {cfg.resolution}, {cfg.resolution}))\n'
             f"image = pipe({(self.validation_rows[0][1] if self.validation_rows else 'a prompt')!r}, "

@@ -2,6 +2,10 @@
 
 Every random choice (shuffle order, crop offset, flip, noise) is a pure function of the seed and the
 position in the stream, so a resumed run sees exactly the batches it would have seen (no RNG state).
+
+Every item also carries its SDXL micro-conditioning (:class:`~hra_diffusion.conditioning.SizeCondition`:
+original size, crop top-left, target size; see :meth:`ImageTransform.size_condition`), which an SD 1.x/2.x
+UNet simply does not take.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..conditioning import SizeCondition
 from ..samples import IMAGE_EXTENSIONS, DataError, list_images
 
 __all__ = [
@@ -29,6 +35,7 @@ __all__ = [
     "StreamSampler",
     "stream_seed",
     "ImageFolderDataset",
+    "CachedLatent",
 ]  # IMAGE_EXTENSIONS, DataError and list_images live in hra_diffusion.samples
 
 
@@ -91,6 +98,21 @@ class ImageTransform:
         w, h = size
         scale = self.resolution / min(w, h)
         return max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))
+
+    def size_condition(self, size: tuple[int, int], seed: int = 0, flip: bool | None = None) -> SizeCondition:
+        """SDXL's micro-conditioning of the crop ``__call__`` makes of an image of ``size`` (w, h) with ``seed``:
+        original size (h, w) before the resize, crop top-left (top, left) in the resized image, target size.
+
+        A flipped crop counts its left from the mirrored image (resized width - resolution - left): diffusers'
+        SDXL training scripts flip the resized image first, then crop it and record the crop's top-left as
+        computed, that is in the flipped image. We crop first and flip the crop (the same pixels), so the
+        same numbers are the mirrored left. The top never changes.
+        """
+        left, top, drawn_flip = self.params(size, seed)
+        w, _ = self.resized_size(size)
+        if drawn_flip if flip is None else flip:
+            left = w - self.resolution - left
+        return SizeCondition((int(size[1]), int(size[0])), (top, left), (self.resolution, self.resolution))
 
     def __call__(self, image: Image.Image, seed: int = 0, flip: bool | None = None) -> torch.Tensor:
         """(3, R, R) float tensor in [-1, 1]; ``flip`` forces the flip decision (latent caching)."""
@@ -158,11 +180,20 @@ def _caption(image: Path, extension: str | None) -> str | None:
     return text
 
 
+class CachedLatent(typing.NamedTuple):
+    """One cached image: the VAE's latent distribution (mean, std) and the crop's SDXL size condition."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    size: SizeCondition
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images of one folder with one prompt, indexed by stream position (see :class:`StreamSampler`).
 
     Items are dicts: ``pixel_values`` (3, R, R) in [-1, 1] (or ``latent_mean``/``latent_std`` when a
-    latent cache is attached), ``prompt`` and the stream ``position``.
+    latent cache is attached), ``size`` (the crop's :class:`SizeCondition`), ``prompt`` and the stream
+    ``position``.
     """
 
     def __init__(self, folder: str | os.PathLike, prompt: str, transform: ImageTransform, seed: int,
@@ -177,7 +208,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.sampler_view = StreamSampler(len(self.files), 1, seed)
         self.seed = seed
-        self.latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.latent_cache: dict[tuple[int, bool], CachedLatent] | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -191,16 +222,20 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         item = {"prompt": self.prompts[index], "position": position}
         if self.latent_cache is not None:
             flip = self.transform.params((1, 1), seed)[2] if self.transform.random_flip else False
-            mean, std = self.latent_cache[(index, flip)]
-            item["latent_mean"], item["latent_std"] = mean, std
+            cached = self.latent_cache[(index, flip)]
+            item["latent_mean"], item["latent_std"], item["size"] = cached.mean, cached.std, cached.size
         else:
-            item["pixel_values"] = self.transform(load_rgb(self.files[index]), seed)
+            image = load_rgb(self.files[index])
+            item["pixel_values"] = self.transform(image, seed)
+            item["size"] = self.transform.size_condition(image.size, seed)
         return item
 
     def cache_keys(self) -> list[tuple[int, bool]]:
         flips = (False, True) if self.transform.random_flip else (False,)
         return [(i, f) for i in range(len(self.files)) for f in flips]
 
-    def cache_pixels(self, key: tuple[int, bool]) -> torch.Tensor:
+    def cache_pixels(self, key: tuple[int, bool]) -> tuple[torch.Tensor, SizeCondition]:
+        """The pixels to cache under ``key`` (centre crop, the key's flip) and their size condition."""
         index, flip = key
-        return self.transform(load_rgb(self.files[index]), 0, flip=flip)
+        image = load_rgb(self.files[index])
+        return self.transform(image, 0, flip=flip), self.transform.size_condition(image.size, 0, flip=flip)

@@ -1,4 +1,5 @@
-"""Subject-driven (DreamBooth) HRA fine-tuning as a :class:`TrainingTask` for the shared loop."""
+"""Subject-driven (DreamBooth) HRA fine-tuning as a :class:`TrainingTask` for the shared loop, on SD 1.x/2.x
+or SDXL bases (the family comes from the base's model_index.json; see :mod:`.sd_task`)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from ..adapters.config import HRAConfig
 from ..adapters.io import TEXT_ENCODER_SUBDIR as TEXT_ENCODER_ADAPTER_SUBDIR
 from ..adapters.io import save_adapter
 from ..adapters.registry import save_any_adapter
+from ..conditioning import PromptEmbeds
 from .card import adapter_facts, write_model_card
 from .config import ConfigError, DreamBoothConfig
-from .data import ImageFolderDataset, ImageTransform
+from .data import CachedLatent, ImageFolderDataset, ImageTransform
 from .loss import denoising_loss, with_orthogonality
 from .models import add_hra
 from .prior import generate_class_images
@@ -99,44 +101,52 @@ class DreamBoothTask(StableDiffusionTask):
             self.classes = ImageFolderDataset(class_dir, cfg.class_prompt, transform, cfg.seed + 1, "class image")
         # the adapter (HRA, or a PEFT baseline): the base was cast to weight_dtype above; adapter tensors are fp32
         self.add_unet_adapter()
-        self.text_hra = None
-        if cfg.train_text_encoder:
-            self.text_hra = HRAConfig(r=cfg.text_encoder_r, target_modules=cfg.text_encoder_target_modules,
-                                      apply_gs=cfg.apply_gs, orth_lambda=cfg.orth_lambda, seed=cfg.seed + 1)
-            add_hra(self.sd.text_encoder, self.text_hra, "text encoder")
-            if cfg.gradient_checkpointing:
-                self.sd.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.prompt_cache: dict[str, torch.Tensor] = {}
+        # text-encoder HRA: {pipeline component name: text encoder}, both encoders on SDXL
+        self.text_parts: dict[str, nn.Module] = self._add_text_encoder_adapters() if cfg.train_text_encoder else {}
+        self.prompt_cache: dict[str, PromptEmbeds] = {}  # frozen encoders: each prompt encoded once
         if not cfg.train_text_encoder:
             with torch.no_grad():
                 for prompt in {*self.instance.prompts, cfg.class_prompt} - {None}:
-                    self.prompt_cache[prompt] = self.sd.text_encoder(self._tokens([prompt]))[0][0]
+                    self.prompt_cache[prompt] = self._encode_prompts([prompt])
         if cfg.cache_latents:
             self._cache_latents()
 
     # ---- pieces --------------------------------------------------------------------------------
+    def _add_text_encoder_adapters(self) -> dict[str, nn.Module]:
+        """HRA on every text encoder of the base (SDXL: both), keyed by the pipeline component it adapts (its
+        adapter subfolder). Layers whose output the conditioning never reads are left out (SDXL's first encoder
+        gives its penultimate hidden states, so its last layer would get no gradient, and DDP would stop)."""
+        cfg = self.cfg
+        parts = {}
+        encoders = zip(self.cond.component_names, self.cond.text_encoders, self.cond.unused_layers(), strict=True)
+        for i, (name, te, unused) in enumerate(encoders):
+            exclude = [n for n, _ in te.named_modules() if unused and n.startswith(unused)]
+            hra = HRAConfig(r=cfg.text_encoder_r, target_modules=cfg.text_encoder_target_modules, apply_gs=cfg.apply_gs,
+                            orth_lambda=cfg.orth_lambda, seed=cfg.seed + 1 + i, exclude_modules=exclude)
+            add_hra(te, hra, name.replace("_", " "))
+            if cfg.gradient_checkpointing:
+                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            parts[name] = te
+        return parts
+
     def _cache_latents(self) -> None:
         for ds in [self.instance, self.classes]:
             if ds is None:
                 continue
             cache = {}
             for key in ds.cache_keys():
-                mean, std = self._encode_pixels(ds.cache_pixels(key)[None])
-                cache[key] = (mean[0].cpu(), std[0].cpu())
+                pixels, size = ds.cache_pixels(key)
+                mean, std = self._encode_pixels(pixels[None])
+                cache[key] = CachedLatent(mean[0].cpu(), std[0].cpu(), size)  # the size condition stays with it
             ds.latent_cache = cache
 
     # ---- TrainingTask ----------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
-        mods = {"unet": self.sd.unet}
-        if self.cfg.train_text_encoder:
-            mods["text_encoder"] = self.sd.text_encoder
-        return mods
+        return {"unet": self.sd.unet, **self.text_parts}
 
     def learning_rates(self) -> dict[str, float]:
-        lrs = {"unet": self.cfg.learning_rate}
-        if self.cfg.train_text_encoder:
-            lrs["text_encoder"] = self.cfg.text_encoder_lr or self.cfg.learning_rate
-        return lrs
+        text_lr = self.cfg.text_encoder_lr or self.cfg.learning_rate
+        return {"unet": self.cfg.learning_rate, **{name: text_lr for name in self.text_parts}}
 
     def dataset(self):
         instance, classes = self.instance, self.classes
@@ -159,10 +169,10 @@ class DreamBoothTask(StableDiffusionTask):
             mean, std = self._encode_pixels(batch["pixel_values"])
         noisy = self._noisy_latents(mean, std, generator)
         if cfg.train_text_encoder:
-            states = modules["text_encoder"](self._tokens(batch["prompts"]))[0]
+            embeds = self._encode_prompts(batch["prompts"], [modules[name] for name in self.text_parts])
         else:
-            states = torch.stack([self.prompt_cache[p] for p in batch["prompts"]])
-        pred = modules["unet"](noisy.noisy, noisy.timesteps, states).sample
+            embeds = PromptEmbeds.cat([self.prompt_cache[p] for p in batch["prompts"]])
+        pred = modules["unet"](noisy.noisy, noisy.timesteps, **self._unet_kwargs(embeds, batch["sizes"])).sample
         loss, logs = denoising_loss(pred, noisy.target, batch["num_prior"], cfg.prior_loss_weight)
         unwrapped = [self.accelerator.unwrap_model(m) for m in modules.values()]
         loss, orth = with_orthogonality(loss, unwrapped, cfg.orth_lambda)
@@ -173,9 +183,10 @@ class DreamBoothTask(StableDiffusionTask):
         if not cfg.validation_prompts:
             return None
         unet = modules["unet"]
-        text_encoder = modules.get("text_encoder", self.sd.text_encoder)
-        pipe = self._pipeline(unet, text_encoder)
-        with eval_mode(unet, text_encoder):
+        encoders = [modules.get(name, te) for name, te in zip(self.cond.component_names, self.cond.text_encoders,
+                                                              strict=True)]
+        pipe = self._pipeline(unet, encoders)
+        with eval_mode(unet, *encoders):
             rows = generate_images(pipe, cfg.validation_prompts, cfg.num_validation_images, cfg.validation_seed,
                                    cfg.validation_inference_steps, cfg.validation_guidance_scale, cfg.resolution,
                                    autocast_dtype=self.autocast_dtype)
@@ -186,8 +197,8 @@ class DreamBoothTask(StableDiffusionTask):
         meta = dict(base_model=cfg.pretrained_model, base_model_revision=cfg.revision,
                     instance_prompt=cfg.instance_prompt, trainer=self.trainer)
         paths = [save_any_adapter(modules["unet"], output_dir / "adapter", cfg.adapter, **meta)]
-        if "text_encoder" in modules:
-            paths.append(save_adapter(modules["text_encoder"], output_dir / "adapter" / TEXT_ENCODER_ADAPTER_SUBDIR, **meta))
+        for name in self.text_parts:  # adapter/text_encoder/ (and adapter/text_encoder_2/ on SDXL)
+            paths.append(save_adapter(modules[name], output_dir / "adapter" / name, **meta))
         return paths
 
     def after_training(self, modules, result: TrainResult) -> None:
@@ -204,9 +215,10 @@ class DreamBoothTask(StableDiffusionTask):
         from ..tiny.measure import format_rates, showroom_rates
 
         unet = modules["unet"]
-        text_encoder = modules.get("text_encoder", self.sd.text_encoder)
-        with eval_mode(unet, text_encoder):
-            rates = showroom_rates(self._pipeline(unet, text_encoder), cfg.subject_file, return_images=True)
+        encoders = [modules.get(name, te) for name, te in zip(self.cond.component_names, self.cond.text_encoders,
+                                                              strict=True)]
+        with eval_mode(unet, *encoders):
+            rates = showroom_rates(self._pipeline(unet, encoders), cfg.subject_file, return_images=True)
         out = Path(cfg.output_dir)
         grid = rates_figure(rates.pop("images"), rates.pop("rows"), out / "validation" / "showroom.png")
         (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -227,27 +239,26 @@ class DreamBoothTask(StableDiffusionTask):
             adapters = {str(out / "adapter"): f"the UNet's {name} adapter in PEFT's format; load with "
                         "`hra_diffusion.load_any_adapter(pipe.unet, ...)`"
                         + (" or diffusers' `pipe.load_lora_weights(...)`" if cfg.adapter == "lora" else "")}
-        if cfg.train_text_encoder:
-            adapters[str(out / "adapter" / TEXT_ENCODER_ADAPTER_SUBDIR)] = (
-                f"the text encoder's HRA adapter (r={cfg.text_encoder_r}, {', '.join(cfg.text_encoder_target_modules)}); "
-                "load with `load_adapter(pipe.text_encoder, ...)`")
+        for part in self.text_parts:
+            which = "the text encoder's" if len(self.text_parts) == 1 else f"`{part}`'s"
+            adapters[str(out / "adapter" / part)] = (
+                f"{which} HRA adapter (r={cfg.text_encoder_r}, {', '.join(cfg.text_encoder_target_modules)}); "
+                f"load with `load_adapter(pipe.{part}, ...)`")
         samples = result.validation_grids[-1:]
-        te_line = (f'load_adapter(pipe.text_encoder, "{out}/adapter/{TEXT_ENCODER_ADAPTER_SUBDIR}")\n'
-                   if cfg.train_text_encoder else "")
-        load = (f'from hra_diffusion import load_adapter\nload_adapter(pipe.unet, "{out}/adapter")\n{te_line}'
+        te_lines = "".join(f'load_adapter(pipe.{part}, "{out}/adapter/{part}")\n' for part in self.text_parts)
+        load = (f'from hra_diffusion import load_adapter\nload_adapter(pipe.unet, "{out}/adapter")\n{te_lines}'
                 if cfg.adapter == "hra" else peft_load)
-        usage = (
-            "from diffusers import StableDiffusionPipeline\n\n"
-            f"pipe = StableDiffusionPipeline.from_pretrained({cfg.pretrained_model!r})\n{load}"
-            f"image = pipe({(cfg.validation_prompts or [cfg.instance_prompt])[0]!r}).images[0]\n"
-        )
+        usage = (self.card_pipeline_lines() + load
+                 + f"image = pipe({(cfg.validation_prompts or [cfg.instance_prompt])[0]!r}).images[0]\n")
         facts = self.card_facts(result, data={
             "instance prompt": f"`{cfg.instance_prompt}`",
             "instance images": f"{len(self.instance)} from `{cfg.instance_data_dir}`",
             "prior preservation": (f"yes: {cfg.num_class_images} class images (`{cfg.class_prompt}`) in `{cfg.class_data_dir}`, "
                                    f"weight {cfg.prior_loss_weight}") if cfg.with_prior_preservation else "no",
         }, model={
-            "text encoder HRA": f"r={cfg.text_encoder_r} on {cfg.text_encoder_target_modules}" if cfg.train_text_encoder else "no",
+            "text encoder HRA": (f"r={cfg.text_encoder_r} on {cfg.text_encoder_target_modules}"
+                                 + (f" of {', '.join(self.text_parts)}" if len(self.text_parts) > 1 else "")
+                                 if cfg.train_text_encoder else "no"),
         })
         rates = result.stats.get("showroom_rates")
         if rates:
@@ -272,7 +283,8 @@ class DreamBoothTask(StableDiffusionTask):
 
 def _collate(items: list[dict]) -> dict:
     rows = [it["instance"] for it in items] + [it["class"] for it in items if it["class"] is not None]
-    batch = {"prompts": [r["prompt"] for r in rows], "num_prior": len(rows) - len(items)}
+    batch = {"prompts": [r["prompt"] for r in rows], "sizes": [r["size"] for r in rows],
+             "num_prior": len(rows) - len(items)}
     if "latent_mean" in rows[0]:
         batch["latent_mean"] = torch.stack([r["latent_mean"] for r in rows])
         batch["latent_std"] = torch.stack([r["latent_std"] for r in rows])

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .data import IMAGE_EXTENSIONS, stream_seed
-from .validation import build_pipeline
+from .validation import pipeline_for
 
 __all__ = ["missing_class_images", "generate_class_images"]
 
@@ -38,7 +38,8 @@ def generate_class_images(components, class_dir: str | os.PathLike, class_prompt
                           autocast_dtype: torch.dtype | None = None) -> int:
     """Fill ``class_dir`` up to ``num`` images with the (un-adapted) base model; returns how many were made.
 
-    With several processes each one generates its share. Every file is written under a temporary
+    ``components`` (:class:`~hra_diffusion.training.models.SDComponents`) picks the pipeline: SD 1.x/2.x or
+    SDXL. With several processes each one generates its share. Every file is written under a temporary
     name and renamed, so a crash never leaves a half-written PNG.
     """
     from tqdm.auto import tqdm
@@ -52,8 +53,7 @@ def generate_class_images(components, class_dir: str | os.PathLike, class_prompt
     world = accelerator.num_processes if accelerator else 1
     mine = todo[rank::world]
     if mine:
-        pipe = build_pipeline(components.unet, components.text_encoder, components.vae, components.tokenizer,
-                              components.noise_scheduler)
+        pipe = pipeline_for(components)
         bar = tqdm(total=len(mine), desc="class images", unit="img", disable=rank != 0)
         for start in range(0, len(mine), batch_size):
             chunk = mine[start:start + batch_size]

@@ -60,8 +60,8 @@ __all__ = [
 # a change to any of these makes a resumed run continue another run's checkpoint (refused unless
 # resume_allow_changes); keys a config class does not have are skipped
 IDENTITY_KEYS = (
-    "pretrained_model", "revision", "variant", "adapter", "r", "target_modules", "apply_gs", "block_size",
-    "lora_alpha", "seed", "resolution", "use_8bit_adam",
+    "pretrained_model", "revision", "variant", "pretrained_vae_model", "adapter", "r", "target_modules", "apply_gs",
+    "block_size", "lora_alpha", "seed", "resolution", "use_8bit_adam",
     # DreamBooth
     "instance_data_dir", "instance_prompt", "instance_caption_extension", "with_prior_preservation", "class_prompt",
     "train_text_encoder",
@@ -222,7 +222,7 @@ def run_identity(cfg) -> dict[str, Any]:
             continue
         if key.startswith("canny_") and getattr(cfg, "condition", None) != "canny":
             continue
-        ident[key] = _norm_path(value) if key in ("pretrained_model", *DATA_DIR_KEYS) else value
+        ident[key] = _norm_path(value) if key in ("pretrained_model", "pretrained_vae_model", *DATA_DIR_KEYS) else value
         if key in DATA_DIR_KEYS and value:
             ident[f"{key} files"] = folder_fingerprint(value)
     return ident
@@ -498,6 +498,8 @@ def print_summary(cfg, result, kind: str, generate_hint: str = "") -> str:
     if trainable:
         figures.append("trainable values " + ", ".join(f"{n} {v:,}" for n, v in trainable.items()))
     q = shlex.quote
+    # generate finds a local base from the adapter, but falls back to the tiny world for a hub id: name it
+    base = "" if Path(cfg.pretrained_model).expanduser().is_dir() else f"--base {q(cfg.pretrained_model)} "
     lines = [
         f"{kind} training finished: {'; '.join(figures)}",
         *[f"  {line}" for line in stats.get("report", [])],
@@ -505,7 +507,7 @@ def print_summary(cfg, result, kind: str, generate_hint: str = "") -> str:
         f"  model card: {out / 'README.md'}",
         f"  config:     {out / RESOLVED_CONFIG_NAME}",
         "next:",
-        f"  hra-diffusion generate --adapter {q(str(adapter))} {generate_hint}--out {q(str(out / 'samples'))}",
+        f"  hra-diffusion generate {base}--adapter {q(str(adapter))} {generate_hint}--out {q(str(out / 'samples'))}",
         f"  hra-diffusion export --adapter {q(str(adapter))} --to lora --out {q(str(out / 'adapter-lora'))}",
     ]
     text = "\n".join(lines)

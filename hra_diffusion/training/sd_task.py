@@ -1,5 +1,10 @@
 """What the Stable Diffusion trainer tasks share: the frozen components in their dtype, the UNet adapter,
-prompt tokens, latent encoding and noising, the validation pipeline and the model card's common facts.
+prompt encoding and the UNet's conditioning, latent encoding and noising, the validation pipeline and the model
+card's common facts.
+
+The base's model_index.json decides the family (SD 1.x/2.x or SDXL, :mod:`hra_diffusion.conditioning`); the
+tasks never branch on it: prompts go through ``self.cond`` (a :class:`PromptConditioner`) and every UNet call
+takes ``**self._unet_kwargs(embeds, sizes)`` (SDXL's ``added_cond_kwargs`` from each image's size condition).
 
 A task (:class:`~hra_diffusion.training.dreambooth.DreamBoothTask`,
 :class:`~hra_diffusion.training.control_task.ControlTask`) subclasses :class:`StableDiffusionTask`, loads its
@@ -10,19 +15,22 @@ data first (bad data fails before any model is loaded), then calls :meth:`~Stabl
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+import torch.nn as nn
 
 from ..adapters.peft_baselines import count_trainable
+from ..conditioning import PromptConditioner, PromptEmbeds, SizeCondition
 from . import models
 from .card import adapter_facts
 from .config import TrainConfig
 from .loss import NoisyBatch, add_noise, sample_latents
 from .models import SDComponents, load_sd_components, weight_dtype_for
 from .trainer import TrainingTask, TrainResult
-from .validation import build_pipeline
+from .validation import pipeline_for
 
 __all__ = ["StableDiffusionTask"]
 
@@ -36,6 +44,7 @@ class StableDiffusionTask(TrainingTask):
 
     trainer: ClassVar[str]
     sd: SDComponents
+    cond: PromptConditioner  # the base family's prompt conditioning (self.sd.conditioner)
 
     def __init__(self, cfg: TrainConfig, accelerator) -> None:
         self.cfg = cfg
@@ -50,10 +59,12 @@ class StableDiffusionTask(TrainingTask):
 
     # ---- setup ---------------------------------------------------------------------------------
     def load_base(self) -> SDComponents:
-        """The frozen components, cast to ``weight_dtype``, on the accelerator's device."""
+        """The frozen components (SD 1.x/2.x or SDXL), cast to ``weight_dtype``, on the accelerator's device."""
         cfg = self.cfg
-        self.sd = load_sd_components(cfg.pretrained_model, cfg.revision, cfg.variant, self.weight_dtype)
-        for m in (self.sd.unet, self.sd.vae, self.sd.text_encoder):
+        self.sd = load_sd_components(cfg.pretrained_model, cfg.revision, cfg.variant, self.weight_dtype,
+                                     cfg.pretrained_vae_model)
+        self.cond = self.sd.conditioner
+        for m in (self.sd.unet, self.sd.vae, *self.sd.text_encoders):
             m.to(self.accelerator.device)
         return self.sd
 
@@ -66,15 +77,22 @@ class StableDiffusionTask(TrainingTask):
             self.sd.unet.enable_gradient_checkpointing()
 
     # ---- pieces of the loss and of validation ---------------------------------------------------
-    def _tokens(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.sd.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        return ids.input_ids.to(self.accelerator.device)
+    def _encode_prompts(self, prompts: Sequence[str], text_encoders: Sequence[nn.Module] | None = None) -> PromptEmbeds:
+        """``prompts`` through the family's conditioning, with ``text_encoders`` (the wrapped training modules,
+        so DDP syncs their gradients) or the frozen ones. Grad follows the caller's mode."""
+        cond = self.cond if text_encoders is None else self.cond.using(text_encoders)
+        return cond.encode(list(prompts))
+
+    def _unet_kwargs(self, embeds: PromptEmbeds, sizes: Sequence[SizeCondition]) -> dict[str, Any]:
+        """The UNet call's conditioning: ``encoder_hidden_states`` and, for SDXL, ``added_cond_kwargs`` (the
+        pooled text embedding and each image's time ids from its size condition)."""
+        return self.cond.unet_kwargs(embeds, sizes)
 
     @torch.no_grad()
     def _encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE's latent distribution (mean, std) of ``pixels``, fp32."""
-        dist = self.sd.vae.encode(pixels.to(self.accelerator.device, self.weight_dtype)).latent_dist
+        vae = self.sd.vae
+        dist = vae.encode(pixels.to(self.accelerator.device, vae.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 
     def _noisy_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> NoisyBatch:
@@ -82,10 +100,9 @@ class StableDiffusionTask(TrainingTask):
         latents = sample_latents(mean, std, generator, self.sd.vae.config.scaling_factor)
         return add_noise(self.sd.noise_scheduler, latents, generator)
 
-    def _pipeline(self, unet, text_encoder=None):
-        """A pipeline around the training modules (no copies) for validation images."""
-        sd = self.sd
-        return build_pipeline(unet, text_encoder or sd.text_encoder, sd.vae, sd.tokenizer, sd.noise_scheduler)
+    def _pipeline(self, unet: nn.Module, text_encoders: Sequence[nn.Module] | None = None):
+        """The base's pipeline class (SD or SDXL) around the training modules (no copies) for validation images."""
+        return pipeline_for(self.sd, unet, text_encoders)
 
     # ---- the model card -------------------------------------------------------------------------
     def card_facts(self, result: TrainResult, data: dict, model: dict, run: dict | None = None) -> dict:
@@ -93,8 +110,12 @@ class StableDiffusionTask(TrainingTask):
         ``run``, seed and time (in that order)."""
         cfg = self.cfg
         _, adapter_fact, _ = adapter_facts(cfg, self.trainable_unet)
+        loaded = getattr(self, "sd", None)  # None: the base is not loaded (the facts come from cfg alone)
+        family = " (SDXL)" if loaded is not None and loaded.family == "sdxl" else ""
+        vae = {"VAE": f"`{cfg.pretrained_vae_model}` (not the base's)"} if cfg.pretrained_vae_model else {}
         return {
-            "base model": f"`{cfg.pretrained_model}`" + (f" @ {cfg.revision}" if cfg.revision else ""),
+            "base model": f"`{cfg.pretrained_model}`" + (f" @ {cfg.revision}" if cfg.revision else "") + family,
+            **vae,
             **data,
             "adapter": adapter_fact,
             **model,
@@ -109,6 +130,16 @@ class StableDiffusionTask(TrainingTask):
             "training time": f"{result.seconds:.0f} s"
                              + (f" (resumed from {result.resumed_from.name})" if result.resumed_from else ""),
         }
+
+    def card_pipeline_lines(self, imports: str = "") -> str:
+        """The usage snippet's first lines: import (then ``imports``) and load the base's pipeline class, with
+        the separate VAE when one was trained with."""
+        cfg, cls = self.cfg, self.sd.pipeline_class_name
+        if not cfg.pretrained_vae_model:
+            return f"from diffusers import {cls}\n{imports}\npipe = {cls}.from_pretrained({cfg.pretrained_model!r})\n"
+        return (f"from diffusers import AutoencoderKL, {cls}\n{imports}\n"
+                f"vae = AutoencoderKL.from_pretrained({cfg.pretrained_vae_model!r})\n"
+                f"pipe = {cls}.from_pretrained({cfg.pretrained_model!r}, vae=vae)\n")
 
     @abstractmethod
     def write_card(self, result: TrainResult) -> Path:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
 
-__all__ = ["build_pipeline", "generate_images", "image_grid", "save_and_log_grid", "eval_mode"]
+__all__ = ["build_pipeline", "pipeline_for", "generate_images", "image_grid", "save_and_log_grid", "eval_mode"]
 
 
 class eval_mode:
@@ -45,6 +45,29 @@ def build_pipeline(unet: nn.Module, text_encoder: nn.Module, vae: nn.Module, tok
         unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
         scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False, **extra,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_for(components, unet: nn.Module | None = None, text_encoders: Sequence[nn.Module] | None = None):
+    """The base's own pipeline class around ``components`` (:class:`~hra_diffusion.training.models.SDComponents`):
+    a StableDiffusionPipeline (SD 1.x/2.x, :func:`build_pipeline`) or a StableDiffusionXLPipeline (SDXL: both
+    tokenizers and text encoders, no watermark), DPM-Solver++ sampling. ``unet`` / ``text_encoders`` replace
+    the components' own (e.g. the training modules); nothing is copied.
+    """
+    unet = components.unet if unet is None else unet
+    encoders = tuple(components.text_encoders if text_encoders is None else text_encoders)
+    if components.family == "sd":
+        return build_pipeline(unet, encoders[0], components.vae, components.tokenizer, components.noise_scheduler)
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+
+    tokenizers = components.conditioner.tokenizers
+    pipe = StableDiffusionXLPipeline(
+        vae=components.vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1], unet=unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
+        add_watermarker=False, **components.pipeline_config,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
