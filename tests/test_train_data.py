@@ -136,3 +136,19 @@ def test_stream_sampler_is_resumable_and_sharded():
     resumed = StreamSampler(5, batch_size=2, seed=3, rank=0, world_size=2, start_batch=2)
     assert next(iter(resumed)) == batches_a[2]
     assert [a.item(p) for p in range(12)] == [StreamSampler(5, 2, 3).item(p) for p in range(12)]
+
+
+def test_per_image_captions_from_caption_files(tmp_path):
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (8, 8), "red").save(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_text("a qwe star on a  green\nbackground\n")
+    (tmp_path / "b.caption").write_text("ignored: another extension")
+    ds = ImageFolderDataset(tmp_path, "a qwe star", ImageTransform(8), seed=0, caption_extension=".txt")
+    assert ds.prompts == ["a qwe star on a green background", "a qwe star", "a qwe star"]
+    seen = {ds[p]["prompt"] for p in range(6)}  # every stream position reads its image's own caption
+    assert seen == {"a qwe star on a green background", "a qwe star"}
+    plain = ImageFolderDataset(tmp_path, "a qwe star", ImageTransform(8), seed=0)  # no extension: one prompt
+    assert set(plain.prompts) == {"a qwe star"}
+    (tmp_path / "c.txt").write_text("  \n")
+    with pytest.raises(DataError, match=r"c\.txt.* is empty"):
+        ImageFolderDataset(tmp_path, "p", ImageTransform(8), seed=0, caption_extension="txt")

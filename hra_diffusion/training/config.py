@@ -202,6 +202,9 @@ class DreamBoothConfig(TrainConfig):
     subject_file: str | None = None
     instance_data_dir: str | None = None
     instance_prompt: str | None = None
+    # per-image captions: NAME.png trains with the text of NAME<ext> beside it when present (kohya's convention,
+    # e.g. ".txt"); instance_prompt for images without one. None: instance_prompt for every image
+    instance_caption_extension: str | None = None
     with_prior_preservation: bool = False
     class_data_dir: str | None = None
     class_prompt: str | None = None
@@ -261,6 +264,9 @@ class ControlConfig(TrainConfig):
     validation_data_dir: str | None = None
     num_validation_conditions: int = 4
     validation_scheduler: str = "dpm++"
+    # tiny world only (validation_data_dir is its held-out split): after training, the held-out Canny F1 of
+    # every pair (pixel-wise and 1-px tolerant), and with another pair's condition (card, logs, summary)
+    showroom_f1: bool = True
 
     def validate(self) -> None:
         super().validate()

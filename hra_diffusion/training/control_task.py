@@ -10,9 +10,11 @@ The encoder is sized from the UNet's conv_in (320 channels on SDXL) and the VAE'
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
@@ -211,6 +213,37 @@ class ControlTask(StableDiffusionTask):
         rows = [[c.resize(size, Image.BILINEAR), *imgs] for c, imgs in zip(conds, images, strict=True)]
         return rows, [p or "(empty prompt)" for p in prompts]
 
+    def after_training(self, modules, result: TrainResult) -> None:
+        """On the tiny world (``validation_data_dir`` is its held-out split), the held-out control consistency of
+        the trained adapter: Canny F1 of one image per pair against its condition, pixel-wise and 1-px
+        tolerant, and the same with each pair fed another pair's condition (a controller that ignores its
+        condition scores alike). Saved to ``logs/heldout_f1.json``, printed, and put in the model card."""
+        from ..metrics.control_eval import control_consistency
+        from ..tiny.paths import TINY_CONTROL_DIR
+
+        cfg = self.cfg
+        held = (TINY_CONTROL_DIR / "heldout").resolve()
+        if not (cfg.showroom_f1 and cfg.validation_data_dir and Path(cfg.validation_data_dir).resolve() == held):
+            return
+        pairs = [(r.load_condition(), r.caption) for r in load_rows(cfg, cfg.validation_data_dir)]
+        unet, encoder = modules["unet"], modules["condition_encoder"]
+        pipe = self._pipeline(unet)
+        shifted = [(i + len(pairs) // 2) % len(pairs) for i in range(len(pairs))]
+        score = dict(resolution=cfg.resolution, steps=20, guidance_scale=4.0, seed=0, tolerances=(0, 1))
+        self.handle.encoder = encoder
+        with eval_mode(unet, encoder):
+            own = control_consistency(pipe, pairs, self.handle, **score)
+            other = control_consistency(pipe, pairs, self.handle, condition_order=shifted, **score)
+        self.handle.encoder = self.encoder
+        f1 = {"pairs": len(pairs), **score, "tolerances": [0, 1],
+              "f1": float(np.mean(own[0])), "f1_1px": float(np.mean(own[1])),
+              "f1_other_condition": float(np.mean(other[0])), "f1_1px_other_condition": float(np.mean(other[1]))}
+        out = Path(cfg.output_dir)
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        (out / "logs" / "heldout_f1.json").write_text(json.dumps(f1, indent=2) + "\n")
+        result.stats["heldout_f1"] = f1
+        result.stats.setdefault("report", []).append("tiny-world showroom: " + format_f1(f1))
+
     def save(self, modules, output_dir: Path) -> list[Path]:
         cfg = self.cfg
         path = output_dir / "adapter"
@@ -250,6 +283,10 @@ class ControlTask(StableDiffusionTask):
         }, run={
             "validation": f"{cfg.validation_scheduler}, {cfg.validation_inference_steps} steps, CFG {cfg.validation_guidance_scale}",
         })
+        if result.stats.get("heldout_f1"):
+            f1 = result.stats["heldout_f1"]
+            facts["tiny-world held-out control consistency"] = (
+                f"{format_f1(f1)}; {f1['steps']} steps, CFG {f1['guidance_scale']}, seed {f1['seed']} + pair index")
         return write_model_card(
             out, title=f"{name} control adapter ({cfg.condition or 'condition images'})", base_model=cfg.pretrained_model,
             command=cfg.command or "accelerate launch train/control_hra.py",
@@ -268,6 +305,12 @@ class ControlTask(StableDiffusionTask):
             notes=([f"validation prompts: {', '.join(shlex.quote(p) for _, p in self.validation_rows)}"]
                    if self.validation_rows else []) + resume_notes(result),
         )
+
+
+def format_f1(f1: dict) -> str:
+    """One line for logs and the model card."""
+    return (f"held-out Canny F1 {f1['f1']:.3f} (1-px tolerant {f1['f1_1px']:.3f}) over {f1['pairs']} pairs; "
+            f"fed another pair's condition {f1['f1_other_condition']:.3f} ({f1['f1_1px_other_condition']:.3f})")
 
 
 def train_control(cfg: ControlConfig) -> TrainResult:

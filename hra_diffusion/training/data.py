@@ -165,6 +165,21 @@ class StreamSampler:
             batch += 1
 
 
+def _caption(image: Path, extension: str | None) -> str | None:
+    """The caption file's text for ``image`` (``extension`` like '.txt'), None without one; an empty file is an
+    error (it would train the image unconditioned)."""
+    if not extension:
+        return None
+    path = image.with_suffix(extension if extension.startswith(".") else f".{extension}")
+    if not path.is_file():
+        return None
+    text = " ".join(path.read_text(encoding="utf-8").split())
+    if not text:
+        raise DataError(f"caption file {str(path)!r} is empty: write the image's caption in it, or remove the file "
+                        "to use the instance prompt")
+    return text
+
+
 class CachedLatent(typing.NamedTuple):
     """One cached image: the VAE's latent distribution (mean, std) and the crop's SDXL size condition."""
 
@@ -182,11 +197,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, folder: str | os.PathLike, prompt: str, transform: ImageTransform, seed: int,
-                 what: str = "image", check: bool = True) -> None:
+                 what: str = "image", check: bool = True, caption_extension: str | None = None) -> None:
         self.files = list_images(folder, what)
         if check:
             check_images(self.files)
         self.prompt = prompt
+        # per-image captions (kohya's convention): NAME.png's prompt is the text of NAME<caption_extension>
+        # beside it, when that file exists; ``prompt`` otherwise
+        self.prompts = [_caption(f, caption_extension) or prompt for f in self.files]
         self.transform = transform
         self.sampler_view = StreamSampler(len(self.files), 1, seed)
         self.seed = seed
@@ -201,7 +219,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> dict:
         index, seed = self.item_seed(position)
-        item = {"prompt": self.prompt, "position": position}
+        item = {"prompt": self.prompts[index], "position": position}
         if self.latent_cache is not None:
             flip = self.transform.params((1, 1), seed)[2] if self.transform.random_flip else False
             cached = self.latent_cache[(index, flip)]

@@ -84,7 +84,8 @@ class DreamBoothTask(StableDiffusionTask):
         super().__init__(cfg, accelerator)
         transform = ImageTransform(cfg.resolution, cfg.center_crop, cfg.random_flip)
         # data first: a bad folder fails before any model is loaded
-        self.instance = ImageFolderDataset(cfg.instance_data_dir, cfg.instance_prompt, transform, cfg.seed, "instance image")
+        self.instance = ImageFolderDataset(cfg.instance_data_dir, cfg.instance_prompt, transform, cfg.seed, "instance image",
+                                           caption_extension=cfg.instance_caption_extension)
         self.load_base()
         self.classes = None
         if cfg.with_prior_preservation:
@@ -105,7 +106,7 @@ class DreamBoothTask(StableDiffusionTask):
         self.prompt_cache: dict[str, PromptEmbeds] = {}  # frozen encoders: each prompt encoded once
         if not cfg.train_text_encoder:
             with torch.no_grad():
-                for prompt in {cfg.instance_prompt, cfg.class_prompt} - {None}:
+                for prompt in {*self.instance.prompts, cfg.class_prompt} - {None}:
                     self.prompt_cache[prompt] = self._encode_prompts([prompt])
         if cfg.cache_latents:
             self._cache_latents()

@@ -63,7 +63,8 @@ IDENTITY_KEYS = (
     "pretrained_model", "revision", "variant", "pretrained_vae_model", "adapter", "r", "target_modules", "apply_gs",
     "block_size", "lora_alpha", "seed", "resolution", "use_8bit_adam",
     # DreamBooth
-    "instance_data_dir", "instance_prompt", "with_prior_preservation", "class_prompt", "train_text_encoder",
+    "instance_data_dir", "instance_prompt", "instance_caption_extension", "with_prior_preservation", "class_prompt",
+    "train_text_encoder",
     "text_encoder_r", "text_encoder_target_modules",
     # control
     "train_data_dir", "dataset_name", "dataset_config_name", "dataset_split", "image_column",
@@ -501,6 +502,7 @@ def print_summary(cfg, result, kind: str, generate_hint: str = "") -> str:
     base = "" if Path(cfg.pretrained_model).expanduser().is_dir() else f"--base {q(cfg.pretrained_model)} "
     lines = [
         f"{kind} training finished: {'; '.join(figures)}",
+        *[f"  {line}" for line in stats.get("report", [])],
         f"  adapter:    {adapter}",
         f"  model card: {out / 'README.md'}",
         f"  config:     {out / RESOLVED_CONFIG_NAME}",

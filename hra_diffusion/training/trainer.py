@@ -98,6 +98,11 @@ class TrainingTask(ABC):
     def save(self, modules: dict[str, nn.Module], output_dir: Path) -> list[Path]:
         """Write the final adapter(s) from the unwrapped modules (main process only); return their paths."""
 
+    def after_training(self, modules: dict[str, nn.Module], result: TrainResult) -> None:
+        """Measure the trained modules once more after the final save (main process only; default: nothing).
+        What it finds goes into ``result.stats`` (and so the model card and the summary)."""
+        return None
+
 
 def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Generator:
     """The generator for one micro-batch: a pure function of (seed, micro step, rank) -> exact resume."""
@@ -349,6 +354,8 @@ def _finish(run: _Run, result: TrainResult, meter: _StepMeter) -> None:
     grid = _validate(run.task, accelerator, run.unwrapped, result.global_step, out)
     if grid is not None:
         result.validation_grids.append(grid)
+    if accelerator.is_main_process:
+        run.task.after_training(run.unwrapped, result)
     accelerator.wait_for_everyone()
 
 
