@@ -195,6 +195,15 @@ def test_learns_to_follow_the_condition(default_run):
               f"trained with another pair's condition {w:.3f}")
         assert t > b + margin, (k, b, t)
         assert t > w + margin, (k, w, t)  # it follows *this* condition, not just draws cleaner edges
+    # the trainer measured the same figures itself after training (same seeds, all held-out pairs), printed them
+    # in its end-of-run summary and wrote them to logs/ and the model card
+    reported = json.loads((out / "logs" / "heldout_f1.json").read_text())
+    assert reported["pairs"] == len(pairs)
+    for key, k in (("f1", 0), ("f1_1px", 1)):
+        assert reported[key] == pytest.approx(float(np.mean(f1_trained[k])), abs=0.03), key
+    assert reported["f1_other_condition"] == pytest.approx(float(np.mean(f1_wrong[0])), abs=0.03)
+    assert "tiny-world showroom: held-out Canny F1" in default_run[1].stdout
+    assert "tiny-world held-out control consistency" in (out / "README.md").read_text()
 
 
 def test_two_processes_run_real_ddp(tmp_path, tiny_random_sd_dir, control_dir):

@@ -138,6 +138,21 @@ def test_two_processes_run_real_ddp(family, tmp_path, generated_subject_dir, req
 
 # ---- in-process runs -----------------------------------------------------------------------------
 
+def test_per_image_caption_files_train(tmp_path, tiny_random_sd_dir, generated_subject_dir):
+    """instance_caption_extension: images with a caption file train with it (the prompt cache holds every caption)."""
+    import shutil
+
+    data = tmp_path / "subject"
+    shutil.copytree(generated_subject_dir / "train", data)
+    first = sorted(data.glob("*.png"))[0]
+    first.with_suffix(".txt").write_text("a qwe square on a blue background\n")
+    out = tmp_path / "run"
+    result = train(fast_args(tiny_random_sd_dir, generated_subject_dir, out, "--instance_data_dir", str(data),
+                             "--instance_caption_extension", ".txt", "--max_train_steps", "3"))
+    assert result.global_step == 3 and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert "instance_caption_extension: .txt" in (out / "config.yaml").read_text()
+
+
 def test_resume_is_exact(tmp_path, tiny_random_sd_dir, generated_subject_dir):
     """N steps straight == N/2, stop, resume from the checkpoint, N/2 more (torch.equal on every tensor)."""
     extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",
