@@ -223,7 +223,9 @@ class ControlTask(StableDiffusionTask):
 
         cfg = self.cfg
         held = (TINY_CONTROL_DIR / "heldout").resolve()
-        if not (cfg.showroom_f1 and cfg.validation_data_dir and Path(cfg.validation_data_dir).resolve() == held):
+        # (given condition images only: computing them here, on the main process alone, would need the ranks)
+        if not (cfg.showroom_f1 and cfg.condition is None and cfg.validation_data_dir
+                and Path(cfg.validation_data_dir).resolve() == held):
             return
         pairs = [(r.load_condition(), r.caption) for r in load_rows(cfg, cfg.validation_data_dir)]
         unet, encoder = modules["unet"], modules["condition_encoder"]
