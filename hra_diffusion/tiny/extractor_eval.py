@@ -93,9 +93,15 @@ def plain_stars(colour: str) -> tuple[torch.Tensor, list[int]]:
     return images_to_tensor(out), keep
 
 
-def striped_shapes(shape: str) -> torch.Tensor:
-    """The held-out subject photos redrawn with another ``shape`` in the subject's own stripes."""
-    out = [render_item(Item(replace(s, shape=shape), "striped", tuple(s.stripes), 0)) for s in _heldout_subject_scenes()]
+def striped_shapes(shape: str, seed: int = EVAL_SEED) -> torch.Tensor:
+    """The held-out subject photos redrawn as another ``shape`` (upright as that shape is drawn) in the subject's
+    own stripes, on the same background at the same size class and grid cell."""
+    rng = np.random.default_rng([seed, scenes.SHAPES.index(shape)])
+    out = []
+    for s in _heldout_subject_scenes():
+        redraw = scenes.sample_scene(rng, shape=shape, colour=s.colour, background=s.background, stripes=s.stripes,
+                                     size=scenes.size_word(s), position=scenes.position_word(s))
+        out.append(render_item(Item(redraw, "striped", tuple(s.stripes), 0)))
     return images_to_tensor(out)
 
 
