@@ -35,13 +35,14 @@ class StripeRule:
     Among the object's pixels both colours cover at least ``min_each`` and together at least ``min_both``;
     taking each image row's majority of the two colours, the rows alternate at least ``min_runs`` times
     (a-b-a is 3 runs), and rows are mostly one colour (mean row purity >= ``min_row_purity``: horizontal
-    stripes, not a blend or checker).
+    stripes, not a blend or checker), by at least ``min_purity_margin`` more than columns are (not vertical ones).
     """
 
     min_each: float = 0.15
     min_both: float = 0.6
     min_runs: int = 3
     min_row_purity: float = 0.7
+    min_purity_margin: float = 0.1
 
 
 STRIPES = StripeRule()
@@ -80,14 +81,8 @@ def _labels(image: Image.Image | np.ndarray) -> np.ndarray:
     return scenes.nearest_colour(arr.reshape(-1, 3)).reshape(arr.shape[:2])
 
 
-def _stripes(labels: np.ndarray, mask: np.ndarray, rule: StripeRule) -> tuple[str, str] | None:
-    counts = np.bincount(labels[mask], minlength=len(_NAMES)).astype(float)
-    total = counts.sum()
-    if total == 0:
-        return None
-    a, b = np.argsort(counts)[::-1][:2]
-    if counts[b] < rule.min_each * total or counts[a] + counts[b] < rule.min_both * total:
-        return None
+def _lines(labels: np.ndarray, mask: np.ndarray, a: int, b: int) -> tuple[list[int], list[float]]:
+    """Per image row (of the object's pixels in colours a or b): the majority colour and its share."""
     seq, purity = [], []
     for y in range(labels.shape[0]):
         row = labels[y][mask[y]]
@@ -96,8 +91,25 @@ def _stripes(labels: np.ndarray, mask: np.ndarray, rule: StripeRule) -> tuple[st
             continue
         seq.append(a if na >= nb else b)
         purity.append(max(na, nb) / (na + nb))
+    return seq, purity
+
+
+def _stripes(labels: np.ndarray, mask: np.ndarray, rule: StripeRule) -> tuple[str, str] | None:
+    counts = np.bincount(labels[mask], minlength=len(_NAMES)).astype(float)
+    total = counts.sum()
+    if total == 0:
+        return None
+    a, b = np.argsort(counts)[::-1][:2]
+    if counts[b] < rule.min_each * total or counts[a] + counts[b] < rule.min_both * total:
+        return None
+    seq, purity = _lines(labels, mask, a, b)
     runs = 1 + sum(1 for i in range(1, len(seq)) if seq[i] != seq[i - 1]) if seq else 0
     if runs < rule.min_runs or float(np.mean(purity)) < rule.min_row_purity:
+        return None
+    # horizontal, not vertical: rows must be purer than columns (a vertically striped star with bands as wide as
+    # the subject's has single-colour rows near its tips)
+    _, col_purity = _lines(labels.T, mask.T, a, b)
+    if col_purity and float(np.mean(purity)) < float(np.mean(col_purity)) + rule.min_purity_margin:
         return None
     return tuple(sorted((_NAMES[a], _NAMES[b])))  # type: ignore[return-value]
 

@@ -182,7 +182,9 @@ def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
     if scene.stripes:
         fill = Image.new("RGB", (size, size))
         draw = ImageDraw.Draw(fill)
-        band = max(1, size // 12)  # ~6 stripes across the image
+        # 4 px bands at 32 px (3-5 across the subject): thinner ones (v2's first 2.7 px) were hard for a
+        # 16x16-latent UNet to draw at all after DreamBooth (2/30 striped samples on the first v2 base)
+        band = max(1, size // 8)
         for i, y in enumerate(range(0, size, band)):
             draw.rectangle((0, y, size, y + band), fill=COLOURS[scene.stripes[i % 2]])
     else:
