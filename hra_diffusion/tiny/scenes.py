@@ -182,8 +182,8 @@ def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
     if scene.stripes:
         fill = Image.new("RGB", (size, size))
         draw = ImageDraw.Draw(fill)
-        # 4 px bands at 32 px (3-5 across the subject): thinner ones (v2's first 2.7 px) were hard for a
-        # 16x16-latent UNet to draw at all after DreamBooth (2/30 striped samples on the first v2 base)
+        # 4 px bands at 32 px (3-5 across the subject), meant to be easier to draw at 16x16 latents than the
+        # first v2's 2.7 px (2/30 striped DreamBooth samples on that base); not yet shown to help (0/30 so far)
         band = max(1, size // 8)
         for i, y in enumerate(range(0, size, band)):
             draw.rectangle((0, y, size, y + band), fill=COLOURS[scene.stripes[i % 2]])
