@@ -153,6 +153,39 @@ def test_per_image_caption_files_train(tmp_path, tiny_random_sd_dir, generated_s
     assert "instance_caption_extension: .txt" in (out / "config.yaml").read_text()
 
 
+def test_masked_loss_trains_and_changes_the_update(tmp_path, tiny_random_sd_dir, generated_subject_dir):
+    """mask_loss_weight + instance_mask_dir: the subject's pixels weigh more, so the adapter differs from a plain
+    run's; the mask folder comes from subject.json's instance_mask_dir; bad combinations are named."""
+    import shutil
+
+    import numpy as np
+
+    subject = tmp_path / "subject"
+    shutil.copytree(generated_subject_dir, subject)
+    (subject / "masks").mkdir()
+    for f in sorted((subject / "train").glob("*.png")):  # the red square is the subject
+        rgb = np.asarray(Image.open(f).convert("RGB")).astype(int)
+        Image.fromarray(((rgb[..., 0] > 180) & (rgb[..., 1] < 80)).astype(np.uint8) * 255).save(subject / "masks" / f.name)
+    doc = json.loads((subject / "subject.json").read_text())
+    (subject / "subject.json").write_text(json.dumps({**doc, "instance_mask_dir": "masks"}))
+    plain = train(fast_args(tiny_random_sd_dir, subject, tmp_path / "plain", "--learning_rate", "1e-2"))
+    masked = train(fast_args(tiny_random_sd_dir, subject, tmp_path / "masked", "--learning_rate", "1e-2",
+                             "--mask_loss_weight", "4"))
+    assert plain.global_step == masked.global_step == 2
+    config = (tmp_path / "masked" / "config.yaml").read_text()
+    assert f"instance_mask_dir: {subject / 'masks'}" in config and "mask_loss_weight: 4.0" in config
+    a = adapter_tensors(tmp_path / "plain" / "adapter")
+    b = adapter_tensors(tmp_path / "masked" / "adapter")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="mask_loss_weight is 0"):
+        train(fast_args(tiny_random_sd_dir, subject, tmp_path / "x", "--instance_mask_dir", str(subject / "masks")))
+    with pytest.raises(ConfigError, match="needs subject masks"):
+        train(fast_args(tiny_random_sd_dir, generated_subject_dir, tmp_path / "y", "--mask_loss_weight", "4"))
+    (subject / "masks" / "00.png").unlink()
+    with pytest.raises(DataError, match="no mask for 00.png"):
+        train(fast_args(tiny_random_sd_dir, subject, tmp_path / "z", "--mask_loss_weight", "4"))
+
+
 def test_resume_is_exact(tmp_path, tiny_random_sd_dir, generated_subject_dir):
     """N steps straight == N/2, stop, resume from the checkpoint, N/2 more (torch.equal on every tensor)."""
     extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",

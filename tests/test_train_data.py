@@ -152,3 +152,77 @@ def test_per_image_captions_from_caption_files(tmp_path):
     (tmp_path / "c.txt").write_text("  \n")
     with pytest.raises(DataError, match=r"c\.txt.* is empty"):
         ImageFolderDataset(tmp_path, "p", ImageTransform(8), seed=0, caption_extension="txt")
+
+
+def test_masks_are_cut_exactly_like_their_images(tmp_path):
+    """A mask follows its image through resize, random crop and flip: the subject's red pixels stay under it."""
+    from hra_diffusion.training.data import load_masks
+
+    rng = np.random.default_rng(0)
+    for name, size in (("wide", (48, 30)), ("tall", (30, 44))):
+        subject = np.kron(rng.random((size[1] // 6 + 1, size[0] // 6 + 1)) < 0.4, np.ones((6, 6), bool))
+        subject = subject[:size[1], :size[0]]  # 6 px blocks: bicubic (image) and bilinear (mask) agree off the edges
+        rgb = np.zeros((size[1], size[0], 3), np.uint8)
+        rgb[subject] = (255, 0, 0)
+        Image.fromarray(rgb).save(tmp_path / f"{name}.png")
+        (tmp_path / "masks").mkdir(exist_ok=True)
+        Image.fromarray(subject.astype(np.uint8) * 255).save(tmp_path / "masks" / f"{name}.png")
+    ds = ImageFolderDataset(tmp_path, "p", ImageTransform(24, center_crop=False, random_flip=True), seed=5,
+                            mask_dir=tmp_path / "masks")
+    for p in range(8):
+        item = ds[p]
+        red = (item["pixel_values"][0] + 1) / 2  # the red channel is the subject, resized the same way
+        assert item["mask"].shape == (1, 24, 24)
+        assert (item["mask"][0] - red).abs().mean() < 0.03, p  # a crop or flip off by one pixel: > 0.1
+    ds.latent_cache = {key: CachedLatent(torch.zeros(1), torch.zeros(1), ds.cache_pixels(key)[1])
+                       for key in ds.cache_keys()}
+    for p in range(8):  # cached latents are centre crops with the drawn flip: so are their masks
+        index, seed = ds.item_seed(p)
+        flip = ds.transform.params((1, 1), seed)[2]
+        red = (ds.cache_pixels((index, flip))[0][0] + 1) / 2
+        assert (ds[p]["mask"][0] - red).abs().mean() < 0.03, p
+    assert len(load_masks(ds.files, tmp_path / "masks")) == 2
+
+
+def test_mask_problems_are_named(tmp_path):
+    from hra_diffusion.training.data import load_masks
+
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (8, 8), "red").save(tmp_path / f"{name}.png")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.new("L", (8, 8), 255).save(masks / "a.png")
+    Image.new("L", (4, 8), 255).save(masks / "b.jpg")  # any image extension; wrong size
+    files = list_images(tmp_path, "image")
+    with pytest.raises(DataError) as info:
+        load_masks(files, masks)
+    text = str(info.value)
+    assert "2 problem(s)" in text and "b.jpg is 4x8 but b.png is 8x8" in text and "no mask for c.png" in text
+    with pytest.raises(DataError, match="is not a folder"):
+        load_masks(files, tmp_path / "nowhere")
+    Image.new("LA", (8, 8)).save(masks / "c.png")  # an alpha channel is the mask
+    Image.new("L", (8, 8), 0).save(masks / "b.jpg")
+    assert [np.asarray(m).max() for m in load_masks(files, masks)] == [255, 0, 0]
+
+
+def test_masked_loss_weights_the_subject_pixels():
+    """pixel_weights: 1 + w·coverage at latent resolution; the instance loss becomes their weighted mean."""
+    from hra_diffusion.training.loss import denoising_loss, pixel_weights
+
+    masks = torch.zeros(2, 1, 8, 8)
+    masks[:, :, :4, :4] = 1.0  # top-left quarter is the subject
+    masks[1, :, 4:6, 4:5] = 1.0  # half of one 2x2 latent pixel
+    w = pixel_weights(masks, (4, 4), 3.0)
+    assert w.shape == (2, 1, 4, 4) and w[0, 0, 0, 0] == 4.0 and w[0, 0, 3, 3] == 1.0 and w[1, 0, 2, 2] == 2.5
+    target = torch.zeros(2, 4, 4, 4)
+    on_subject = torch.zeros_like(target)
+    on_subject[:, :, :2, :2] = 1.0  # an error only on the subject
+    plain, _ = denoising_loss(on_subject, target)
+    weighted, logs = denoising_loss(on_subject, target, instance_weights=w)
+    assert weighted > 2 * plain and logs["loss_instance"] == pytest.approx(float(weighted))
+    ones = torch.ones(2, 1, 4, 4)
+    assert torch.allclose(denoising_loss(on_subject, target, instance_weights=ones)[0], plain)
+    # with prior rows, only the instance rows are weighted
+    both = torch.cat([on_subject, on_subject])
+    loss, logs = denoising_loss(both, torch.zeros_like(both), num_prior=2, prior_loss_weight=1.0, instance_weights=w)
+    assert logs["loss_instance"] == pytest.approx(float(weighted)) and logs["loss_prior"] == pytest.approx(float(plain))

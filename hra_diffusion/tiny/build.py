@@ -67,7 +67,7 @@ class BuildConfig:
     # background fills most of each scene, and with the general-pool VAE the UNet learned backgrounds but hardly
     # used the object's colour word (teacher-forced loss 0.7% lower with the right colour than a wrong one after
     # 1,500 steps; v1's UNet reached 0.97 colour-right by then). Weighting the object is the cheap lever.
-    object_loss_weight: float = 4.0
+    object_loss_weight: float = 1.5
     # Share of captions with size/position words ("a small red star in the top left of a blue background").
     layout_caption_rate: float = 0.5  # the other half keep v1's short forms
     # Share of captions whose colour word is replaced by a random made-up word ("a vop star on a blue

@@ -116,8 +116,7 @@ def _stripes(labels: np.ndarray, mask: np.ndarray, rule: StripeRule) -> tuple[st
 
 def _template(shape: str, cx: float, cy: float, radius: float, angle: float, res: int) -> np.ndarray:
     s = scenes.Scene(shape, "red", "blue", cx, cy, radius, angle)
-    m = scenes._mask(s, res * scenes.SUPERSAMPLE).resize((res, res), Image.BILINEAR)
-    return np.asarray(m) > 127
+    return np.asarray(scenes.object_mask(s, res)) > 127
 
 
 def _cell(cx: float, cy: float) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import scenes
 
-__all__ = ["write_subject", "write_control", "write_all", "subject_scenes", "SUBJECT_BACKGROUNDS", "SUBJECT_LAYOUTS",
+__all__ = ["write_subject", "subject_caption", "write_control", "write_all", "subject_scenes", "SUBJECT_BACKGROUNDS", "SUBJECT_LAYOUTS",
            "heldout_subject_prompts", "class_check_prompts"]
 
 SUBJECT_BACKGROUNDS = ("green", "blue", "white", "black")  # never the stripe colours
@@ -65,8 +65,19 @@ def class_check_prompts() -> list[str]:
     return [f"a {scenes.SUBJECT.shape} on a {bg} background" for bg in SUBJECT_BACKGROUNDS]
 
 
+def subject_caption(scene: scenes.Scene) -> str:
+    """A training photo's own caption: identifier + class noun + where and on what it is shown, e.g. 'a qwe star in
+    the top left of a blue background' (the per-image caption files; the identifier then need not explain the
+    background)."""
+    size = f"{scenes.size_word(scene)} " if scenes.size_word(scene) != "medium" else ""
+    pos = scenes.position_word(scene)
+    where = "on" if pos == "center" else f"in the {pos} of"
+    return f"a {size}{scenes.SUBJECT.identifier} {scenes.SUBJECT.shape} {where} a {scene.background} background"
+
+
 def write_subject(out: Path, seed: int = 0, n_train: int = 5, n_heldout: int = 12) -> Path:
-    """``out/train/*.png``, ``out/heldout/*.png`` and ``out/subject.json`` for one striped-star subject."""
+    """``out/train/*.png`` (with a caption ``.txt`` each), ``out/train_masks/*.png`` (the subject's masks, for the
+    masked loss), ``out/heldout/*.png`` and ``out/subject.json`` for one striped-star subject."""
     out = Path(out)
     a, b = scenes.SUBJECT.stripes
     ident, noun = scenes.SUBJECT.identifier, scenes.SUBJECT.shape
@@ -74,12 +85,17 @@ def write_subject(out: Path, seed: int = 0, n_train: int = 5, n_heldout: int = 1
         (out / split).mkdir(parents=True, exist_ok=True)
         for i, s in enumerate(_subject_scenes(split_seed, n, SUBJECT_LAYOUTS[split])):
             scenes.render(s).save(out / split / f"{i:02d}.png")
+            if split == "train":
+                (out / "train_masks").mkdir(exist_ok=True)
+                scenes.object_mask(s).save(out / "train_masks" / f"{i:02d}.png")
+                (out / split / f"{i:02d}.txt").write_text(subject_caption(s) + "\n")
     held = heldout_subject_prompts()
     doc = {
         "class_noun": noun,
         "identifier": ident,
         "instance_prompt": f"a {ident} {noun}",
         "class_prompt": f"a {noun}",
+        "instance_mask_dir": "train_masks",  # used with mask_loss_weight > 0
         # the validation grid: the subject in new contexts (backgrounds, positions), and the class prompt
         "validation_prompts": [held[0], held[5], held[6], held[3], f"a {noun} on a {SUBJECT_BACKGROUNDS[1]} background"],
         "heldout_prompts": held,

@@ -175,6 +175,11 @@ def _mask(scene: Scene, size: int, outline: int = 0) -> Image.Image:
     return mask
 
 
+def object_mask(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
+    """The object's coverage as an 'L' image of ``resolution`` pixels (anti-aliased: 255 inside, 0 outside)."""
+    return _mask(scene, resolution * SUPERSAMPLE).resize((resolution, resolution), Image.BILINEAR)
+
+
 def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
     """The scene as an RGB image of ``resolution`` pixels (anti-aliased)."""
     size = resolution * SUPERSAMPLE

@@ -205,6 +205,11 @@ class DreamBoothConfig(TrainConfig):
     # per-image captions: NAME.png trains with the text of NAME<ext> beside it when present (kohya's convention,
     # e.g. ".txt"); instance_prompt for images without one. None: instance_prompt for every image
     instance_caption_extension: str | None = None
+    # masked loss: a folder of subject masks (NAME.png per instance image NAME.*, white = subject, same size as the
+    # image); the instance loss then counts the subject's latent pixels 1 + mask_loss_weight times, the rest once.
+    # For small subjects on plain backgrounds, whose photos are mostly background (kohya's masked loss, softened).
+    instance_mask_dir: str | None = None
+    mask_loss_weight: float = 0.0
     with_prior_preservation: bool = False
     class_data_dir: str | None = None
     class_prompt: str | None = None
@@ -226,6 +231,11 @@ class DreamBoothConfig(TrainConfig):
             raise ConfigError("num_class_images, sample_batch_size and class_inference_steps must be >= 1")
         if self.prior_loss_weight < 0:
             raise ConfigError(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight!r}")
+        if self.mask_loss_weight < 0:
+            raise ConfigError(f"mask_loss_weight must be >= 0, got {self.mask_loss_weight!r}")
+        if self.instance_mask_dir and not self.mask_loss_weight:
+            raise ConfigError(f"instance_mask_dir={self.instance_mask_dir!r} is set but mask_loss_weight is 0, so the "
+                              "masks would be ignored: pass --mask_loss_weight (e.g. 4), or drop instance_mask_dir")
         if self.text_encoder_r % 2:
             raise ConfigError(f"text_encoder_r={self.text_encoder_r} is odd: use an even r (e.g. {self.text_encoder_r + 1})")
         if self.train_text_encoder and self.adapter != "hra":

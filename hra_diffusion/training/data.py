@@ -36,6 +36,7 @@ __all__ = [
     "stream_seed",
     "ImageFolderDataset",
     "CachedLatent",
+    "load_masks",
 ]  # IMAGE_EXTENSIONS, DataError and list_images live in hra_diffusion.samples
 
 
@@ -126,6 +127,18 @@ class ImageTransform:
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (R, R, 3)
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
+    def mask(self, mask: Image.Image, seed: int = 0, flip: bool | None = None) -> torch.Tensor:
+        """(1, R, R) float tensor in [0, 1]: a greyscale mask of an image (same size) cut exactly as
+        ``__call__(image, seed, flip)`` cuts the image (bilinear resize, same crop, same flip)."""
+        left, top, drawn_flip = self.params(mask.size, seed)
+        w, h = self.resized_size(mask.size)
+        if (w, h) != mask.size:
+            mask = mask.resize((w, h), Image.BILINEAR)
+        mask = mask.crop((left, top, left + self.resolution, top + self.resolution))
+        if drawn_flip if flip is None else flip:
+            mask = mask.transpose(Image.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None].contiguous()
+
 
 class StreamSampler:
     """Batches of stream positions: global batch g, rank k gets positions [g·B·W + k·B, +B).
@@ -180,6 +193,42 @@ def _caption(image: Path, extension: str | None) -> str | None:
     return text
 
 
+def load_masks(images: Sequence[Path], mask_dir: str | os.PathLike) -> list[Image.Image]:
+    """One greyscale mask per image: ``mask_dir/NAME.<any image extension>`` for image ``NAME.*``, the same size
+    as the image (white = subject). Every missing, unreadable or mis-sized mask is named in one error."""
+    root = Path(mask_dir)
+    if not root.is_dir():
+        raise DataError(f"instance_mask_dir {str(root)!r} is not a folder: it should hold one mask per instance image "
+                        "(same file name, any image extension; white = subject)")
+    by_stem: dict[str, Path] = {}
+    for f in sorted(root.iterdir()):
+        if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+            by_stem.setdefault(f.stem, f)
+    masks, problems = [], []
+    for image in images:
+        path = by_stem.get(image.stem)
+        if path is None:
+            problems.append(f"no mask for {image.name} (expected {image.stem}.png in {str(root)!r})")
+            continue
+        try:
+            with Image.open(path) as m:
+                m.load()
+                mask = m.getchannel("A") if m.mode in ("RGBA", "LA") else m.convert("L")
+            with Image.open(image) as im:
+                size = im.size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            problems.append(f"cannot read mask {str(path)!r} ({type(err).__name__}: {err})")
+            continue
+        if mask.size != size:
+            problems.append(f"mask {path.name} is {mask.size[0]}x{mask.size[1]} but {image.name} is {size[0]}x{size[1]}")
+            continue
+        masks.append(mask)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise DataError(f"{len(problems)} problem(s) with the instance masks: " + "; ".join(problems[:3]) + more)
+    return masks
+
+
 class CachedLatent(typing.NamedTuple):
     """One cached image: the VAE's latent distribution (mean, std) and the crop's SDXL size condition."""
 
@@ -192,15 +241,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """Images of one folder with one prompt, indexed by stream position (see :class:`StreamSampler`).
 
     Items are dicts: ``pixel_values`` (3, R, R) in [-1, 1] (or ``latent_mean``/``latent_std`` when a
-    latent cache is attached), ``size`` (the crop's :class:`SizeCondition`), ``prompt`` and the stream
-    ``position``.
+    latent cache is attached), ``size`` (the crop's :class:`SizeCondition`), ``prompt``, the stream
+    ``position``, and with ``mask_dir`` the image's ``mask`` (1, R, R) in [0, 1], cut like the pixels.
     """
 
     def __init__(self, folder: str | os.PathLike, prompt: str, transform: ImageTransform, seed: int,
-                 what: str = "image", check: bool = True, caption_extension: str | None = None) -> None:
+                 what: str = "image", check: bool = True, caption_extension: str | None = None,
+                 mask_dir: str | os.PathLike | None = None) -> None:
         self.files = list_images(folder, what)
         if check:
             check_images(self.files)
+        self.masks = load_masks(self.files, mask_dir) if mask_dir else None
         self.prompt = prompt
         # per-image captions (kohya's convention): NAME.png's prompt is the text of NAME<caption_extension>
         # beside it, when that file exists; ``prompt`` otherwise
@@ -224,10 +275,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             flip = self.transform.params((1, 1), seed)[2] if self.transform.random_flip else False
             cached = self.latent_cache[(index, flip)]
             item["latent_mean"], item["latent_std"], item["size"] = cached.mean, cached.std, cached.size
+            if self.masks is not None:  # cached latents are centre crops (seed 0) with the key's flip
+                item["mask"] = self.transform.mask(self.masks[index], 0, flip=flip)
         else:
             image = load_rgb(self.files[index])
             item["pixel_values"] = self.transform(image, seed)
             item["size"] = self.transform.size_condition(image.size, seed)
+            if self.masks is not None:
+                item["mask"] = self.transform.mask(self.masks[index], seed)
         return item
 
     def cache_keys(self) -> list[tuple[int, bool]]:

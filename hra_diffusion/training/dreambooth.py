@@ -18,7 +18,7 @@ from ..conditioning import PromptEmbeds
 from .card import adapter_facts, write_model_card
 from .config import ConfigError, DreamBoothConfig
 from .data import CachedLatent, ImageFolderDataset, ImageTransform
-from .loss import denoising_loss, with_orthogonality
+from .loss import denoising_loss, pixel_weights, with_orthogonality
 from .models import add_hra
 from .prior import generate_class_images
 from .run_guard import resume_notes
@@ -33,7 +33,8 @@ SUBJECT_KEYS = ("class_noun", "identifier", "instance_prompt", "class_prompt", "
 
 
 def apply_subject_file(cfg: DreamBoothConfig) -> DreamBoothConfig:
-    """Fill unset prompts/folders from ``cfg.subject_file`` (a subject.json beside train/ and heldout/)."""
+    """Fill unset prompts/folders from ``cfg.subject_file`` (a subject.json beside train/ and heldout/); its
+    ``instance_mask_dir`` (relative to it) fills the mask folder when ``mask_loss_weight`` is set."""
     if not cfg.subject_file:
         return cfg
     path = Path(cfg.subject_file)
@@ -47,6 +48,8 @@ def apply_subject_file(cfg: DreamBoothConfig) -> DreamBoothConfig:
         cfg.instance_data_dir = str(path.parent / "train")
     if cfg.instance_prompt is None:
         cfg.instance_prompt = doc.get("instance_prompt")
+    if cfg.instance_mask_dir is None and cfg.mask_loss_weight and doc.get("instance_mask_dir"):
+        cfg.instance_mask_dir = str(path.parent / doc["instance_mask_dir"])
     if cfg.class_prompt is None:
         cfg.class_prompt = doc.get("class_prompt")
     if cfg.validation_prompts is None:
@@ -59,6 +62,9 @@ def _require(cfg: DreamBoothConfig) -> None:
         raise ConfigError("instance_data_dir is not set: pass --instance_data_dir FOLDER (or --subject_file subject.json)")
     if not cfg.instance_prompt:
         raise ConfigError("instance_prompt is not set: pass --instance_prompt 'a photo of qwe dog' (identifier + class)")
+    if cfg.mask_loss_weight and not cfg.instance_mask_dir:
+        raise ConfigError(f"mask_loss_weight={cfg.mask_loss_weight} needs subject masks: pass --instance_mask_dir FOLDER "
+                          "(one mask per instance image, same file name, white = subject), or set mask_loss_weight: 0")
     if cfg.with_prior_preservation and not cfg.class_prompt:
         raise ConfigError("with_prior_preservation needs class_prompt, e.g. --class_prompt 'a photo of dog'")
 
@@ -85,7 +91,8 @@ class DreamBoothTask(StableDiffusionTask):
         transform = ImageTransform(cfg.resolution, cfg.center_crop, cfg.random_flip)
         # data first: a bad folder fails before any model is loaded
         self.instance = ImageFolderDataset(cfg.instance_data_dir, cfg.instance_prompt, transform, cfg.seed, "instance image",
-                                           caption_extension=cfg.instance_caption_extension)
+                                           caption_extension=cfg.instance_caption_extension,
+                                           mask_dir=cfg.instance_mask_dir if cfg.mask_loss_weight else None)
         self.load_base()
         self.classes = None
         if cfg.with_prior_preservation:
@@ -173,7 +180,9 @@ class DreamBoothTask(StableDiffusionTask):
         else:
             embeds = PromptEmbeds.cat([self.prompt_cache[p] for p in batch["prompts"]])
         pred = modules["unet"](noisy.noisy, noisy.timesteps, **self._unet_kwargs(embeds, batch["sizes"])).sample
-        loss, logs = denoising_loss(pred, noisy.target, batch["num_prior"], cfg.prior_loss_weight)
+        weights = (pixel_weights(batch["masks"], pred.shape[-2:], cfg.mask_loss_weight).to(device)
+                   if "masks" in batch else None)
+        loss, logs = denoising_loss(pred, noisy.target, batch["num_prior"], cfg.prior_loss_weight, weights)
         unwrapped = [self.accelerator.unwrap_model(m) for m in modules.values()]
         loss, orth = with_orthogonality(loss, unwrapped, cfg.orth_lambda)
         return loss, {**logs, **orth}
@@ -253,6 +262,8 @@ class DreamBoothTask(StableDiffusionTask):
         facts = self.card_facts(result, data={
             "instance prompt": f"`{cfg.instance_prompt}`",
             "instance images": f"{len(self.instance)} from `{cfg.instance_data_dir}`",
+            "masked loss": (f"subject pixels weighted {1 + cfg.mask_loss_weight:g}x (masks in `{cfg.instance_mask_dir}`)"
+                            if cfg.mask_loss_weight else "no"),
             "prior preservation": (f"yes: {cfg.num_class_images} class images (`{cfg.class_prompt}`) in `{cfg.class_data_dir}`, "
                                    f"weight {cfg.prior_loss_weight}") if cfg.with_prior_preservation else "no",
         }, model={
@@ -290,6 +301,8 @@ def _collate(items: list[dict]) -> dict:
         batch["latent_std"] = torch.stack([r["latent_std"] for r in rows])
     else:
         batch["pixel_values"] = torch.stack([r["pixel_values"] for r in rows])
+    if "mask" in rows[0]:  # the instance rows' subject masks (class images have none)
+        batch["masks"] = torch.stack([it["instance"]["mask"] for it in items])
     return batch
 
 

@@ -1,6 +1,7 @@
 """The diffusion training loss: noisy latents, the scheduler's target, prior preservation, λ·orthogonality.
 
 L = ||ε̂ - y||² (instance half) + w · ||ε̂ - y||² (class half) + λ Σ ||I - ÛᵀÛ||_F²,
+(with subject masks, the instance half is a weighted mean: 1 + mask_loss_weight on the subject's pixels),
 with y = ε (epsilon), v = α_t ε - σ_t x₀ (v_prediction) or x₀ (sample), as the scheduler config says.
 """
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from ..adapters.model import orthogonality_loss
 
-__all__ = ["NoisyBatch", "add_noise", "diffusion_target", "denoising_loss", "with_orthogonality", "sample_latents"]
+__all__ = ["NoisyBatch", "add_noise", "diffusion_target", "denoising_loss", "pixel_weights", "with_orthogonality", "sample_latents"]
 
 
 @dataclass
@@ -57,17 +58,35 @@ def add_noise(scheduler, latents: torch.Tensor, generator: torch.Generator | Non
     return NoisyBatch(noisy, noise, timesteps, diffusion_target(scheduler, latents, noise, timesteps))
 
 
+def pixel_weights(masks: torch.Tensor, latent_size: tuple[int, int], weight: float) -> torch.Tensor:
+    """(B, 1, h, w) loss weights 1 + ``weight`` · coverage: ``masks`` (B, 1, H, W) in [0, 1] averaged over each
+    latent pixel's footprint (area interpolation), so a latent pixel half on the subject gets 1 + weight/2."""
+    coverage = F.interpolate(masks.float(), size=tuple(latent_size), mode="area")
+    return 1.0 + weight * coverage
+
+
+def _mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return F.mse_loss(pred, target)
+    weights = weights.to(pred.device, pred.dtype)
+    return ((pred - target) ** 2 * weights).mean() / weights.mean()  # a weighted mean: plain MSE's scale
+
+
 def denoising_loss(pred: torch.Tensor, target: torch.Tensor, num_prior: int = 0,
-                   prior_loss_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """MSE on the instance part plus ``prior_loss_weight`` × MSE on the last ``num_prior`` rows (fp32)."""
+                   prior_loss_weight: float = 1.0,
+                   instance_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """MSE on the instance part plus ``prior_loss_weight`` × MSE on the last ``num_prior`` rows (fp32).
+
+    ``instance_weights`` (instance rows, 1, h, w) makes the instance part a per-pixel weighted mean (the masked
+    loss: see :func:`pixel_weights`)."""
     pred, target = pred.float(), target.float()
     if num_prior:
         n = pred.shape[0] - num_prior
-        instance = F.mse_loss(pred[:n], target[:n])
+        instance = _mse(pred[:n], target[:n], instance_weights)
         prior = F.mse_loss(pred[n:], target[n:])
         loss = instance + prior_loss_weight * prior
         return loss, {"loss_instance": instance.item(), "loss_prior": prior.item()}
-    loss = F.mse_loss(pred, target)
+    loss = _mse(pred, target, instance_weights)
     return loss, {"loss_instance": loss.item()}
 
 

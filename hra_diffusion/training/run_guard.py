@@ -63,7 +63,8 @@ IDENTITY_KEYS = (
     "pretrained_model", "revision", "variant", "pretrained_vae_model", "adapter", "r", "target_modules", "apply_gs",
     "block_size", "lora_alpha", "seed", "resolution", "use_8bit_adam",
     # DreamBooth
-    "instance_data_dir", "instance_prompt", "instance_caption_extension", "with_prior_preservation", "class_prompt",
+    "instance_data_dir", "instance_prompt", "instance_caption_extension", "instance_mask_dir",
+    "with_prior_preservation", "class_prompt",
     "train_text_encoder",
     "text_encoder_r", "text_encoder_target_modules",
     # control
@@ -71,13 +72,13 @@ IDENTITY_KEYS = (
     "conditioning_image_column", "caption_column", "condition", "canny_low_threshold", "canny_high_threshold",
     "max_train_samples",
 )
-DATA_DIR_KEYS = ("instance_data_dir", "train_data_dir")  # also fingerprinted: "<key> files"
+DATA_DIR_KEYS = ("instance_data_dir", "instance_mask_dir", "train_data_dir")  # also fingerprinted: "<key> files"
 # changed on resume: applied to the restored optimizer / LR schedule from the resumed step on, and logged
 OPTIMISATION_KEYS = (
     "learning_rate", "text_encoder_lr", "encoder_learning_rate", "scale_lr", "max_train_steps", "lr_scheduler",
     "lr_warmup_steps", "lr_num_cycles", "lr_power", "gradient_accumulation_steps", "train_batch_size",
     "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "orth_lambda",
-    "prior_loss_weight",
+    "prior_loss_weight", "mask_loss_weight",
 )
 # what a training run writes into its output folder (removed by overwrite_output_dir); caches are kept
 RUN_OUTPUTS = ("adapter", "README.md", RESOLVED_CONFIG_NAME, "checkpoints", "logs", "validation")
