@@ -207,8 +207,12 @@ def test_interrupted_build_resumes_to_the_same_model(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt" / "build-state").iterdir()) == ["state.json", "state.safetensors"]
     state = load_nested_state(tmp_path / "ckpt" / "build-state")  # safetensors + JSON, no pickle
     assert (state["stage"], state["step"]) == ("unet", 3)
+    # the checkpoint carries the time spent so far, so a resumed build's report sums both runs' stages
+    assert 0 < state["timings"]["unet_seconds"] and state["timings"]["vae_seconds"] == pytest.approx(full["timings"]["vae_seconds"], abs=0.1)
     resumed = build_model(tmp_path / "b", cfg, verbose=False, checkpoint_dir=tmp_path / "ckpt", resume=True)
     assert resumed["resumed"] and not full["resumed"]
+    assert resumed["timings"]["vae_seconds"] == pytest.approx(full["timings"]["vae_seconds"], abs=0.1)
+    assert resumed["timings"]["unet_seconds"] > state["timings"]["unet_seconds"]
     for key in ("vae_recon_mse", "scaling_factor", "unet_train_loss_ema", "heldout_loss"):
         assert resumed[key] == pytest.approx(full[key], rel=1e-3), key
     with pytest.raises(ValueError, match="other settings"):

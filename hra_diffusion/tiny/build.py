@@ -209,6 +209,7 @@ def train_vae(vae, pixels: torch.Tensor, cfg: BuildConfig, rng: np.random.Genera
 
     ``state``: a checkpoint of this stage to continue from (weights, optimiser, schedule, random states)."""
     steps = cfg.steps(cfg.vae_steps)
+    t0, seconds0 = time.time(), float((state or {}).get("timings", {}).get("vae_seconds", 0.0))
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(cfg.warmup_steps, steps), steps))
     start, mse = 0, float("nan")
@@ -241,7 +242,8 @@ def train_vae(vae, pixels: torch.Tensor, cfg: BuildConfig, rng: np.random.Genera
         bar.set_postfix(mse=f"{mse:.4f}", refresh=False)
         if ckpt is not None and ((step + 1) % 500 == 0 and step + 1 < steps):
             ckpt.save({"stage": "vae", "step": step + 1, "mse": mse, "vae": vae.state_dict(), "vae_opt": opt.state_dict(),
-                       "vae_sched": sched.state_dict(), "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()})
+                       "vae_sched": sched.state_dict(), "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                       "timings": {"vae_seconds": seconds0 + time.time() - t0}})  # a resumed build's report sums them
     bar.close()
     vae.eval()
     return mse
@@ -309,6 +311,8 @@ def train_unet(
     Returns the loss EMA and the EMA weights {"unet": ..., "text_encoder": ...} (what the build ships).
     ``state``: a checkpoint of this stage to continue from; ``extra``: saved along in each checkpoint."""
     steps = cfg.steps(cfg.unet_steps)
+    timings = dict((extra or {}).get("timings", {}))
+    t0, seconds0 = time.time(), float(timings.get("unet_seconds", 0.0))
     opt = torch.optim.AdamW(
         [{"params": unet.parameters(), "lr": cfg.unet_lr}, {"params": text_encoder.parameters(), "lr": cfg.text_lr}],
         weight_decay=1e-2,
@@ -366,7 +370,8 @@ def train_unet(
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.4f}", refresh=False)
         if ckpt is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-            ckpt.save({**(extra or {}), "stage": "unet", "step": step + 1, "loss_ema": ema, "unet": unet.state_dict(),
+            ckpt.save({**(extra or {}), "timings": {**timings, "unet_seconds": seconds0 + time.time() - t0},
+                       "stage": "unet", "step": step + 1, "loss_ema": ema, "unet": unet.state_dict(),
                        "text_encoder": text_encoder.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                        "ema_weights": ema_w, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()})
     bar.close()
