@@ -117,27 +117,26 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image, seed: int = 0, flip: bool | None = None) -> torch.Tensor:
         """(3, R, R) float tensor in [-1, 1]; ``flip`` forces the flip decision (latent caching)."""
-        left, top, drawn_flip = self.params(image.size, seed)
-        w, h = self.resized_size(image.size)
-        if (w, h) != image.size:
-            image = image.resize((w, h), Image.BICUBIC)
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        if drawn_flip if flip is None else flip:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        image = self._cut(image, seed, flip, Image.BICUBIC)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (R, R, 3)
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
     def mask(self, mask: Image.Image, seed: int = 0, flip: bool | None = None) -> torch.Tensor:
         """(1, R, R) float tensor in [0, 1]: a greyscale mask of an image (same size) cut exactly as
         ``__call__(image, seed, flip)`` cuts the image (bilinear resize, same crop, same flip)."""
-        left, top, drawn_flip = self.params(mask.size, seed)
-        w, h = self.resized_size(mask.size)
-        if (w, h) != mask.size:
-            mask = mask.resize((w, h), Image.BILINEAR)
-        mask = mask.crop((left, top, left + self.resolution, top + self.resolution))
-        if drawn_flip if flip is None else flip:
-            mask = mask.transpose(Image.FLIP_LEFT_RIGHT)
+        mask = self._cut(mask, seed, flip, Image.BILINEAR)
         return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None].contiguous()
+
+    def _cut(self, image: Image.Image, seed: int, flip: bool | None, resample: int) -> Image.Image:
+        """Resize (with ``resample``), crop and maybe flip, as drawn from ``seed`` (``flip`` forces the flip)."""
+        left, top, drawn_flip = self.params(image.size, seed)
+        w, h = self.resized_size(image.size)
+        if (w, h) != image.size:
+            image = image.resize((w, h), resample)
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if drawn_flip if flip is None else flip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        return image
 
 
 class StreamSampler:
