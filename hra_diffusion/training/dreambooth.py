@@ -92,7 +92,7 @@ class DreamBoothTask(StableDiffusionTask):
         # data first: a bad folder fails before any model is loaded
         self.instance = ImageFolderDataset(cfg.instance_data_dir, cfg.instance_prompt, transform, cfg.seed, "instance image",
                                            caption_extension=cfg.instance_caption_extension,
-                                           mask_dir=cfg.instance_mask_dir if cfg.mask_loss_weight else None)
+                                           mask_dir=cfg.instance_mask_dir)  # set only with mask_loss_weight > 0
         self.load_base()
         self.classes = None
         if cfg.with_prior_preservation:
@@ -180,8 +180,7 @@ class DreamBoothTask(StableDiffusionTask):
         else:
             embeds = PromptEmbeds.cat([self.prompt_cache[p] for p in batch["prompts"]])
         pred = modules["unet"](noisy.noisy, noisy.timesteps, **self._unet_kwargs(embeds, batch["sizes"])).sample
-        weights = (pixel_weights(batch["masks"], pred.shape[-2:], cfg.mask_loss_weight).to(device)
-                   if "masks" in batch else None)
+        weights = pixel_weights(batch["masks"], pred.shape[-2:], cfg.mask_loss_weight) if "masks" in batch else None
         loss, logs = denoising_loss(pred, noisy.target, batch["num_prior"], cfg.prior_loss_weight, weights)
         unwrapped = [self.accelerator.unwrap_model(m) for m in modules.values()]
         loss, orth = with_orthogonality(loss, unwrapped, cfg.orth_lambda)
