@@ -399,3 +399,23 @@ def test_resume_command_drops_overwrite_and_adds_resume():
     cfg.command = "accelerate launch train/dreambooth_hra.py --output_dir o --overwrite_output_dir true --max_train_steps 5"
     assert resume_command(cfg) == ("accelerate launch train/dreambooth_hra.py --output_dir o --max_train_steps 5 "
                                    "--resume_from_checkpoint latest")
+
+
+def test_launchers_sigterm_after_ctrl_c_is_the_same_request_a_second_ctrl_c_is_not():
+    """accelerate launch answers Ctrl-C by sending the trainer SIGTERM: that must not cancel the save."""
+    from types import SimpleNamespace
+
+    from hra_diffusion.training.run_guard import RunGuard
+
+    guard = RunGuard.__new__(RunGuard)
+    guard.accelerator = SimpleNamespace(is_local_main_process=False)
+    guard._stop, guard._launcher_term, guard._previous = None, False, {}
+    guard._on_signal(signal.SIGINT, None)
+    guard._on_signal(signal.SIGTERM, None)  # the launcher passing the Ctrl-C on
+    assert guard._stop == "Ctrl-C"
+    with pytest.raises(KeyboardInterrupt, match="again"):
+        guard._on_signal(signal.SIGINT, None)  # the user pressing Ctrl-C a second time
+    guard._stop, guard._launcher_term = None, False
+    guard._on_signal(signal.SIGTERM, None)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM again"):
+        guard._on_signal(signal.SIGTERM, None)

@@ -292,6 +292,7 @@ class RunGuard:
         self.final_loss: float | None = None
         self.resume_changes: dict[str, tuple[Any, Any]] = {}
         self._stop: str | None = None
+        self._launcher_term = False
         self._previous: dict[int, Any] = {}
 
     def say(self, message: str, warn: bool = False) -> None:
@@ -376,8 +377,13 @@ class RunGuard:
 
     def _on_signal(self, signum, frame) -> None:
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        if self._stop is not None:  # the second one stops at once
-            self.close()
+        if self._stop is not None:
+            if self._stop == "Ctrl-C" and signum == signal.SIGTERM and not self._launcher_term:
+                # accelerate launch passes a Ctrl-C on as SIGTERM (and kills the trainer a few seconds
+                # later): the same request, not a second one. The checkpoint is still saved.
+                self._launcher_term = True
+                return
+            self.close()  # a second request stops at once
             raise KeyboardInterrupt(f"{name} again: stopped at once, without saving")
         self._stop = name
         if self.accelerator.is_local_main_process:  # plain print: a signal handler must not take tqdm's lock
