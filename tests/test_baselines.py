@@ -58,7 +58,7 @@ def db_args(sd: Path, subject: Path, out: Path, *extra: str) -> list[str]:
     return ["--pretrained_model", str(sd), "--subject_file", str(subject / "subject.json"), "--output_dir", str(out),
             "--resolution", "32", "--train_batch_size", "2", "--validation_prompts", "[]",
             "--with_prior_preservation", "false", "--report_to", "none", "--max_train_steps", "2",
-            "--learning_rate", "1e-2", *extra]
+            "--learning_rate", "1e-2", "--showroom_rates", "false", *extra]
 
 
 def train_db(argv: list[str]):

@@ -41,7 +41,7 @@ def fast_args(sd: Path, subject: Path, out: Path, *extra: str) -> list[str]:
         "--pretrained_model", str(sd), "--subject_file", str(subject / "subject.json"), "--output_dir", str(out),
         "--resolution", "32", "--train_batch_size", "2", "--validation_prompts", "[]",
         "--with_prior_preservation", "false", "--report_to", "none", "--max_train_steps", "2",
-        "--class_inference_steps", "2", *extra,
+        "--class_inference_steps", "2", "--showroom_rates", "false", *extra,
     ]
 
 
@@ -87,6 +87,12 @@ def test_cli_default_command_writes_every_output(tmp_path, tiny_sd_dir, tiny_sub
     card = (out / "README.md").read_text()
     assert "validation/step-000004.png" in card
     assert "accelerate launch train/dreambooth_hra.py --max_train_steps 4" in card
+    # the tiny world's showroom rates (deterministic subject checker): printed, saved, in the card
+    if has_tiny_world():
+        rates = json.loads((out / "logs" / "showroom_rates.json").read_text())
+        assert rates["n_subject"] == 30 and rates["n_class"] == 12 and 0 <= rates["subject_rate"] <= 1
+        assert (out / "validation" / "showroom.png").is_file()
+        assert "tiny-world showroom rates" in card and "tiny-world showroom: striped subject" in proc.stdout
     # tensorboard event files with the loss and the grid
     events = list((out / "logs").rglob("events.out.tfevents.*"))
     assert events

@@ -58,6 +58,31 @@ def test_caption_variants_cover_class_prompt_and_unconditional():
     assert got == {"a red star on a blue background", "a star on a blue background", "a red star", "a star", ""}
 
 
+def test_layout_captions_say_size_and_position_truthfully():
+    s = scenes.sample_scene(np.random.default_rng(0), shape="star", colour="red", background="blue", size="small",
+                            position="top left")
+    assert (scenes.size_word(s), scenes.position_word(s)) == ("small", "top left")
+    got = {scenes.caption_variant(s, u, v) for u in np.linspace(0, 0.999, 50) for v in np.linspace(0, 0.999, 8)}
+    for c in ("a small red star in the top left of a blue background", "a red star on a blue background",
+              "a small star on a blue background", "a star in the top left of a blue background",
+              "a small red star in the top left", "a star", ""):
+        assert c in got, c
+    medium = scenes.sample_scene(np.random.default_rng(0), shape="circle", size="medium", position="center")
+    assert not any("medium" in scenes.caption_variant(medium, u, v) for u in (0.1, 0.6, 0.7, 0.8) for v in (0.1, 0.3))
+    for name in scenes.POSITIONS:  # every grid cell is reachable at every size, inside the image
+        for size in scenes.SIZES:
+            t = scenes.sample_scene(np.random.default_rng(1), size=size, position=name)
+            assert scenes.position_word(t) == name and scenes.size_word(t) == size
+
+
+def test_vae_general_pool_has_the_patterns():
+    ims = scenes.sample_general_images(0, 40)
+    assert len(ims) == 40 and ims[0].size == (32, 32)
+    assert ims[0].tobytes() == scenes.sample_general_images(0, 1)[0].tobytes()
+    n_colours = [len(np.unique(scenes.nearest_colour(np.asarray(im).reshape(-1, 3)))) for im in ims]
+    assert max(n_colours) >= 3 and min(n_colours) >= 1
+
+
 def test_committed_data_matches_regeneration(tmp_path):
     """Data generation is deterministic: regenerating from the seed reproduces the committed files byte for byte."""
     write_all(tmp_path / "data", seed=0)
@@ -171,6 +196,27 @@ def test_quick_rebuild_is_deterministic(tmp_path):
     for key in ("background_rate", "shape_colour_rate", "both_rate"):
         assert r1[key] == r2[key]
     assert (tmp_path / "a" / "model_index.json").is_file() and (tmp_path / "a" / "build_report.json").is_file()
+
+
+def test_interrupted_build_resumes_to_the_same_model(tmp_path):
+    cfg = quick_config()
+    full = build_model(tmp_path / "a", cfg, verbose=False, checkpoint_dir=tmp_path / "ckpt")
+    # the folder now holds the state saved at UNet step 3 of 6: resuming from it must land where the full build did
+    from hra_diffusion.utils import load_nested_state
+
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "build-state").iterdir()) == ["state.json", "state.safetensors"]
+    state = load_nested_state(tmp_path / "ckpt" / "build-state")  # safetensors + JSON, no pickle
+    assert (state["stage"], state["step"]) == ("unet", 3)
+    # the checkpoint carries the time spent so far, so a resumed build's report sums both runs' stages
+    assert 0 < state["timings"]["unet_seconds"] and state["timings"]["vae_seconds"] == pytest.approx(full["timings"]["vae_seconds"], abs=0.1)
+    resumed = build_model(tmp_path / "b", cfg, verbose=False, checkpoint_dir=tmp_path / "ckpt", resume=True)
+    assert resumed["resumed"] and not full["resumed"]
+    assert resumed["timings"]["vae_seconds"] == pytest.approx(full["timings"]["vae_seconds"], abs=0.1)
+    assert resumed["timings"]["unet_seconds"] > state["timings"]["unet_seconds"]
+    for key in ("vae_recon_mse", "scaling_factor", "unet_train_loss_ema", "heldout_loss"):
+        assert resumed[key] == pytest.approx(full[key], rel=1e-3), key
+    with pytest.raises(ValueError, match="other settings"):
+        build_model(tmp_path / "c", quick_config(vae_lr=1e-3), verbose=False, checkpoint_dir=tmp_path / "ckpt", resume=True)
 
 
 def test_missing_assets_and_bad_config_raise_clearly(tmp_path):

@@ -60,7 +60,7 @@ def args_for(sd: Path, subject: Path, out: Path, *extra: str) -> list[str]:
         "--pretrained_model", str(sd), "--subject_file", str(subject / "subject.json"), "--output_dir", str(out),
         "--resolution", "32", "--train_batch_size", "2", "--validation_prompts", "[]", "--learning_rate", "1e-3",
         "--with_prior_preservation", "false", "--report_to", "none", "--max_train_steps", "3",
-        "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", *extra,
+        "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", "--showroom_rates", "false", *extra,
     ]
 
 

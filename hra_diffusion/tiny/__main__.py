@@ -23,11 +23,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a busy machine)")
     b.add_argument("--quiet", action="store_true")
+    b.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="write a resumable build state here every few hundred steps (e.g. /tmp/tiny-build)")
+    b.add_argument("--resume", action="store_true", help="continue from the state in --checkpoint-dir")
     d = sub.add_parser("data", help="only regenerate the synthetic data (subject + control sets)")
     d.add_argument("--data-out", type=Path, default=TINY_DATA_DIR)
     d.add_argument("--seed", type=int, default=0)
     m = sub.add_parser("measure", help="re-measure a built model's quality figures and update its build_report.json")
     m.add_argument("--model", type=Path, default=TINY_MODEL_DIR)
+    r = sub.add_parser("rates", help="DreamBooth showroom rates of an adapter (striped subject in context, prior kept)")
+    r.add_argument("--model", type=Path, default=TINY_MODEL_DIR)
+    r.add_argument("--adapter", type=Path, default=None, help="a DreamBooth adapter folder (none: the base alone)")
+    r.add_argument("--subject-file", type=Path, default=TINY_DATA_DIR / "subject" / "subject.json")
+    r.add_argument("--guidance", type=float, default=4.0)
+    r.add_argument("--steps", type=int, default=20)
+    r.add_argument("--grid", type=Path, default=None, help="also save the labelled samples as a PNG grid")
     f = sub.add_parser("figure", help="a labelled grid of the base model's samples (docs figure)")
     f.add_argument("--model", type=Path, default=TINY_MODEL_DIR)
     f.add_argument("--out", type=Path, default=TINY_MODEL_DIR.parent / "figures" / "tiny-world-samples.png")
@@ -43,6 +53,20 @@ def main(args: argparse.Namespace) -> None:
 
         path = samples_figure(load_pipeline(require_tiny(args.model) if args.model == TINY_MODEL_DIR else args.model), args.out)
         print(f"wrote {path}")
+        return
+    if args.command == "rates":
+        import json
+
+        from .measure import format_rates, load_with_adapter, showroom_rates
+
+        pipe = load_with_adapter(args.model, args.adapter)
+        rates = showroom_rates(pipe, args.subject_file, steps=args.steps, guidance=args.guidance, return_images=bool(args.grid))
+        if args.grid:
+            from .figure import rates_figure
+
+            rates_figure(rates.pop("images"), rates["rows"], args.grid)
+        print(json.dumps({k: v for k, v in rates.items() if k != "rows"}, indent=2))
+        print(format_rates(rates))
         return
     if args.command == "measure":
         import json
@@ -69,7 +93,10 @@ def main(args: argparse.Namespace) -> None:
         base = quick_config() if args.quick else BuildConfig()
         kw = {f.name: getattr(base, f.name) for f in fields(BuildConfig)}
         kw.update(seed=args.seed, threads=args.threads, steps_scale=args.steps_scale * base.steps_scale)
-        build_model(args.out, BuildConfig(**kw), verbose=not args.quiet)
+        if args.resume and args.checkpoint_dir is None:
+            raise SystemExit("--resume needs --checkpoint-dir (the folder the interrupted build wrote its state to)")
+        build_model(args.out, BuildConfig(**kw), verbose=not args.quiet, checkpoint_dir=args.checkpoint_dir,
+                    resume=args.resume)
         if args.skip_data:
             return
     from .data import write_all

@@ -10,41 +10,98 @@ import numpy as np
 
 from . import scenes
 
-__all__ = ["write_subject", "write_control", "write_all", "SUBJECT_BACKGROUNDS"]
+__all__ = ["write_subject", "subject_caption", "write_control", "write_all", "subject_scenes", "SUBJECT_BACKGROUNDS", "SUBJECT_LAYOUTS",
+           "heldout_subject_prompts", "class_check_prompts"]
 
 SUBJECT_BACKGROUNDS = ("green", "blue", "white", "black")  # never the stripe colours
 
 
-def _subject_scenes(seed: int, n: int) -> list[scenes.Scene]:
-    rng = np.random.default_rng(seed)
+# (size, position) of the subject in its photos: the 5 training photos show it at a few places and sizes;
+# the held-out prompts ask for places it was never shown at (bottom left, top right, left, bottom).
+SUBJECT_LAYOUTS = {
+    "train": (("large", "center"), ("medium", "top left"), ("medium", "bottom right"), ("large", "right"),
+              ("medium", "top")),
+    "heldout": (("medium", "bottom left"), ("medium", "top right"), ("large", "left"), ("medium", "bottom")),
+}
+_HELDOUT_POSITIONS = ("bottom left", "top right", "left", "bottom")
+
+
+def subject_scenes(seed: int = 0, split: str | None = None) -> list[scenes.Scene]:
+    """The subject's scenes as written by ``write_subject`` (``split`` 'train' (5), 'heldout' (12) or both)."""
     out = []
-    for i in range(n):
-        s = scenes.sample_scene(
-            rng, shape=scenes.SUBJECT.shape, colour=scenes.SUBJECT.stripes[0],
-            background=SUBJECT_BACKGROUNDS[i % len(SUBJECT_BACKGROUNDS)], stripes=scenes.SUBJECT.stripes,
-        )
-        # the subject is shown fairly large so its stripes stay visible at 32x32
-        out.append(scenes.Scene(**{**s.__dict__, "radius": 0.3 + 0.12 * float(rng.random())}))
+    for name, n, split_seed in (("train", 5, seed + 101), ("heldout", 12, seed + 202)):
+        if split in (None, name):
+            out += _subject_scenes(split_seed, n, SUBJECT_LAYOUTS[name])
     return out
 
 
+def _subject_scenes(seed: int, n: int, layouts: tuple[tuple[str, str], ...]) -> list[scenes.Scene]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        size, position = layouts[i % len(layouts)]
+        # the subject is never small in its photos, so its stripes stay visible at 32x32
+        out.append(scenes.sample_scene(
+            rng, shape=scenes.SUBJECT.shape, colour=scenes.SUBJECT.stripes[0],
+            background=SUBJECT_BACKGROUNDS[i % len(SUBJECT_BACKGROUNDS)], stripes=scenes.SUBJECT.stripes,
+            size=size, position=position,
+        ))
+    return out
+
+
+def heldout_subject_prompts() -> list[str]:
+    """The DreamBooth showroom prompts: the subject on each background, and at held-out positions/sizes."""
+    ident, noun = scenes.SUBJECT.identifier, scenes.SUBJECT.shape
+    out = [f"a {ident} {noun} on a {bg} background" for bg in SUBJECT_BACKGROUNDS]
+    for i, pos in enumerate(_HELDOUT_POSITIONS):
+        out.append(f"a {ident} {noun} in the {pos} of a {SUBJECT_BACKGROUNDS[(i + 1) % 4]} background")
+    out.append(f"a large {ident} {noun} on a {SUBJECT_BACKGROUNDS[2]} background")
+    out.append(f"a small {ident} {noun} in the top right of a {SUBJECT_BACKGROUNDS[0]} background")
+    return out
+
+
+def class_check_prompts() -> list[str]:
+    """Prompts without the identifier, for the prior check with the adapter loaded: 'a star on a {bg} background'."""
+    return [f"a {scenes.SUBJECT.shape} on a {bg} background" for bg in SUBJECT_BACKGROUNDS]
+
+
+def subject_caption(scene: scenes.Scene) -> str:
+    """A training photo's own caption: identifier + class noun + where and on what it is shown, e.g. 'a qwe star in
+    the top left of a blue background' (the per-image caption files; the identifier then need not explain the
+    background)."""
+    size = f"{scenes.size_word(scene)} " if scenes.size_word(scene) != "medium" else ""
+    pos = scenes.position_word(scene)
+    where = "on" if pos == "center" else f"in the {pos} of"
+    return f"a {size}{scenes.SUBJECT.identifier} {scenes.SUBJECT.shape} {where} a {scene.background} background"
+
+
 def write_subject(out: Path, seed: int = 0, n_train: int = 5, n_heldout: int = 12) -> Path:
-    """``out/train/*.png``, ``out/heldout/*.png`` and ``out/subject.json`` for one striped-star subject."""
+    """``out/train/*.png`` (with a caption ``.txt`` each), ``out/train_masks/*.png`` (the subject's masks, for the
+    masked loss), ``out/heldout/*.png`` and ``out/subject.json`` for one striped-star subject."""
     out = Path(out)
     a, b = scenes.SUBJECT.stripes
     ident, noun = scenes.SUBJECT.identifier, scenes.SUBJECT.shape
     for split, n, split_seed in (("train", n_train, seed + 101), ("heldout", n_heldout, seed + 202)):
         (out / split).mkdir(parents=True, exist_ok=True)
-        for i, s in enumerate(_subject_scenes(split_seed, n)):
+        for i, s in enumerate(_subject_scenes(split_seed, n, SUBJECT_LAYOUTS[split])):
             scenes.render(s).save(out / split / f"{i:02d}.png")
+            if split == "train":
+                (out / "train_masks").mkdir(exist_ok=True)
+                scenes.object_mask(s).save(out / "train_masks" / f"{i:02d}.png")
+                (out / split / f"{i:02d}.txt").write_text(subject_caption(s) + "\n")
+    held = heldout_subject_prompts()
     doc = {
         "class_noun": noun,
         "identifier": ident,
         "instance_prompt": f"a {ident} {noun}",
         "class_prompt": f"a {noun}",
-        "validation_prompts": [f"a {ident} {noun}"] + [f"a {ident} {noun} on a {bg} background" for bg in SUBJECT_BACKGROUNDS],
-        "description": f"a five-pointed star filled with horizontal {a} and {b} stripes; the base model only ever saw "
-        "single-colour shapes, so the stripes are what DreamBooth must learn",
+        "instance_mask_dir": "train_masks",  # used with mask_loss_weight > 0
+        # the validation grid: the subject in new contexts (backgrounds, positions), and the class prompt
+        "validation_prompts": [held[0], held[5], held[6], held[3], f"a {noun} on a {SUBJECT_BACKGROUNDS[1]} background"],
+        "heldout_prompts": held,
+        "class_check_prompts": class_check_prompts(),
+        "description": f"a five-pointed star filled with horizontal {a} and {b} stripes, shown at a few positions and "
+        "sizes; the base model only ever saw single-colour shapes, so the stripes are what DreamBooth must learn",
         "stripe_colours": [a, b],
         "resolution": scenes.RESOLUTION,
         "num_train": n_train,

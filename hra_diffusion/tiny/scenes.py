@@ -25,6 +25,12 @@ __all__ = [
     "render_outline",
     "caption",
     "caption_variant",
+    "size_word",
+    "position_word",
+    "POSITIONS",
+    "SIZES",
+    "general_image",
+    "sample_general_images",
     "nearest_colour",
     "dominant_colours",
 ]
@@ -42,6 +48,20 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
+
+# Size and position words (v2 captions: "a small red star in the top left of a blue background").
+# Radii (fraction of the image) of the three size classes; "medium" is never said in a caption.
+SIZES: dict[str, tuple[float, float]] = {"small": (0.18, 0.25), "medium": (0.27, 0.33), "large": (0.35, 0.42)}
+# Positions on a 3x3 grid: (column, row) in {0, 1, 2}; "center" is the middle cell.
+POSITIONS: dict[str, tuple[int, int]] = {
+    "top left": (0, 0), "top": (1, 0), "top right": (2, 0),
+    "left": (0, 1), "center": (1, 1), "right": (2, 1),
+    "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2),
+}
+# Shapes are drawn upright (star and triangle point up, square axis-aligned) up to this many radians of jitter:
+# v1's free rotations made "star" vs "square" a much harder thing to learn from 6,000 scenes.
+ROTATION_JITTER = 0.3
+_UPRIGHT = {"circle": 0.0, "square": math.pi / 4, "triangle": -math.pi / 2, "star": -math.pi / 2}
 
 
 @dataclass(frozen=True)
@@ -84,8 +104,14 @@ def sample_scene(
     colour: str | None = None,
     background: str | None = None,
     stripes: tuple[str, str] | None = None,
+    size: str | None = None,
+    position: str | None = None,
 ) -> Scene:
-    """Draw one scene; unspecified attributes are random, and the background never equals the shape colour(s)."""
+    """Draw one scene; unspecified attributes are random, and the background never equals the shape colour(s).
+
+    The shape sits in one cell of a 3x3 grid (``position``, a key of ``POSITIONS``) at one of three sizes
+    (``size``, a key of ``SIZES``), upright up to ``ROTATION_JITTER``.
+    """
     names = list(COLOURS)
     shape = shape if shape is not None else SHAPES[rng.integers(len(SHAPES))]
     colour = colour if colour is not None else names[rng.integers(len(names))]
@@ -96,11 +122,17 @@ def sample_scene(
     _check_names(shape, colour, background)
     if background in taken:
         raise ValueError(f"background {background!r} equals the shape colour; choose a different background")
-    radius = float(rng.uniform(0.2, 0.42))
-    margin = radius * 0.8
-    cx = float(rng.uniform(margin, 1 - margin))
-    cy = float(rng.uniform(margin, 1 - margin))
-    angle = float(rng.uniform(0, 2 * math.pi))
+    size_names, pos_names = list(SIZES), list(POSITIONS)
+    size = size if size is not None else size_names[rng.integers(len(size_names))]
+    position = position if position is not None else pos_names[rng.integers(len(pos_names))]
+    if size not in SIZES or position not in POSITIONS:
+        raise ValueError(f"unknown size/position {size!r}/{position!r}; the tiny world knows {size_names} and {pos_names}")
+    radius = float(rng.uniform(*SIZES[size]))
+    col, row = POSITIONS[position]
+    reach = 0.5 - radius * 0.85  # the largest centre offset that keeps the shape inside the image
+    cx = 0.5 + (col - 1) * reach + float(rng.uniform(-0.03, 0.03)) * (col == 1)
+    cy = 0.5 + (row - 1) * reach + float(rng.uniform(-0.03, 0.03)) * (row == 1)
+    angle = _UPRIGHT[shape] + float(rng.uniform(-ROTATION_JITTER, ROTATION_JITTER))
     return Scene(shape, colour, background, cx, cy, radius, angle, stripes)
 
 
@@ -143,6 +175,11 @@ def _mask(scene: Scene, size: int, outline: int = 0) -> Image.Image:
     return mask
 
 
+def object_mask(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
+    """The object's coverage as an 'L' image of ``resolution`` pixels (anti-aliased: 255 inside, 0 outside)."""
+    return _mask(scene, resolution * SUPERSAMPLE).resize((resolution, resolution), Image.BILINEAR)
+
+
 def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
     """The scene as an RGB image of ``resolution`` pixels (anti-aliased)."""
     size = resolution * SUPERSAMPLE
@@ -150,7 +187,9 @@ def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
     if scene.stripes:
         fill = Image.new("RGB", (size, size))
         draw = ImageDraw.Draw(fill)
-        band = max(1, size // 12)  # ~6 stripes across the image
+        # 4 px bands at 32 px (3-5 across the subject), meant to be easier to draw at 16x16 latents than the
+        # first v2's 2.7 px (2/30 striped DreamBooth samples on that base); not yet shown to help (0/30 so far)
+        band = max(1, size // 8)
         for i, y in enumerate(range(0, size, band)):
             draw.rectangle((0, y, size, y + band), fill=COLOURS[scene.stripes[i % 2]])
     else:
@@ -171,21 +210,41 @@ def caption(scene: Scene) -> str:
     return f"a {scene.colour} {scene.shape} on a {scene.background} background"
 
 
-def caption_variant(scene: Scene, u: float) -> str:
+def size_word(scene: Scene) -> str:
+    """The scene's size class: 'small', 'medium' or 'large' (from its radius)."""
+    return min(SIZES, key=lambda k: abs(scene.radius - sum(SIZES[k]) / 2))
+
+
+def position_word(scene: Scene) -> str:
+    """The scene's 3x3 grid cell, e.g. 'top left' or 'center' (from its centre)."""
+    col = 0 if scene.cx < 0.45 else 2 if scene.cx > 0.55 else 1
+    row = 0 if scene.cy < 0.45 else 2 if scene.cy > 0.55 else 1
+    return next(k for k, v in POSITIONS.items() if v == (col, row))
+
+
+def caption_variant(scene: Scene, u: float, v: float | None = None) -> str:
     """A caption variant chosen by ``u`` in [0, 1): full (55%), no colour, no background, shape only, empty (10%).
 
     Training on the variants makes 'a star' (the DreamBooth class prompt) and partial prompts known, and the
-    empty caption gives classifier-free guidance its unconditional branch.
+    empty caption gives classifier-free guidance its unconditional branch. With ``v`` in [0, 1) the non-empty
+    variants also get a size word (when small or large) and/or a position phrase, each half the time:
+    "a small red star in the top left of a blue background", "a large star on a green background",
+    "a red star in the center". ``v=None`` gives v1's forms only.
     """
+    if u >= 0.90:
+        return ""
+    with_size = v is not None and v < 0.5 and size_word(scene) != "medium"
+    with_pos = v is not None and (v * 2) % 1 < 0.5
+    size = f"{size_word(scene)} " if with_size else ""
+    where = f"in the {position_word(scene)} of" if with_pos else "on"
     if u < 0.55:
-        return caption(scene)
+        return f"a {size}{scene.colour} {scene.shape} {where} a {scene.background} background"
     if u < 0.67:
-        return f"a {scene.shape} on a {scene.background} background"
+        return f"a {size}{scene.shape} {where} a {scene.background} background"
+    tail = f" in the {position_word(scene)}" if with_pos else ""
     if u < 0.79:
-        return f"a {scene.colour} {scene.shape}"
-    if u < 0.90:
-        return f"a {scene.shape}"
-    return ""
+        return f"a {size}{scene.colour} {scene.shape}{tail}"
+    return f"a {size}{scene.shape}{tail}"
 
 
 def nearest_colour(rgb: np.ndarray) -> np.ndarray:
@@ -214,3 +273,69 @@ def dominant_colours(image: Image.Image | np.ndarray, min_fraction: float = 0.03
     if counts[fg] < min_fraction * labels.size:
         return names[bg], None
     return names[bg], names[fg]
+
+
+def _pattern(rng: np.random.Generator, size: int, kind: str, colours: list[str]) -> Image.Image:
+    """A full-size RGB fill: 'plain', 'hstripes', 'vstripes', 'checker' or 'twotone', bands 2-6 px at 32 px."""
+    a, b = (COLOURS[c] for c in colours)
+    img = Image.new("RGB", (size, size), a)
+    if kind == "plain":
+        return img
+    draw = ImageDraw.Draw(img)
+    band = int(rng.integers(2 * SUPERSAMPLE, 6 * SUPERSAMPLE + 1)) * size // (RESOLUTION * SUPERSAMPLE)
+    band = max(1, band)
+    offset = int(rng.integers(0, 2 * band))
+    if kind == "hstripes":
+        for i, y in enumerate(range(-offset, size, band)):
+            if i % 2:
+                draw.rectangle((0, y, size, y + band - 1), fill=b)
+    elif kind == "vstripes":
+        for i, x in enumerate(range(-offset, size, band)):
+            if i % 2:
+                draw.rectangle((x, 0, x + band - 1, size), fill=b)
+    elif kind == "checker":
+        for i, y in enumerate(range(-offset, size, band)):
+            for j, x in enumerate(range(-offset, size, band)):
+                if (i + j) % 2:
+                    draw.rectangle((x, y, x + band - 1, y + band - 1), fill=b)
+    else:  # two-tone: a straight cut through a random point at a random angle
+        px, py = rng.uniform(0.2, 0.8, 2) * size
+        ang = rng.uniform(0, 2 * math.pi)
+        dx, dy = math.cos(ang) * 4 * size, math.sin(ang) * 4 * size
+        nx, ny = -dy, dx
+        draw.polygon([(px - dx, py - dy), (px + dx, py + dy), (px + dx + nx, py + dy + ny), (px - dx + nx, py - dy + ny)], fill=b)
+    return img
+
+
+_PATTERNS = ("plain", "hstripes", "vstripes", "checker", "twotone")
+
+
+def general_image(rng: np.random.Generator, resolution: int = RESOLUTION) -> Image.Image:
+    """One image of the VAE's general pool: a plain/striped/checkered/two-tone fill, or a shape filled so on a
+    plain (70%) or patterned background, any rotation. The VAE must represent what the UNet never draws (the
+    DreamBooth subject's stripes above all), as real SD's VAE has seen all kinds of images."""
+    size = resolution * SUPERSAMPLE
+    names = list(COLOURS)
+
+    def two() -> list[str]:
+        i, j = rng.choice(len(names), 2, replace=False)
+        return [names[i], names[j]]
+
+    if rng.random() < 0.25:
+        return _pattern(rng, size, _PATTERNS[rng.integers(len(_PATTERNS))], two()).resize((resolution, resolution), Image.LANCZOS)
+    bg_kind = "plain" if rng.random() < 0.7 else _PATTERNS[1 + rng.integers(len(_PATTERNS) - 1)]
+    img = _pattern(rng, size, bg_kind, two())
+    fill = _pattern(rng, size, _PATTERNS[rng.integers(len(_PATTERNS))], two())
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    radius = float(rng.uniform(0.15, 0.45))
+    margin = radius * 0.7
+    scene = Scene(shape, "red", "blue", float(rng.uniform(margin, 1 - margin)), float(rng.uniform(margin, 1 - margin)),
+                  radius, float(rng.uniform(0, 2 * math.pi)))
+    img.paste(fill, (0, 0), _mask(scene, size))
+    return img.resize((resolution, resolution), Image.LANCZOS)
+
+
+def sample_general_images(seed: int, n: int, resolution: int = RESOLUTION) -> list[Image.Image]:
+    """``n`` general-pool images from one seed (deterministic)."""
+    rng = np.random.default_rng([seed, 11])
+    return [general_image(rng, resolution) for _ in range(n)]

@@ -221,6 +221,9 @@ class DreamBoothConfig(TrainConfig):
     text_encoder_r: int = 8
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
     text_encoder_lr: float | None = None
+    # tiny world only (a subject.json listing heldout_prompts): after training, draw its held-out subject prompts
+    # and class check prompts (3 seeds) and print the deterministic subject checker's rates (card, logs)
+    showroom_rates: bool = True
 
     def validate(self) -> None:
         super().validate()

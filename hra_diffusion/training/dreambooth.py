@@ -209,6 +209,32 @@ class DreamBoothTask(StableDiffusionTask):
             paths.append(save_adapter(modules[name], output_dir / "adapter" / name, **meta))
         return paths
 
+    def after_training(self, modules, result: TrainResult) -> None:
+        """On the tiny world (a subject.json with ``heldout_prompts``), the showroom rates of the trained adapter:
+        the held-out subject prompts and the class check prompts, 3 seeds each, read by the deterministic
+        subject checker (``hra_diffusion.tiny.checker``); saved to ``logs/showroom_rates.json`` and
+        ``validation/showroom.png``, printed, and put in the model card."""
+        from ..tiny.measure import has_showroom
+
+        cfg = self.cfg
+        if not (cfg.showroom_rates and has_showroom(cfg.subject_file)):
+            return
+        from ..tiny.figure import rates_figure
+        from ..tiny.measure import format_rates, showroom_rates
+
+        unet = modules["unet"]
+        encoders = [modules.get(name, te) for name, te in zip(self.cond.component_names, self.cond.text_encoders,
+                                                              strict=True)]
+        with eval_mode(unet, *encoders):
+            rates = showroom_rates(self._pipeline(unet, encoders), cfg.subject_file, return_images=True)
+        out = Path(cfg.output_dir)
+        grid = rates_figure(rates.pop("images"), rates.pop("rows"), out / "validation" / "showroom.png")
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        (out / "logs" / "showroom_rates.json").write_text(json.dumps(rates, indent=2) + "\n")
+        line = format_rates(rates)
+        result.stats["showroom_rates"] = rates
+        result.stats.setdefault("report", []).append(f"tiny-world showroom: {line} (grid: {grid})")
+
     # ---- the model card ------------------------------------------------------------------------
     def write_card(self, result: TrainResult) -> Path:
         """The README.md: what the adapter is, how it was trained, samples, how to load it."""
@@ -244,6 +270,13 @@ class DreamBoothTask(StableDiffusionTask):
                                  + (f" of {', '.join(self.text_parts)}" if len(self.text_parts) > 1 else "")
                                  if cfg.train_text_encoder else "no"),
         })
+        rates = result.stats.get("showroom_rates")
+        if rates:
+            from ..tiny.measure import format_rates
+
+            facts["tiny-world showroom rates"] = (f"{format_rates(rates)}; seeds {rates['seeds']}, "
+                                                  f"{rates['inference_steps']} steps, guidance {rates['guidance_scale']} "
+                                                  "(`validation/showroom.png`)")
         command = cfg.command or "accelerate launch train/dreambooth_hra.py"
         return write_model_card(
             out, title=f"{name} DreamBooth adapter: {cfg.instance_prompt}", base_model=cfg.pretrained_model,
