@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--model", type=Path, default=TINY_MODEL_DIR)
     r.add_argument("--adapter", type=Path, default=None, help="a DreamBooth adapter folder (none: the base alone)")
     r.add_argument("--subject-file", type=Path, default=TINY_DATA_DIR / "subject" / "subject.json")
-    r.add_argument("--guidance", type=float, default=4.0)
+    r.add_argument("--guidance", type=float, default=2.0,
+                   help="classifier-free guidance scale (default 2.0, the default recipe's validation_guidance_scale)")
     r.add_argument("--steps", type=int, default=20)
     r.add_argument("--grid", type=Path, default=None, help="also save the labelled samples as a PNG grid")
     f = sub.add_parser("figure", help="a labelled grid of the base model's samples (docs figure)")

@@ -40,7 +40,7 @@ def showroom_prompts(subject_file: str | Path | None = None) -> tuple[list[str],
 
 @torch.no_grad()
 def showroom_rates(pipe, subject_file: str | Path | None = None, seeds: tuple[int, ...] = SEEDS, steps: int = 20,
-                   guidance: float = 4.0, return_images: bool = False) -> dict[str, Any]:
+                   guidance: float = 2.0, return_images: bool = False) -> dict[str, Any]:
     """Generate every held-out subject prompt and class check prompt once per seed and read them.
 
     Returns ``checker.subject_rates``'s dict (subject_rate, context_rate, subject_in_context_rate,

@@ -211,7 +211,8 @@ class DreamBoothTask(StableDiffusionTask):
 
     def after_training(self, modules, result: TrainResult) -> None:
         """On the tiny world (a subject.json with ``heldout_prompts``), the showroom rates of the trained adapter:
-        the held-out subject prompts and the class check prompts, 3 seeds each, read by the deterministic
+        the held-out subject prompts and the class check prompts, 3 seeds each (at the recipe's
+        ``validation_guidance_scale``), read by the deterministic
         subject checker (``hra_diffusion.tiny.checker``); saved to ``logs/showroom_rates.json`` and
         ``validation/showroom.png``, printed, and put in the model card."""
         from ..tiny.measure import has_showroom
@@ -226,7 +227,8 @@ class DreamBoothTask(StableDiffusionTask):
         encoders = [modules.get(name, te) for name, te in zip(self.cond.component_names, self.cond.text_encoders,
                                                               strict=True)]
         with eval_mode(unet, *encoders):
-            rates = showroom_rates(self._pipeline(unet, encoders), cfg.subject_file, return_images=True)
+            rates = showroom_rates(self._pipeline(unet, encoders), cfg.subject_file,
+                                   guidance=cfg.validation_guidance_scale, return_images=True)
         out = Path(cfg.output_dir)
         grid = rates_figure(rates.pop("images"), rates.pop("rows"), out / "validation" / "showroom.png")
         (out / "logs").mkdir(parents=True, exist_ok=True)
