@@ -5,7 +5,8 @@
     python eval/compare.py --methods hra,lora --max_train_steps 50 --output_dir outputs/cmp
 
 Every method is trained by the real trainer (train/dreambooth_hra.py or train/control_hra.py, its default
-recipe unless --config is given) with the same data, seed, schedule and steps, each in its own process, then
+recipe unless --config is given; for DreamBooth with --train_text_encoder false, so only the UNet adapters are
+compared) with the same data, seed, schedule and steps, each in its own process, then
 generated from and scored with the same seeds. Parameter budgets are matched (--budget match, the default):
 HRA runs at r=8 and each baseline at the size whose trainable count, on this task's UNet and targets, is
 closest to HRA's (LoRA's rank; OFT's and BOFT's block size); on attention projections alone that is LoRA r=4,
@@ -125,6 +126,8 @@ def common_args(cfg: CompareConfig) -> list[str]:
         args = ["--config", cfg.config, *args]
     if cfg.max_train_steps:
         args += ["--max_train_steps", str(cfg.max_train_steps)]
+    if cfg.task == "dreambooth":  # UNet adapters compared alone: the baselines have no text-encoder path
+        args += ["--train_text_encoder", "false"]
     return args + list(cfg.train_args)
 
 

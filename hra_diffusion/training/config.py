@@ -493,6 +493,32 @@ def config_help(cls: type, default_recipe: str | Path | None = None, program: st
     return "\n".join(lines)
 
 
+# Settings that belong to some adapter kinds only (see TrainConfig._validate_adapter): a recipe tuned for one
+# kind may hold them; the command line may pick another kind.
+_ADAPTER_ONLY = {"apply_gs": ("hra",), "orth_lambda": ("hra",), "train_text_encoder": ("hra",),
+                 "r": ("hra", "lora"), "block_size": ("oft", "boft"), "lora_alpha": ("lora",)}
+
+
+def _drop_other_adapters_settings(cls: type[C], recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``--adapter X`` on the command line over a recipe written for another adapter: the recipe's settings that
+    do not apply to X (its HRA reflections ``r`` for OFT, its text-encoder HRA for LoRA, ...) are not used, and
+    a note says so. The same settings given on the command line are still errors (the user asked for them)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    kind = overrides.get("adapter")
+    if kind is None or kind == recipe.get("adapter", defaults.get("adapter")):
+        return recipe
+    dropped = {k: v for k, v in recipe.items()
+               if k in _ADAPTER_ONLY and k in defaults and k not in overrides and kind not in _ADAPTER_ONLY[k]}
+    if dropped:
+        import sys
+
+        print(f"note: adapter {kind!r} (command line): the recipe's "
+              + ", ".join(f"{k}: {v!r}" for k, v in dropped.items())
+              + f" {'does' if len(dropped) == 1 else 'do'} not apply to it and {'is' if len(dropped) == 1 else 'are'} "
+              "not used", file=sys.stderr)
+    return {k: v for k, v in recipe.items() if k not in dropped}
+
+
 def parse_config(
     cls: type[C], argv: list[str], default_recipe: str | Path | None = None, program: str = ""
 ) -> C:
@@ -523,7 +549,9 @@ def parse_config(
     values: dict[str, Any] = {}
     if recipe is not None:
         values.update(load_recipe(cls, recipe))
-    values.update(apply_overrides(cls, rest))
+    overrides = apply_overrides(cls, rest)
+    values = _drop_other_adapters_settings(cls, values, overrides)
+    values.update(overrides)
     try:
         cfg = cls(**values)
     except TypeError as err:  # pragma: no cover - guarded by the key checks above
