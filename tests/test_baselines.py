@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO / "train"))
 sys.path.insert(0, str(REPO / "eval"))
 import control_hra  # noqa: E402
 import dreambooth_hra  # noqa: E402
+from conftest import PLAIN_DREAMBOOTH_ARGS  # noqa: E402
 from test_control_data import make_control_dir  # noqa: E402
 from tiny_models import tiny_unet, unet_inputs  # noqa: E402
 
@@ -55,7 +56,8 @@ def _fresh_accelerate_state():
 
 
 def db_args(sd: Path, subject: Path, out: Path, *extra: str) -> list[str]:
-    return ["--pretrained_model", str(sd), "--subject_file", str(subject / "subject.json"), "--output_dir", str(out),
+    return [*PLAIN_DREAMBOOTH_ARGS,
+            "--pretrained_model", str(sd), "--subject_file", str(subject / "subject.json"), "--output_dir", str(out),
             "--resolution", "32", "--train_batch_size", "2", "--validation_prompts", "[]",
             "--with_prior_preservation", "false", "--report_to", "none", "--max_train_steps", "2",
             "--learning_rate", "1e-2", "--showroom_rates", "false", *extra]
@@ -234,6 +236,24 @@ def test_bad_adapter_options_are_refused(extra, words, tmp_path):
         dreambooth_hra.parse_args(["--output_dir", str(tmp_path / "out"), *extra])
     for w in words:
         assert w in str(info.value), (w, str(info.value))
+
+
+def test_adapter_on_the_command_line_drops_the_recipes_other_adapter_settings(tmp_path, capsys):
+    """A recipe tuned for HRA (r 16, text-encoder HRA) stays usable with --adapter oft/lora on the command line."""
+    recipe = tmp_path / "hra.yaml"
+    recipe.write_text("r: 16\ntrain_text_encoder: true\north_lambda: 0.001\nlearning_rate: 0.002\n")
+    oft = dreambooth_hra.parse_args(["--config", str(recipe), "--adapter", "oft", "--block_size", "16"])
+    assert (oft.adapter, oft.r, oft.train_text_encoder, oft.orth_lambda, oft.block_size) == ("oft", 8, False, 0.0, 16)
+    assert oft.learning_rate == 0.002  # the rest of the recipe is kept
+    said = capsys.readouterr().err
+    assert "adapter 'oft' (command line): the recipe's r: 16, train_text_encoder: True, orth_lambda: 0.001" in said
+    lora = dreambooth_hra.parse_args(["--config", str(recipe), "--adapter", "lora"])
+    assert lora.r == 16 and not lora.train_text_encoder  # r is LoRA's rank too
+    assert dreambooth_hra.parse_args(["--config", str(recipe)]).train_text_encoder  # no switch: nothing dropped
+    with pytest.raises(ConfigError, match="r does not apply"):  # asked for on the command line: still an error
+        dreambooth_hra.parse_args(["--config", str(recipe), "--adapter", "oft", "--r", "4"])
+    with pytest.raises(ConfigError, match="'hra' only"):
+        dreambooth_hra.parse_args(["--config", str(recipe), "--adapter", "lora", "--train_text_encoder", "true"])
 
 
 def test_odd_lora_rank_is_fine_and_control_takes_the_same_flag(tmp_path):

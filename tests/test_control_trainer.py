@@ -323,7 +323,9 @@ def test_recipes_hold_the_official_settings():
 
     default = control_hra.parse_args([])
     assert default.pretrained_model == "assets/tiny-sd" and default.train_data_dir == "assets/tiny-data/control/train"
-    assert default.target_modules == list(CONTROL_TARGETS)
+    # the tiny recipe: the control targets plus the convs, proj_in/out and the second feed-forward layer (r 16)
+    assert default.target_modules[:len(CONTROL_TARGETS)] == list(CONTROL_TARGETS) and default.r == 16
+    assert {"conv1", "conv2", "proj_in", "proj_out", "ff.net.2"} <= set(default.target_modules)
     for name in ("sd15_canny", "sd15_segmentation", "sd15_landmarks"):
         cfg = control_hra.parse_args(["--config", str(REPO / "configs" / "control" / f"{name}.yaml")])
         assert cfg.pretrained_model == "runwayml/stable-diffusion-v1-5" and cfg.target_modules == list(CONTROL_TARGETS)

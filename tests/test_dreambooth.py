@@ -22,7 +22,7 @@ from hra_diffusion.training.models import BaseModelError
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "train"))
 import dreambooth_hra  # noqa: E402
-from conftest import has_tiny_world  # noqa: E402
+from conftest import PLAIN_DREAMBOOTH_ARGS, has_tiny_world  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -38,6 +38,7 @@ def _fresh_accelerate_state():
 def fast_args(sd: Path, subject: Path, out: Path, *extra: str) -> list[str]:
     """A few-second run on the random tiny pipeline: no validation, no prior, no tensorboard."""
     return [
+        *PLAIN_DREAMBOOTH_ARGS,
         "--pretrained_model", str(sd), "--subject_file", str(subject / "subject.json"), "--output_dir", str(out),
         "--resolution", "32", "--train_batch_size", "2", "--validation_prompts", "[]",
         "--with_prior_preservation", "false", "--report_to", "none", "--max_train_steps", "2",

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "train"))
 import control_hra  # noqa: E402
 import dreambooth_hra  # noqa: E402
+from conftest import PLAIN_DREAMBOOTH_ARGS  # noqa: E402
 from test_control_data import make_control_dir  # noqa: E402
 
 WIDE = (49, 32)  # (w, h) of the non-square training image: resized to 49 x 32, centre crop left 8 (flipped: 9)
@@ -66,6 +67,7 @@ def record_time_ids(monkeypatch) -> list[list[int]]:
 
 def dreambooth_args(base: Path, subject: Path, out: Path, *extra: str) -> list[str]:
     return [
+        *PLAIN_DREAMBOOTH_ARGS,
         "--pretrained_model", str(base), "--subject_file", str(subject / "subject.json"), "--output_dir", str(out),
         "--resolution", "32", "--train_batch_size", "2", "--validation_prompts", "[]", "--report_to", "none",
         "--max_train_steps", "4", "--checkpointing_steps", "2", "--with_prior_preservation", "true",

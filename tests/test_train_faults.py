@@ -39,6 +39,7 @@ from hra_diffusion.training.run_guard import (
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "train"))
 import dreambooth_hra  # noqa: E402
+from conftest import PLAIN_DREAMBOOTH_ARGS  # noqa: E402
 
 
 def _reset_accelerate() -> None:
@@ -57,6 +58,7 @@ def _fresh_accelerate_state():
 def args_for(sd: Path, subject: Path, out: Path, *extra: str) -> list[str]:
     """A few-second run on the random tiny pipeline: 3 steps, a checkpoint after every step."""
     return [
+        *PLAIN_DREAMBOOTH_ARGS,
         "--pretrained_model", str(sd), "--subject_file", str(subject / "subject.json"), "--output_dir", str(out),
         "--resolution", "32", "--train_batch_size", "2", "--validation_prompts", "[]", "--learning_rate", "1e-3",
         "--with_prior_preservation", "false", "--report_to", "none", "--max_train_steps", "3",
@@ -314,6 +316,11 @@ def _start(cmd: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, list[
 def _wait_for(predicate, proc, chunks, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not predicate():
+        if proc.poll() is not None and not proc.reader.is_alive():  # it ended (and said all it had to) first
+            if predicate():
+                return
+            raise AssertionError(f"the process ended (exit code {proc.returncode}) before the awaited state; "
+                                 "output:\n" + "".join(chunks)[-3000:])
         if time.time() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError("timed out; output:\n" + "".join(chunks)[-3000:])
