@@ -282,7 +282,8 @@ def test_compare_script_prints_the_table(tmp_path, tiny_random_sd_dir, generated
         "--methods", "hra,lora", "--max_train_steps", "1", "--output_dir", str(out), "--num_images", "1",
         "--eval_steps", "2", "--dino_model", str(tmp_path / "no-dino"), "--clip_model", "local-dir:" + str(tmp_path / "no-clip"),
         "--train_args", f"--pretrained_model {tiny_random_sd_dir} --subject_file {generated_subject_dir / 'subject.json'} "
-                        "--train_batch_size 1 --num_class_images 2 --class_inference_steps 2 --validation_prompts []"])
+                        "--train_batch_size 1 --num_class_images 2 --class_inference_steps 2 --validation_prompts [] "
+                        "--mask_loss_weight 0 --target_modules [\"to_q\",\"to_k\",\"to_v\",\"to_out.0\"]"])
     result = compare.main(cfg)
     table = (out / "compare.md").read_text()
     assert result["table_markdown"] in table
