@@ -152,6 +152,9 @@ def test_per_image_captions_from_caption_files(tmp_path):
     (tmp_path / "c.txt").write_text("  \n")
     with pytest.raises(DataError, match=r"c\.txt.* is empty"):
         ImageFolderDataset(tmp_path, "p", ImageTransform(8), seed=0, caption_extension="txt")
+    (tmp_path / "c.txt").write_bytes("a qwe star on a gr\u00fcn background".encode("latin-1"))  # not UTF-8
+    with pytest.raises(DataError, match=r"c\.txt.* is not UTF-8 text .*save it as UTF-8"):
+        ImageFolderDataset(tmp_path, "p", ImageTransform(8), seed=0, caption_extension="txt")
 
 
 def test_masks_are_cut_exactly_like_their_images(tmp_path):

@@ -185,7 +185,11 @@ def _caption(image: Path, extension: str | None) -> str | None:
     path = image.with_suffix(extension if extension.startswith(".") else f".{extension}")
     if not path.is_file():
         return None
-    text = " ".join(path.read_text(encoding="utf-8").split())
+    try:
+        text = " ".join(path.read_text(encoding="utf-8").split())
+    except UnicodeDecodeError as err:
+        raise DataError(f"caption file {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}): save it as "
+                        "UTF-8, or remove it to use the instance prompt") from None
     if not text:
         raise DataError(f"caption file {str(path)!r} is empty: write the image's caption in it, or remove the file "
                         "to use the instance prompt")
