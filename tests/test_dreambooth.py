@@ -88,6 +88,7 @@ def test_cli_default_command_writes_every_output(tmp_path, tiny_sd_dir, tiny_sub
     card = (out / "README.md").read_text()
     assert "validation/step-000004.png" in card
     assert "accelerate launch train/dreambooth_hra.py --max_train_steps 4" in card
+    assert "tags: [hra, householder-reflection-adaptation, stable-diffusion, text-to-image]" in card  # not SDXL
     # the tiny world's showroom rates (deterministic subject checker): printed, saved, in the card
     if has_tiny_world():
         rates = json.loads((out / "logs" / "showroom_rates.json").read_text())

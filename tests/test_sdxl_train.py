@@ -128,6 +128,7 @@ def test_dreambooth_sdxl_outputs(sdxl_dreambooth, tiny_sdxl_dir):
     card = (out / "README.md").read_text()
     assert "StableDiffusionXLPipeline.from_pretrained" in card and "StableDiffusionPipeline" not in card
     assert 'load_adapter(pipe.text_encoder_2, "' in card and "(SDXL)" in card
+    assert "stable-diffusion, stable-diffusion-xl, text-to-image]" in card.split("---")[1]  # the hub's SDXL tag
     # the UNet got each image's time ids: original (h, w), crop (top, left), target; the 49 x 32 image at
     # crop left 8, or 9 when flipped (the left in the mirrored image, as diffusers records it)
     assert seen and {tuple(r) for r in seen} <= {(32, 32, 0, 0, 32, 32), (32, 49, 0, 8, 32, 32), (32, 49, 0, 9, 32, 32)}

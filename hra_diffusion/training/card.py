@@ -28,14 +28,16 @@ def write_model_card(
     sample_images: Sequence[str | os.PathLike] = (),
     usage: str = "",
     notes: Sequence[str] = (),
+    tags: Sequence[str] = (),
 ) -> Path:
-    """Write ``<output_dir>/README.md``. ``adapters`` maps a folder to what it holds; ``facts`` is a table."""
+    """Write ``<output_dir>/README.md``. ``adapters`` maps a folder to what it holds; ``facts`` is a table;
+    ``tags`` are added to the front matter's (e.g. ``stable-diffusion-xl`` for an SDXL base)."""
     root = Path(output_dir)
     lines = [
         "---",
         f"base_model: {base_model}",
         "library_name: hra-diffusion",
-        "tags: [hra, householder-reflection-adaptation, stable-diffusion, text-to-image]",
+        f"tags: [{', '.join(['hra', 'householder-reflection-adaptation', 'stable-diffusion', *tags, 'text-to-image'])}]",
         "---",
         "",
         f"# {title}",

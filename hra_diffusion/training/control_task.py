@@ -305,7 +305,7 @@ class ControlTask(StableDiffusionTask):
                                    "`hra_diffusion.control.load_control_adapter(pipe.unet, ...)`"},
             facts=facts, sample_images=result.validation_grids[-1:], usage=usage,
             notes=([f"validation prompts: {', '.join(shlex.quote(p) for _, p in self.validation_rows)}"]
-                   if self.validation_rows else []) + resume_notes(result),
+                   if self.validation_rows else []) + resume_notes(result), tags=self.card_tags(),
         )
 
 

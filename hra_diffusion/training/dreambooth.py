@@ -289,7 +289,7 @@ class DreamBoothTask(StableDiffusionTask):
                 "with its identifier) to generate the subject."),
             adapters=adapters, facts=facts, sample_images=samples, usage=usage,
             notes=([f"validation prompts: {', '.join(shlex.quote(p) for p in cfg.validation_prompts)}"]
-                   if cfg.validation_prompts else []) + resume_notes(result),
+                   if cfg.validation_prompts else []) + resume_notes(result), tags=self.card_tags(),
         )
 
 

@@ -105,6 +105,11 @@ class StableDiffusionTask(TrainingTask):
         return pipeline_for(self.sd, unet, text_encoders)
 
     # ---- the model card -------------------------------------------------------------------------
+    def card_tags(self) -> list[str]:
+        """Front-matter tags naming the base family (the hub lists SDXL adapters under stable-diffusion-xl)."""
+        loaded = getattr(self, "sd", None)
+        return ["stable-diffusion-xl"] if loaded is not None and loaded.family == "sdxl" else []
+
     def card_facts(self, result: TrainResult, data: dict, model: dict, run: dict | None = None) -> dict:
         """The card's settings table: base model, ``data``, the UNet adapter, ``model``, the schedule,
         ``run``, seed and time (in that order)."""
