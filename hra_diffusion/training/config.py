@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -50,6 +51,12 @@ class ConfigError(UserError):
 def _internal(default: Any) -> Any:
     """A field filled by the program, not settable from a recipe or the command line."""
     return field(default=default, metadata={"internal": True})
+
+
+# Settings that belong to some adapter kinds only (TrainConfig._validate_adapter checks them): a recipe tuned for one
+# kind may hold them; the command line may pick another kind.
+_ADAPTER_ONLY = {"apply_gs": ("hra",), "orth_lambda": ("hra",), "train_text_encoder": ("hra",),
+                 "r": ("hra", "lora"), "block_size": ("oft", "boft"), "lora_alpha": ("lora",)}
 
 
 @dataclass
@@ -164,15 +171,10 @@ class TrainConfig:
 
         if self.adapter not in ADAPTERS:
             raise ConfigError(f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}")
-        wrong = []
-        if self.adapter != "hra":
-            wrong += [k for k, default in (("apply_gs", False), ("orth_lambda", 0.0)) if getattr(self, k) != default]
-        if self.adapter in ("oft", "boft") and self.r != 8:
-            wrong.append("r")  # OFT/BOFT are sized by block_size
-        if self.adapter not in ("oft", "boft") and self.block_size is not None:
-            wrong.append("block_size")
-        if self.adapter != "lora" and self.lora_alpha is not None:
-            wrong.append("lora_alpha")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        # set away from its default for an adapter it is not for (train_text_encoder: DreamBoothConfig's own message)
+        wrong = [k for k, kinds in _ADAPTER_ONLY.items()
+                 if k != "train_text_encoder" and self.adapter not in kinds and getattr(self, k) != defaults[k]]
         if wrong:
             owners = {"apply_gs": "hra", "orth_lambda": "hra", "r": "hra, lora; oft and boft are sized by block_size", "block_size": "oft, boft",
                       "lora_alpha": "lora"}
@@ -493,12 +495,6 @@ def config_help(cls: type, default_recipe: str | Path | None = None, program: st
     return "\n".join(lines)
 
 
-# Settings that belong to some adapter kinds only (see TrainConfig._validate_adapter): a recipe tuned for one
-# kind may hold them; the command line may pick another kind.
-_ADAPTER_ONLY = {"apply_gs": ("hra",), "orth_lambda": ("hra",), "train_text_encoder": ("hra",),
-                 "r": ("hra", "lora"), "block_size": ("oft", "boft"), "lora_alpha": ("lora",)}
-
-
 def _drop_other_adapters_settings(cls: type[C], recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """``--adapter X`` on the command line over a recipe written for another adapter: the recipe's settings that
     do not apply to X (its HRA reflections ``r`` for OFT, its text-encoder HRA for LoRA, ...) are not used, and
@@ -508,10 +504,8 @@ def _drop_other_adapters_settings(cls: type[C], recipe: dict[str, Any], override
     if kind is None or kind == recipe.get("adapter", defaults.get("adapter")):
         return recipe
     dropped = {k: v for k, v in recipe.items()
-               if k in _ADAPTER_ONLY and k in defaults and k not in overrides and kind not in _ADAPTER_ONLY[k]}
+               if k in _ADAPTER_ONLY and k not in overrides and kind not in _ADAPTER_ONLY[k]}
     if dropped:
-        import sys
-
         print(f"note: adapter {kind!r} (command line): the recipe's "
               + ", ".join(f"{k}: {v!r}" for k, v in dropped.items())
               + f" {'does' if len(dropped) == 1 else 'do'} not apply to it and {'is' if len(dropped) == 1 else 'are'} "

@@ -105,18 +105,20 @@ class StableDiffusionTask(TrainingTask):
         return pipeline_for(self.sd, unet, text_encoders)
 
     # ---- the model card -------------------------------------------------------------------------
+    def _base_is_sdxl(self) -> bool:
+        loaded = getattr(self, "sd", None)  # None: the base is not loaded (the card comes from cfg alone)
+        return loaded is not None and loaded.family == "sdxl"
+
     def card_tags(self) -> list[str]:
         """Front-matter tags naming the base family (the hub lists SDXL adapters under stable-diffusion-xl)."""
-        loaded = getattr(self, "sd", None)
-        return ["stable-diffusion-xl"] if loaded is not None and loaded.family == "sdxl" else []
+        return ["stable-diffusion-xl"] if self._base_is_sdxl() else []
 
     def card_facts(self, result: TrainResult, data: dict, model: dict, run: dict | None = None) -> dict:
         """The card's settings table: base model, ``data``, the UNet adapter, ``model``, the schedule,
         ``run``, seed and time (in that order)."""
         cfg = self.cfg
         _, adapter_fact, _ = adapter_facts(cfg, self.trainable_unet)
-        loaded = getattr(self, "sd", None)  # None: the base is not loaded (the facts come from cfg alone)
-        family = " (SDXL)" if loaded is not None and loaded.family == "sdxl" else ""
+        family = " (SDXL)" if self._base_is_sdxl() else ""
         vae = {"VAE": f"`{cfg.pretrained_vae_model}` (not the base's)"} if cfg.pretrained_vae_model else {}
         return {
             "base model": f"`{cfg.pretrained_model}`" + (f" @ {cfg.revision}" if cfg.revision else "") + family,
