@@ -125,11 +125,15 @@ def add_score_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                     "  clip_i  CLIP image-image cosine, mean over ALL real x generated pairs\n"
                     "  clip_t  CLIP image-text cosine with each image's prompt (identifier included)\n"
                     "  lpips   LPIPS distance over the same pairs (only when the lpips package is installed)\n"
-                    "All-black (safety-filtered) images are skipped and counted. Default: all of the above.")
+                    "All-black (safety-filtered) images are skipped and counted. Default: all of the above.\n"
+                    "Samples of the tiny world (base assets/tiny-sd, from the manifest) are scored with its stand-in\n"
+                    "DINO and CLIP (assets/tiny-extractors), others with the real ones; the flags always win.")
     _add_score_common(subj)
     subj.add_argument("--reference", help="real subject images (default: reference_dir of the manifest)")
-    subj.add_argument("--dino-model", default="facebook/dino-vits16", help="hub id or local folder")
-    subj.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name, or local-dir:/path")
+    subj.add_argument("--dino-model", default=None, help="hub id or local folder (default: facebook/dino-vits16; "
+                      "for samples of the tiny world its stand-in, assets/tiny-extractors/dino)")
+    subj.add_argument("--clip-model", default=None, help="open_clip model name, or local-dir:/path (default: "
+                      "ViT-L-14; for samples of the tiny world its stand-in, assets/tiny-extractors/clip)")
     subj.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag, or a local "
                       ".safetensors checkpoint")
     subj.add_argument("--lpips-net", default="vgg", help="LPIPS backbone (vgg, alex, squeeze)")

@@ -180,8 +180,15 @@ def load_dino(model: str | os.PathLike | nn.Module = DEFAULT_DINO, device: str |
         size_cfg = cfg.get("size", 224)
         size = size_cfg.get("height", 224) if isinstance(size_cfg, dict) else int(size_cfg)
         mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
-    extractor = DINOExtractor(vit.to(device, dtype), cache_key=f"dino|{name}|{size}", image_size=size, mean=mean, std=std)
+    key = f"dino|{name}|{size}" + (_folder_stamp(Path(name)) if Path(name).is_dir() else "")
+    extractor = DINOExtractor(vit.to(device, dtype), cache_key=key, image_size=size, mean=mean, std=std)
     return extractor.to(device)
+
+
+def _folder_stamp(folder: Path) -> str:
+    """Size and mtime of a local model folder's weight and config files: a rebuilt model gets a new cache key."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json"))
+    return "|" + ",".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
 def _clip_preprocess_cfg(model: nn.Module) -> dict:
@@ -251,4 +258,6 @@ def load_clip(model: str | nn.Module = DEFAULT_CLIP_MODEL, pretrained: str | os.
     if pretrained is not None and Path(str(pretrained)).is_file():  # a local file can change: key on its stat
         st = Path(str(pretrained)).stat()
         key += f"|{st.st_size}|{st.st_mtime_ns}"
+    elif name.startswith("local-dir:"):
+        key += _folder_stamp(Path(name[len("local-dir:"):]))
     return CLIPExtractor(clip_model, tok, cache_key=key, **_clip_preprocess_cfg(clip_model)).to(device)

@@ -85,6 +85,12 @@ def render_html(result: ScoreResult, thumbnail: int = 160, images: bool = True) 
         rows,
         "</table>",
     ]
+    extractors = result.info.get("extractors") or {}
+    if extractors:
+        why = result.info.get("extractors_chosen_by", "")
+        parts.append("<p class='note' id='extractors'>Feature extractors" + (f" ({html.escape(why)})" if why else "")
+                     + ": " + "; ".join(f"{html.escape(k)}: {html.escape(str(v))}" for k, v in extractors.items())
+                     + "</p>")
     for name, msg in result.info.get("unavailable", {}).items():
         parts.append(f"<p class='note'>{html.escape(name)} not computed: {html.escape(msg)}</p>")
     if result.references:

@@ -2,13 +2,15 @@
 
 DINO / CLIP-I / LPIPS: every generated image against every real image of its subject, averaged over
 ALL pairs. CLIP-T: each image against the prompt it was generated from (identifier included).
-All-black images (safety-filtered) are skipped and counted.
+All-black images (safety-filtered) are skipped and counted. Which DINO and CLIP: ``choice.choose_extractors``
+(the flags, else the tiny world's stand-ins for tiny-world samples, else the real models).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +19,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..errors import HRAWarning
 from ..samples import SampleRow, list_images, load_image, read_samples
 from .cache import FeatureCache, cached_features, default_cache_dir
+from .choice import choose_extractors
 from .extractors import (
-    DEFAULT_CLIP_MODEL,
     DEFAULT_CLIP_PRETRAINED,
-    DEFAULT_DINO,
     CLIPExtractor,
     DINOExtractor,
     WeightsUnavailableError,
@@ -35,7 +37,7 @@ from .result import ScoreResult, parse_metric_names
 __all__ = ["SUBJECT_METRICS", "default_subject_metrics", "score_subject", "lpips_available", "load_lpips"]
 
 SUBJECT_METRICS = {
-    "dino": "DINO ViT-S/16 CLS cosine, real x generated (higher is better)",
+    "dino": "DINO CLS cosine, real x generated (higher is better; ViT-S/16, or the tiny world's stand-in)",
     "clip_i": "CLIP image-image cosine, real x generated (higher is better)",
     "clip_t": "CLIP image-prompt cosine (higher is better)",
     "lpips": "LPIPS distance, real x generated (lower is better; needs the lpips package)",
@@ -125,8 +127,9 @@ def _reference_sets(kept: list[SampleRow]) -> tuple[dict[Path, list[SampleRow]],
 
 
 def _load_models(names: list[str], dino, clip, clip_pretrained, clip_tokenizer, lpips_model,
-                 device) -> tuple[dict[str, Any], dict[str, Any]]:
-    """({'dino' | 'clip' | 'lpips': loaded model} for the requested metrics, the info entries naming them)."""
+                 device, lpips_optional: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """({'dino' | 'clip' | 'lpips': loaded model} for the requested metrics, the info entries naming them).
+    ``lpips_optional``: LPIPS weights that cannot be loaded are noted under ``info['unavailable']``, not raised."""
     models: dict[str, Any] = {}
     info: dict[str, Any] = {}
     if "dino" in names:
@@ -137,7 +140,15 @@ def _load_models(names: list[str], dino, clip, clip_pretrained, clip_tokenizer, 
             clip, clip_pretrained, device=device, tokenizer=clip_tokenizer)
         info["clip_model"] = models["clip"].cache_key
     if "lpips" in names:
-        models["lpips"] = load_lpips(lpips_model, device=device)
+        try:
+            models["lpips"] = load_lpips(lpips_model, device=device)
+        except WeightsUnavailableError as err:
+            if not lpips_optional:
+                raise
+            # lpips was not asked for by name, only there by default: say why it is missing instead of failing
+            info["unavailable"] = {"lpips": str(err)}
+            warnings.warn(f"lpips not computed: {err}", HRAWarning, stacklevel=3)
+            return models, info
         info["lpips_model"] = lpips_model if isinstance(lpips_model, str) else type(lpips_model).__name__
     return models, info
 
@@ -199,8 +210,8 @@ def score_subject(
     samples_dir: str | os.PathLike,
     reference_dir: str | os.PathLike | None = None,
     metrics: str | list[str] | None = None,
-    dino: str | os.PathLike | torch.nn.Module | DINOExtractor = DEFAULT_DINO,
-    clip: str | torch.nn.Module | CLIPExtractor = DEFAULT_CLIP_MODEL,
+    dino: str | os.PathLike | torch.nn.Module | DINOExtractor | None = None,
+    clip: str | torch.nn.Module | CLIPExtractor | None = None,
     clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
     clip_tokenizer=None,
     lpips_model: str | torch.nn.Module = "vgg",
@@ -209,7 +220,10 @@ def score_subject(
     device: str | torch.device = "cpu",
     progress: Callable | None = None,
 ) -> ScoreResult:
-    """Score a samples folder against real subject images; see the module docstring for the protocol."""
+    """Score a samples folder against real subject images; see the module docstring for the protocol.
+
+    ``dino`` / ``clip`` None: chosen from the samples' base model (the tiny world's stand-in extractors for
+    tiny-world samples, else DINO ViT-S/16 and CLIP ViT-L/14); metrics.json names them under ``info.extractors``."""
     names = parse_metric_names(metrics, SUBJECT_METRICS, default_subject_metrics())
     rows = _subject_rows(samples_dir, reference_dir, names)
     gen_pixels = {r.file: load_image(r.file) for r in rows}
@@ -218,7 +232,12 @@ def score_subject(
     if not kept:
         raise ValueError(f"every image in {samples_dir} is all black (safety-filtered?): nothing to score")
     groups, refs, black_refs = _reference_sets(kept) if any(n != "clip_t" for n in names) else ({}, {}, 0)
-    models, model_info = _load_models(names, dino, clip, clip_pretrained, clip_tokenizer, lpips_model, device)
+    need = [k for k, metrics_of in (("dino", {"dino"}), ("clip", {"clip_i", "clip_t"})) if metrics_of & set(names)]
+    choice = choose_extractors(rows, dino, clip, clip_pretrained, need=need)
+    models, model_info = _load_models(names, choice.dino, choice.clip, choice.clip_pretrained, clip_tokenizer,
+                                      lpips_model, device, lpips_optional=metrics in (None, "", []))
+    if need:
+        model_info.update(choice.info)
 
     per_image = {r.file: {"file": str(r.file), "prompt": r.prompt or "", "reference_dir": str(r.reference_dir or ""),
                           "skipped": "all-black" if r.file in black else ""} for r in rows}
@@ -230,12 +249,13 @@ def score_subject(
         run.pair_metric("clip_i", models["clip"])
     if "clip_t" in names:
         run.clip_t(models["clip"])
-    if "lpips" in names:
+    if "lpips" in models:
         run.lpips(models["lpips"], device)
 
     counts = {"images": len(rows), "scored": len(kept), "skipped_black": len(black),
               "references": sum(len(v) for v in refs.values()), "skipped_black_references": black_refs,
               "reference_sets": len(refs)}
-    info = {"samples_dir": str(samples_dir), "metrics": names, **model_info}
+    info = {"samples_dir": str(samples_dir), "metrics": [n for n in names if n not in model_info.get("unavailable", {})],
+            **model_info}
     return ScoreResult(kind="subject", summary=run.summary, per_image=[per_image[r.file] for r in rows],
                        counts=counts, info=info, references=[f for v in refs.values() for f in v])

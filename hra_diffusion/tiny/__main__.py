@@ -1,5 +1,6 @@
-"""``python -m hra_diffusion.tiny build|data|measure|figure``: rebuild the tiny world's model and/or synthetic data,
-re-measure a built model's quality figures, or draw its labelled sample grid."""
+"""``python -m hra_diffusion.tiny build|data|measure|figure|build-extractors``: rebuild the tiny world's model and/or
+synthetic data, re-measure a built model's quality figures, draw its labelled sample grid, or train its stand-in
+DINO and CLIP feature extractors."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 from dataclasses import fields
 from pathlib import Path
 
-from .paths import TINY_DATA_DIR, TINY_MODEL_DIR
+from .paths import TINY_DATA_DIR, TINY_EXTRACTORS_DIR, TINY_MODEL_DIR
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,11 +43,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     f = sub.add_parser("figure", help="a labelled grid of the base model's samples (docs figure)")
     f.add_argument("--model", type=Path, default=TINY_MODEL_DIR)
     f.add_argument("--out", type=Path, default=TINY_MODEL_DIR.parent / "figures" / "tiny-world-samples.png")
+    x = sub.add_parser("build-extractors", help="train the tiny world's stand-in DINO and CLIP (what `hra-diffusion "
+                       "score subject` uses for tiny-world samples) and write them with a build report")
+    x.add_argument("--out", type=Path, default=TINY_EXTRACTORS_DIR, help="folder to write (default assets/tiny-extractors)")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a busy machine)")
+    x.add_argument("--quick", action="store_true", help="a seconds-long smoke build (tiny pools and step counts)")
+    x.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="where the resumable state goes (default: .<out name>.build-state beside --out)")
+    x.add_argument("--resume", action="store_true", help="continue the build whose state is in the checkpoint folder")
+    x.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                   help="stop after this many training steps in this run, leaving a state to --resume from")
+    x.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
+
+
+def build_extractors_command(args: argparse.Namespace) -> None:
+    import json
+
+    from .extractors import (
+        BuildInterrupted,
+        ExtractorConfig,
+        build_extractors,
+        default_state_dir,
+        quick_config,
+    )
+
+    cfg = quick_config(seed=args.seed, threads=args.threads) if args.quick else ExtractorConfig(seed=args.seed,
+                                                                                             threads=args.threads)
+    try:
+        report = build_extractors(args.out, cfg, verbose=not args.quiet, checkpoint_dir=args.checkpoint_dir,
+                                  resume=args.resume, stop_after=args.stop_after)
+    except (BuildInterrupted, KeyboardInterrupt) as err:
+        state = args.checkpoint_dir or default_state_dir(args.out)
+        again = " ".join(["python -m hra_diffusion.tiny build-extractors", *(["--quick"] if args.quick else []),
+                          *([f"--out {args.out}"] if args.out != TINY_EXTRACTORS_DIR else []),
+                          *([f"--seed {args.seed}"] if args.seed else []),
+                          *([f"--checkpoint-dir {args.checkpoint_dir}"] if args.checkpoint_dir else []), "--resume"])
+        raise SystemExit(f"{err or 'interrupted'}; the build state is in {state} (the last checkpoint). Continue with: "
+                         f"{again}") from None
+    shown = {k: report[k] for k in ("zero_shot", "dino", "clip_i", "clip_t", "timings") if k in report}
+    print(json.dumps(shown, indent=2))
+    print(f"wrote {args.out} (clip/, dino/, build_report.json)")
 
 
 def main(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.command == "build-extractors":
+        build_extractors_command(args)
+        return
     if args.command == "figure":
         from .build import load_pipeline
         from .figure import samples_figure

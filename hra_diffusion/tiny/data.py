@@ -11,7 +11,7 @@ import numpy as np
 from . import scenes
 
 __all__ = ["write_subject", "subject_caption", "write_control", "write_all", "subject_scenes", "SUBJECT_BACKGROUNDS", "SUBJECT_LAYOUTS",
-           "heldout_subject_prompts", "class_check_prompts"]
+           "heldout_subject_prompts", "class_check_prompts", "sweep_subject_prompts", "sweep_class_prompts"]
 
 SUBJECT_BACKGROUNDS = ("green", "blue", "white", "black")  # never the stripe colours
 
@@ -65,6 +65,23 @@ def class_check_prompts() -> list[str]:
     return [f"a {scenes.SUBJECT.shape} on a {bg} background" for bg in SUBJECT_BACKGROUNDS]
 
 
+def sweep_subject_prompts() -> list[str]:
+    """A validation split for tuning (eval/compare.py's learning-rate sweep): the subject at the held-out places,
+    each on another background or at another size than any held-out prompt asks, so tuning never sees a test
+    prompt."""
+    ident, noun = scenes.SUBJECT.identifier, scenes.SUBJECT.shape
+    return [f"a {ident} {noun} in the top right of a black background",
+            f"a {ident} {noun} in the bottom left of a green background",
+            f"a large {ident} {noun} in the left of a white background",
+            f"a {ident} {noun} in the bottom of a blue background"]
+
+
+def sweep_class_prompts() -> list[str]:
+    """The prior check of the validation split: class prompts with a place, none of them a test prompt."""
+    noun = scenes.SUBJECT.shape
+    return [f"a {noun} in the bottom left of a white background", f"a {noun} in the left of a blue background"]
+
+
 def subject_caption(scene: scenes.Scene) -> str:
     """A training photo's own caption: identifier + class noun + where and on what it is shown, e.g. 'a qwe star in
     the top left of a blue background' (the per-image caption files; the identifier then need not explain the
@@ -85,10 +102,10 @@ def write_subject(out: Path, seed: int = 0, n_train: int = 5, n_heldout: int = 1
         (out / split).mkdir(parents=True, exist_ok=True)
         for i, s in enumerate(_subject_scenes(split_seed, n, SUBJECT_LAYOUTS[split])):
             scenes.render(s).save(out / split / f"{i:02d}.png")
+            (out / split / f"{i:02d}.txt").write_text(subject_caption(s) + "\n")  # held-out ones: for CLIP-T
             if split == "train":
                 (out / "train_masks").mkdir(exist_ok=True)
                 scenes.object_mask(s).save(out / "train_masks" / f"{i:02d}.png")
-                (out / split / f"{i:02d}.txt").write_text(subject_caption(s) + "\n")
     held = heldout_subject_prompts()
     doc = {
         "class_noun": noun,
