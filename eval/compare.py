@@ -1,27 +1,41 @@
-"""HRA against PEFT's LoRA, OFT and BOFT on one task, in the same training loop: the paper-style table.
+"""HRA against PEFT's LoRA, OFT and BOFT on one task, in the same training loop: the paper's table in miniature.
 
     python eval/compare.py                       # DreamBooth on the tiny world's subject (the default)
     python eval/compare.py --task control        # the tiny world's control set (outline -> filled shape)
-    python eval/compare.py --methods hra,lora --max_train_steps 50 --output_dir outputs/cmp
+    python eval/compare.py --methods hra,lora --seeds 0 --lr_factors 1 --max_train_steps 50 --output_dir outputs/cmp
+    python eval/compare.py --reuse               # continue an interrupted comparison: finished runs are kept
 
 Every method is trained by the real trainer (train/dreambooth_hra.py or train/control_hra.py, its default
 recipe unless --config is given; for DreamBooth with --train_text_encoder false, so only the UNet adapters are
-compared) with the same data, seed, schedule and steps, each in its own process, then
-generated from and scored with the same seeds. Parameter budgets are matched (--budget match, the default):
-HRA runs at r=8 and each baseline at the size whose trainable count, on this task's UNet and targets, is
-closest to HRA's (LoRA's rank; OFT's and BOFT's block size); on attention projections alone that is LoRA r=4,
-OFT block 16, BOFT block 8, the fixed sizes of --budget fixed (METHODS). The counts are printed. The table has, per method: trainable values,
-median time per training step and peak memory (from the trainer's logs/train_stats.json), and the task's
-metrics:
-- dreambooth: DINO, CLIP-I, CLIP-T, LPIPS (hra_diffusion.metrics; each needs its weights, and is reported
-  n/a with the reason when they cannot be loaded, e.g. offline), plus two weight-free figures from
-  metrics.denoising.fixed_noise_loss: the denoising loss on HELD-OUT subject images with the instance prompt
-  (lower: the subject was learned) and on fresh base-model class images with the class prompt (close to
-  the base's: the class prior was kept).
-- control: Canny-edge F1 between each held-out condition and the image generated from it (ControlNet++'s
-  pixel-wise F1, and with a 1-pixel tolerance), metrics.control_eval.control_consistency.
-A "base" row (no adapter; for control, no condition encoder) is the reference. Writes <output_dir>/compare.md
-and compare.json and prints the table.
+compared) with the same data, schedule and steps, each run in its own process, then generated from and scored
+with the same sampler and seeds.
+
+Methods (METHODS): HRA r=8; HRA r=8 with the orthogonality regulariser (lambda = 1e-4); HRA r=8 with
+Gram-Schmidt (orthonormal planes); PEFT's LoRA, OFT and BOFT. Parameter budgets are matched (--budget match, the
+default): each baseline at the size whose trainable count on this task's UNet and targets is closest to HRA
+r=8's (LoRA's rank; OFT's and BOFT's block size); the counts are printed.
+
+Learning rate: each method's is chosen by a small sweep (--lr_factors, multiples of the recipe's rate, one run
+each with the first seed), scored on a validation split that the test never uses: for DreamBooth, other prompts
+than the held-out test prompts (the tiny world's subject checker: the subject in the asked context, and the
+class prompt still plain); for control, a third of the held-out (condition, prompt) pairs (their Canny F1).
+The chosen rate is then trained with every seed (--seeds); the table gives mean +- standard deviation over
+the seeds.
+
+Metrics:
+- dreambooth: DINO, CLIP-I, CLIP-T (hra_diffusion.metrics.score_subject: on tiny-world samples the tiny world's
+  stand-in extractors, else the real DINO ViT-S/16 and CLIP ViT-L/14 or --dino_model/--clip_model), LPIPS where
+  its weights load, and on the tiny world the subject checker's rates: the striped subject drawn, drawn in the
+  asked context, and (with the adapter loaded) the class prompt still drawing a plain object.
+  Two reference rows: the base model asked with the class prompt (the test prompts without the identifier),
+  and the real held-out photos of the subject (scored against the training photos, with their captions).
+- control: Canny-edge F1 between each test condition and the image generated from it (ControlNet++'s pixel-wise
+  F1, and with a 1-pixel tolerance), metrics.control_eval.control_consistency. Reference rows: the base model
+  (no condition encoder), and the real target images' own edges.
+Plus per method: trainable values, median time per training step and peak memory (logs/train_stats.json).
+
+Writes <output_dir>/compare.md, compare.json and (dreambooth) compare.png, the DINO-against-CLIP-T trade-off
+plot, and prints the table. Runs of methods, rates and seeds live in <output_dir>/<method>/lr<rate>-seed<seed>/.
 """
 
 from __future__ import annotations
@@ -30,17 +44,22 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 TRAINERS = {"dreambooth": "dreambooth_hra.py", "control": "control_hra.py"}
+ORTH_LAMBDA = "1e-4"
 # comparable budgets: HRA r·d per layer; LoRA r·(d + d_out); OFT d(b-1)/2; BOFT (1 factor) d·b + d_out
 METHODS = {
     "hra": ["--adapter", "hra", "--r", "8"],
+    "hra_orth": ["--adapter", "hra", "--r", "8", "--orth_lambda", ORTH_LAMBDA],
+    "hra_gs": ["--adapter", "hra", "--r", "8", "--apply_gs", "true"],
     "lora": ["--adapter", "lora", "--r", "4"],
     "oft": ["--adapter", "oft", "--block_size", "16"],
     "boft": ["--adapter", "boft", "--block_size", "8"],
@@ -50,6 +69,22 @@ BUDGETS = ("match", "fixed")
 CANDIDATES = {"lora": ("--r", range(1, 65)), "oft": ("--block_size", (2, 4, 8, 16, 32, 64, 128)),
               "boft": ("--block_size", (2, 4, 8, 16, 32, 64))}
 SUBJECT_METRICS = ("dino", "clip_i", "clip_t", "lpips")
+CHECKER_RATES = ("subject_rate", "subject_in_context_rate", "class_plain_rate", "class_striped_rate")
+REFERENCES = {"dreambooth": ("base", "real"), "control": ("base", "real")}
+# the learning-rate flags each task's sweep scales
+LR_FLAGS = {"dreambooth": ("learning_rate",), "control": ("learning_rate", "encoder_learning_rate")}
+
+
+def adapter_kind(method: str) -> str:
+    """hra | lora | oft | boft: the trainer's --adapter of a method."""
+    return METHODS[method][1]
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{what} takes comma-separated numbers, got {text!r}") from None
 
 
 @dataclass
@@ -61,17 +96,18 @@ class CompareConfig:
     output_dir: str | None = None  # None: outputs/compare-<task>
     config: str | None = None  # the trainer recipe (None: the trainer's default, the tiny world)
     max_train_steps: int | None = None  # None: the recipe's
-    seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    lr_factors: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # x the recipe's rate; [1]: no sweep
     train_args: list[str] = field(default_factory=list)  # extra overrides for every method's trainer
     budget: str = "match"  # match: each baseline sized to HRA's trainable count; fixed: METHODS' sizes
-    reuse: bool = False  # keep a method's finished run (adapter + train_stats.json) instead of retraining
+    reuse: bool = False  # keep finished runs and evaluations (same arguments) instead of redoing them
     # evaluation
     num_images: int = 4
     eval_steps: int | None = None  # dreambooth: the protocol's 25; control: 20
-    guidance: float | None = None  # dreambooth: the protocol's 7.5; control: 4.0
-    dino_model: str = "facebook/dino-vits16"
-    clip_model: str = "ViT-L-14"
-    clip_pretrained: str = "openai"
+    guidance: float | None = None  # dreambooth: the recipe's validation guidance on the tiny world, else 7.5; control 4
+    dino_model: str | None = None  # None: chosen from the samples' base (score_subject)
+    clip_model: str | None = None
+    clip_pretrained: str | None = None
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -86,6 +122,10 @@ class CompareConfig:
             raise ValueError(f"max_train_steps must be >= 1, got {self.max_train_steps}")
         if self.num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {self.num_images}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
+        if not self.lr_factors or any(f <= 0 for f in self.lr_factors) or len(set(self.lr_factors)) != len(self.lr_factors):
+            raise ValueError(f"lr_factors must be distinct positive numbers, got {self.lr_factors}")
 
     @property
     def out(self) -> Path:
@@ -99,48 +139,65 @@ def parse_args(argv: list[str] | None = None) -> CompareConfig:
     p.add_argument("--output_dir", help="default: outputs/compare-<task>")
     p.add_argument("--config", help="trainer YAML recipe (default: the trainer's own, the tiny world)")
     p.add_argument("--max_train_steps", type=int, help="default: the recipe's")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated (the table: mean +- std)")
+    p.add_argument("--lr_factors", default="0.5,1,2",
+                   help="learning rates to sweep, as multiples of the recipe's (on a validation split, first seed); "
+                        "1: no sweep")
     p.add_argument("--train_args", default="", help="extra trainer overrides for every method, one quoted string")
     p.add_argument("--budget", default="match", choices=BUDGETS,
                    help="match (default): size each baseline to HRA r=8's trainable count on this task; "
                         "fixed: LoRA r=4, OFT block 16, BOFT block 8")
-    p.add_argument("--reuse", action="store_true", help="keep finished runs in output_dir instead of retraining")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep finished runs and evaluations in output_dir (same arguments) instead of redoing them")
     p.add_argument("--num_images", type=int, default=4, help="dreambooth: images per prompt")
     p.add_argument("--eval_steps", type=int, help="sampling steps (dreambooth: 25, control: 20)")
-    p.add_argument("--guidance", type=float, help="CFG scale (dreambooth: 7.5, control: 4.0)")
-    for name in ("dino_model", "clip_model", "clip_pretrained"):
-        p.add_argument(f"--{name}", default=getattr(CompareConfig, name))
+    p.add_argument("--guidance", type=float, help="CFG scale (dreambooth: the tiny recipe's 2.0, else 7.5; control: 4.0)")
+    p.add_argument("--dino_model", help="default: chosen from the samples' base (the tiny world's stand-in on it)")
+    p.add_argument("--clip_model", help="default: chosen from the samples' base (the tiny world's stand-in on it)")
+    p.add_argument("--clip_pretrained")
     p.add_argument("--device", help="evaluation device (default: cuda when available, else cpu)")
     a = p.parse_args(argv)
+    try:
+        seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--seeds takes comma-separated integers, got {a.seeds!r}")
     return CompareConfig(**{**vars(a), "methods": [m.strip() for m in a.methods.split(",") if m.strip()],
+                            "seeds": seeds, "lr_factors": _floats(a.lr_factors, "lr_factors"),
                             "train_args": shlex.split(a.train_args)})
 
 
 # ---- training ------------------------------------------------------------------------------------
 
 def common_args(cfg: CompareConfig) -> list[str]:
-    """Overrides every method shares: seed, steps, no intermediate checkpoints/validation, no tensorboard."""
-    args = ["--seed", str(cfg.seed), "--report_to", "none", "--checkpointing_steps", "1000000",
-            "--validation_steps", "1000000"]  # validation only at the end (one grid per method)
+    """Overrides every run shares: no intermediate checkpoints/validation, no tensorboard, the steps."""
+    args = ["--report_to", "none", "--checkpointing_steps", "1000000",
+            "--validation_steps", "1000000"]  # validation only at the end (one grid per run)
     if cfg.config:
         args = ["--config", cfg.config, *args]
     if cfg.max_train_steps:
         args += ["--max_train_steps", str(cfg.max_train_steps)]
     if cfg.task == "dreambooth":  # UNet adapters compared alone: the baselines have no text-encoder path
-        args += ["--train_text_encoder", "false"]
+        args += ["--train_text_encoder", "false", "--showroom_rates", "false"]  # the comparison measures its own
     return args + list(cfg.train_args)
 
 
 def label(method: str, args: list[str]) -> str:
     """The table's name of a method at its size, e.g. "LoRA r=3 (PEFT)"."""
-    if method == "base":
-        return "base model (no adapter)"
     opts = dict(zip(args[::2], args[1::2], strict=True))
-    if method == "hra":
-        return f"HRA r={opts['--r']} (ours)"
-    if method == "lora":
+    kind = opts["--adapter"]
+    if kind == "hra":
+        extra = (", GS" if opts.get("--apply_gs") == "true" else "") + (
+            f", λ={opts['--orth_lambda']}" if float(opts.get("--orth_lambda", 0)) else "")
+        return f"HRA r={opts['--r']}{extra} (ours)"
+    if kind == "lora":
         return f"LoRA r={opts['--r']} (PEFT)"
-    return f"{method.upper()} block {opts['--block_size']} (PEFT)"
+    return f"{kind.upper()} block {opts['--block_size']} (PEFT)"
+
+
+REFERENCE_LABELS = {
+    "dreambooth": {"base": "base model, class prompt", "real": "real held-out photos"},
+    "control": {"base": "base model (no condition)", "real": "real target images"},
+}
 
 
 def _meta_unet_factory(pretrained_model: str, revision: str | None):
@@ -164,7 +221,8 @@ def _meta_unet_factory(pretrained_model: str, revision: str | None):
 
 def match_budgets(cfg: CompareConfig) -> dict[str, dict]:
     """Per method: its size arguments and trainable count. ``match``: each baseline at the candidate size
-    whose count on this task's UNet and targets is closest to HRA's (ties: the smaller); ``fixed``: METHODS."""
+    whose count on this task's UNet and targets is closest to HRA's (ties: the smaller); ``fixed``: METHODS.
+    The HRA variants (λ, Gram-Schmidt) have HRA's count."""
     from hra_diffusion import HRAConfig, inject_hra
     from hra_diffusion.adapters.peft_baselines import BaselineSpec, count_trainable, inject_baseline
 
@@ -172,57 +230,78 @@ def match_budgets(cfg: CompareConfig) -> dict[str, dict]:
     targets = list(tcfg.target_modules)
     meta_unet = _meta_unet_factory(tcfg.pretrained_model, tcfg.revision)
 
-    def count(method: str, size: int) -> int | None:
+    def count(kind: str, size: int) -> int | None:
         unet = meta_unet()
         try:
-            if method == "hra":
+            if kind == "hra":
                 inject_hra(unet, HRAConfig(r=size, target_modules=targets))
             else:
-                key = "r" if method == "lora" else "block_size"
-                inject_baseline(unet, BaselineSpec(method, target_modules=targets, **{key: size}))
+                key = "r" if kind == "lora" else "block_size"
+                inject_baseline(unet, BaselineSpec(kind, target_modules=targets, **{key: size}))
         except ValueError:  # e.g. a block size that does not divide some layer's width
             return None
         return count_trainable(unet)
 
-    target = count("hra", int(METHODS["hra"][-1]))
-    chosen = {"hra": {"args": METHODS["hra"], "trainable": target}}
+    target = count("hra", int(METHODS["hra"][3]))
+    chosen = {}
     for method in cfg.methods:
-        if method == "hra":
+        kind = adapter_kind(method)
+        if kind == "hra":
+            chosen[method] = {"args": list(METHODS[method]), "trainable": target}
             continue
-        flag, candidates = CANDIDATES[method]
+        flag, candidates = CANDIDATES[kind]
         if cfg.budget == "fixed":
             candidates = (int(METHODS[method][-1]),)
-        if method == "lora":  # LoRA's count is linear in r: one injection gives every rank's
+        if kind == "lora":  # LoRA's count is linear in r: one injection gives every rank's
             per_rank = count("lora", 1)
             counts = {r: r * per_rank for r in candidates}
         else:
-            counts = {b: n for b in candidates if (n := count(method, b)) is not None}
+            counts = {b: n for b in candidates if (n := count(kind, b)) is not None}
         if not counts:
-            raise ValueError(f"no {method} block size in {candidates} fits every target layer "
+            raise ValueError(f"no {kind} block size in {candidates} fits every target layer "
                              f"({targets}); use --methods without {method}")
         size = min(counts, key=lambda k: (abs(counts[k] - target), k))
-        chosen[method] = {"args": ["--adapter", method, flag, str(size)], "trainable": counts[size]}
-    return {m: chosen[m] for m in cfg.methods}
+        chosen[method] = {"args": ["--adapter", kind, flag, str(size)], "trainable": counts[size]}
+    return chosen
 
 
 def trainer_config(cfg: CompareConfig, method: str, run_dir: Path):
-    """The resolved trainer config of one method (parsed exactly as its command line will be)."""
+    """The resolved trainer config of one method at the recipe's rate and the first seed (parsed exactly as its
+    command line will be)."""
     from hra_diffusion.training import parse_task_config
 
     return parse_task_config(cfg.task, train_argv(cfg, method, run_dir))
 
 
-def train_argv(cfg: CompareConfig, method: str, run_dir: Path, sizes: dict | None = None) -> list[str]:
-    """One method's trainer command line; ``sizes``: {method: size arguments} (None: METHODS' fixed sizes)."""
+def recipe_rates(cfg: CompareConfig) -> dict[str, float]:
+    """The recipe's learning rates (with --config and --train_args applied) that the sweep multiplies."""
+    tcfg = trainer_config(cfg, "hra", cfg.out / "hra" / "train")
+    return {flag: float(getattr(tcfg, flag)) for flag in LR_FLAGS[cfg.task]}
+
+
+def train_argv(cfg: CompareConfig, method: str, run_dir: Path, sizes: dict | None = None, seed: int | None = None,
+               lr_factor: float = 1.0, rates: dict[str, float] | None = None) -> list[str]:
+    """One run's trainer command line; ``sizes``: {method: size arguments} (None: METHODS' fixed sizes);
+    ``rates``: the recipe's learning rates (needed when ``lr_factor`` != 1)."""
     args = (sizes or {}).get(method, METHODS[method])
-    argv = [*common_args(cfg), "--adapter", method, *args[2:], "--output_dir", str(run_dir)]
+    argv = [*common_args(cfg), "--seed", str(cfg.seeds[0] if seed is None else seed), *args,
+            "--output_dir", str(run_dir)]
+    if lr_factor != 1.0:
+        if rates is None:
+            raise ValueError("train_argv: rates are needed to scale the learning rate")
+        for flag, value in rates.items():
+            argv += [f"--{flag}", f"{value * lr_factor:.6g}"]
     if cfg.task == "dreambooth":
-        argv += ["--class_data_dir", str(cfg.out / "class_images")]  # one class-image set for every method
+        argv += ["--class_data_dir", str(cfg.out / "class_images")]  # one class-image set for every run
     return argv
 
 
+def run_dir(cfg: CompareConfig, method: str, lr: float, seed: int) -> Path:
+    return cfg.out / method / f"lr{lr:.6g}-seed{seed}"
+
+
 def prepare_class_images(cfg: CompareConfig) -> None:
-    """Generate the prior-preservation class images once, before any timing, for every method to share."""
+    """Generate the prior-preservation class images once, before any timing, for every run to share."""
     tcfg = trainer_config(cfg, "hra", cfg.out / "hra" / "train")
     from hra_diffusion.training.dreambooth import apply_subject_file
 
@@ -240,30 +319,48 @@ def prepare_class_images(cfg: CompareConfig) -> None:
         print(f"generated {made} class images in {tcfg.class_data_dir}", flush=True)
 
 
-def train_method(cfg: CompareConfig, method: str, sizes: dict) -> dict:
-    """Train one method in its own process (clean memory figures); returns its logs/train_stats.json."""
-    run_dir = cfg.out / method / "train"
-    stats_file = run_dir / "logs" / "train_stats.json"
-    argv = train_argv(cfg, method, run_dir, sizes)
-    argv_file = run_dir / "compare_argv.json"  # a reused run must have been trained with the same arguments
+def train_run(cfg: CompareConfig, method: str, sizes: dict, seed: int, lr_factor: float,
+              rates: dict[str, float]) -> dict:
+    """Train one (method, rate, seed) in its own process (clean memory figures); returns its train_stats.json."""
+    folder = run_dir(cfg, method, lr_factor, seed)
+    train = folder / "train"
+    stats_file = train / "logs" / "train_stats.json"
+    argv = train_argv(cfg, method, train, sizes, seed, lr_factor, rates)
+    argv_file = folder / "compare_argv.json"  # a reused run must have been trained with the same arguments
     same = argv_file.is_file() and json.loads(argv_file.read_text()) == argv
-    if not (cfg.reuse and same and stats_file.is_file() and (run_dir / "adapter" / "adapter_config.json").is_file()):
-        # retraining replaces this method's earlier run (other arguments, or no reuse): say so to the trainer
+    if not (cfg.reuse and same and stats_file.is_file() and (train / "adapter" / "adapter_config.json").is_file()):
+        # retraining replaces this run's earlier one (other arguments, or no reuse): say so to the trainer
         cmd = [sys.executable, str(REPO / "train" / TRAINERS[cfg.task]), *argv, "--overwrite_output_dir", "true"]
         print("+ " + shlex.join(cmd), flush=True)
         started = time.time()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)  # same cwd: same relative paths
         if proc.returncode != 0:
-            raise RuntimeError(f"training {method} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            raise RuntimeError(f"training {method} (lr x{lr_factor:g}, seed {seed}) failed (exit {proc.returncode}):"
+                               f"\n{proc.stderr[-3000:]}")
         argv_file.write_text(json.dumps(argv) + "\n")
-        print(f"  {method}: trained in {time.time() - started:.0f} s", flush=True)
+        print(f"  {method} lr x{lr_factor:g} seed {seed}: trained in {time.time() - started:.0f} s", flush=True)
     stats = json.loads(stats_file.read_text())
-    stats["adapter_dir"] = str(run_dir / "adapter")
+    stats["adapter_dir"] = str(train / "adapter")
+    stats["argv"] = argv
     return stats
 
 
-# ---- evaluation ----------------------------------------------------------------------------------
+def _cached(cfg: CompareConfig, path: Path, settings: dict, compute) -> dict:
+    """``compute()``'s result, kept in ``path`` with the settings it was made with; reused under --reuse."""
+    if cfg.reuse and path.is_file():
+        doc = json.loads(path.read_text())
+        if doc.get("settings") == settings:
+            return doc["result"]
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": settings, "result": result}, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return result
+
+
+# ---- evaluation: DreamBooth ----------------------------------------------------------------------
 
 def _device(cfg: CompareConfig) -> str:
     from hra_diffusion.utils import default_device
@@ -271,155 +368,337 @@ def _device(cfg: CompareConfig) -> str:
     return default_device(cfg.device)
 
 
-def load_subject_extractors(cfg: CompareConfig, device: str) -> tuple[dict, list[str], dict[str, str]]:
-    """(extractor models, subject metrics that can be computed, {metric: why not} for the rest)."""
-    from hra_diffusion.metrics.extractors import WeightsUnavailableError, load_clip, load_dino
-    from hra_diffusion.metrics.subject import load_lpips, lpips_available
+@dataclass
+class SubjectSetup:
+    """What every DreamBooth evaluation shares: prompts of both splits, the sampler, the subject's folders."""
 
-    models: dict = {}
-    missing: dict[str, str] = {}
-    try:
-        models["dino"] = load_dino(cfg.dino_model, device=device)
-    except WeightsUnavailableError as err:
-        missing["dino"] = str(err).splitlines()[0]
-    try:
-        models["clip"] = load_clip(cfg.clip_model, cfg.clip_pretrained, device=device)
-    except WeightsUnavailableError as err:
-        missing["clip_i"] = missing["clip_t"] = str(err).splitlines()[0]
-    if not lpips_available():
-        missing["lpips"] = "the lpips package is not installed"
-    else:
-        try:
-            models["lpips_model"] = load_lpips("vgg", device=device)
-        except WeightsUnavailableError as err:
-            missing["lpips"] = str(err).splitlines()[0]
-    return models, [m for m in SUBJECT_METRICS if m not in missing], missing
+    base_model: str
+    reference_dir: str
+    identifier: str
+    test_prompts: list[str]
+    test_class_prompts: list[str]  # the prior check (adapter loaded, no identifier)
+    val_prompts: list[str]
+    val_class_prompts: list[str]
+    heldout_dir: Path | None
+    checker: bool  # the tiny world's subject: the rates can be read
+    generation: dict[str, Any]
+
+    def settings(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
 
-def evaluate_dreambooth(cfg: CompareConfig, runs: dict[str, dict]) -> dict:
-    """Per method (and the base): subject metrics of generated samples and the fixed-noise losses."""
-    from hra_diffusion.adapters.registry import load_any_adapter
-    from hra_diffusion.generate import GenerateConfig, generate
-    from hra_diffusion.metrics.denoising import fixed_noise_loss
-    from hra_diffusion.metrics.subject import score_subject
-    from hra_diffusion.samples import list_images
+def subject_setup(cfg: CompareConfig) -> SubjectSetup:
+    from hra_diffusion.tiny import data
+    from hra_diffusion.tiny.measure import has_showroom
     from hra_diffusion.training.dreambooth import apply_subject_file
-    from hra_diffusion.training.models import load_sd_components
-    from hra_diffusion.training.prior import generate_class_images
 
     tcfg = apply_subject_file(trainer_config(cfg, "hra", cfg.out / "hra" / "train"))
     protocol = json.loads((REPO / "eval" / "dreambooth_protocol.json").read_text())["generation"]
+    checker = has_showroom(tcfg.subject_file)
+    doc = json.loads(Path(tcfg.subject_file).read_text()) if tcfg.subject_file else {}
+    identifier = doc.get("identifier") or " ".join(w for w in tcfg.instance_prompt.split()
+                                                    if w not in (tcfg.class_prompt or "").split())
+    test = list(doc.get("heldout_prompts") or tcfg.validation_prompts or [tcfg.instance_prompt])
+    test = [p for p in test if identifier in p.split()] or [tcfg.instance_prompt]
+    if checker:
+        test_class = list(doc.get("class_check_prompts") or data.class_check_prompts())
+        val, val_class = data.sweep_subject_prompts(), data.sweep_class_prompts()
+    else:
+        test_class, val, val_class = [], [], []
+    if len(cfg.lr_factors) > 1 and not checker:
+        raise ValueError("the learning-rate sweep scores each rate with the tiny world's subject checker on a "
+                         "validation split, and this subject has none (its subject.json lists no heldout_prompts); "
+                         "pass --lr_factors 1 (the recipe's rate) or a list of one factor")
+    guidance = cfg.guidance if cfg.guidance is not None else (
+        tcfg.validation_guidance_scale if checker else protocol["guidance_scale"])
     subject_dir = Path(tcfg.instance_data_dir).parent
-    heldout = list_images(subject_dir / "heldout") if (subject_dir / "heldout").is_dir() else []
-    prompts = list(tcfg.validation_prompts or [tcfg.instance_prompt])
-    fresh = cfg.out / "eval_class_images"  # never seen in training (other seeds than the trainer's)
-    generate_class_images(load_sd_components(tcfg.pretrained_model, tcfg.revision, tcfg.variant), fresh,
-                          tcfg.class_prompt, 8, batch_size=8, seed=12345, steps=tcfg.class_inference_steps,
-                          resolution=tcfg.resolution)
-    classes = list_images(fresh)
-    device = _device(cfg)
-    models, metrics, missing = load_subject_extractors(cfg, device)
-    results: dict[str, dict] = {}
-    for method in ["base", *runs]:
-        adapter = runs[method]["adapter_dir"] if method != "base" else None
-        row: dict = {}
-        samples = cfg.out / method / "samples"
-        generate(GenerateConfig(
-            output_dir=str(samples), adapter=adapter, base_model=tcfg.pretrained_model, prompts=prompts,
-            reference_dir=tcfg.instance_data_dir, num_images_per_prompt=cfg.num_images, seed=protocol["seed"],
-            steps=cfg.eval_steps or protocol["steps"], scheduler=protocol["scheduler"],
-            guidance_scale=protocol["guidance_scale"] if cfg.guidance is None else cfg.guidance,
-            device=device, safety_checker=False, overwrite=True, progress=False))
-        if metrics:
-            scored = score_subject(samples, metrics=metrics, device=device, **models)
-            row.update({k: v for k, v in scored.summary.items() if k in SUBJECT_METRICS})
-        c = load_sd_components(tcfg.pretrained_model, tcfg.revision, tcfg.variant)
-        if adapter is not None:
-            load_any_adapter(c.unet, adapter)
-        args = (c.unet, c.vae, c.text_encoder, c.tokenizer, c.noise_scheduler)
-        if heldout:
-            row["heldout_subject_loss"] = fixed_noise_loss(*args, heldout, tcfg.instance_prompt, tcfg.resolution, seed=1)
-        if tcfg.class_prompt:
-            row["class_loss"] = fixed_noise_loss(*args, classes, tcfg.class_prompt, tcfg.resolution, seed=2)
-        results[method] = row
-        print(f"  evaluated {method}", flush=True)
-    return {"metrics": results, "unavailable": missing, "prompts": prompts,
-            "generation": {"images_per_prompt": cfg.num_images, "scheduler": protocol["scheduler"],
-                           "steps": cfg.eval_steps or protocol["steps"],
-                           "guidance": protocol["guidance_scale"] if cfg.guidance is None else cfg.guidance,
-                           "seed": protocol["seed"], "reference": tcfg.instance_data_dir},
-            "heldout_images": len(heldout), "fresh_class_images": len(classes)}
+    return SubjectSetup(
+        base_model=tcfg.pretrained_model, reference_dir=tcfg.instance_data_dir, identifier=identifier,
+        test_prompts=test, test_class_prompts=test_class, val_prompts=val, val_class_prompts=val_class,
+        heldout_dir=subject_dir / "heldout" if (subject_dir / "heldout").is_dir() else None, checker=checker,
+        generation={"images_per_prompt": cfg.num_images, "scheduler": protocol["scheduler"],
+                    "steps": cfg.eval_steps or protocol["steps"], "guidance": guidance, "seed": protocol["seed"]})
 
 
-def evaluate_control(cfg: CompareConfig, runs: dict[str, dict]) -> dict:
-    """Per method (and the base): Canny-edge F1 on the held-out (condition, prompt) pairs."""
+def without_identifier(prompt: str, identifier: str) -> str:
+    return " ".join(w for w in prompt.split() if w != identifier)
+
+
+def _generate(cfg: CompareConfig, setup: SubjectSetup, adapter: str | None, folder: Path, prompts: list[str]) -> Path:
+    from hra_diffusion.generate import GenerateConfig, generate
+
+    g = setup.generation
+    return generate(GenerateConfig(
+        output_dir=str(folder), adapter=adapter, base_model=setup.base_model, prompts=prompts,
+        reference_dir=setup.reference_dir, num_images_per_prompt=g["images_per_prompt"], seed=g["seed"],
+        steps=g["steps"], scheduler=g["scheduler"], guidance_scale=g["guidance"], device=_device(cfg),
+        safety_checker=False, overwrite=True, progress=False))
+
+
+def _manifest_images(folder: Path) -> tuple[list, list[str]]:
+    from PIL import Image
+
+    from hra_diffusion.samples import read_samples
+
+    rows = read_samples(folder)
+    return [Image.open(r.file).convert("RGB") for r in rows], [r.prompt for r in rows]
+
+
+def _subject_scores(cfg: CompareConfig, folder: Path, metrics: list[str] | None = None
+                    ) -> tuple[dict[str, float], dict[str, Any]]:
+    """score_subject's summary and (extractors, unavailable metrics) of one samples folder (``metrics`` None: the
+    default set, LPIPS noted as unavailable when its weights do not load)."""
+    from hra_diffusion.metrics.subject import score_subject
+
+    result = score_subject(folder, metrics=metrics, dino=cfg.dino_model, clip=cfg.clip_model,
+                           **({"clip_pretrained": cfg.clip_pretrained} if cfg.clip_pretrained else {}),
+                           device=_device(cfg))
+    return ({k: float(v) for k, v in result.summary.items() if k in SUBJECT_METRICS},
+            {"extractors": result.info.get("extractors", {}), "unavailable": result.info.get("unavailable", {})})
+
+
+def _scores_or_missing(cfg: CompareConfig, folder: Path, metrics: list[str] | None = None
+                       ) -> tuple[dict[str, float], dict[str, Any]]:
+    """_subject_scores, or every metric n/a with the reason when an extractor cannot be loaded (offline...)."""
+    from hra_diffusion.metrics.extractors import WeightsUnavailableError
+
+    try:
+        return _subject_scores(cfg, folder, metrics)
+    except (WeightsUnavailableError, FileNotFoundError, OSError) as err:  # e.g. offline without local weights
+        why = str(err).splitlines()[0]
+        return {}, {"extractors": {}, "unavailable": {m: why for m in metrics or SUBJECT_METRICS}}
+
+
+def _rates(images: list, prompts: list[str]) -> dict[str, float]:
+    from hra_diffusion.tiny import checker
+
+    got = checker.subject_rates(images, prompts)
+    return {k: got[k] for k in CHECKER_RATES if got.get(k) is not None}
+
+
+def evaluate_subject_run(cfg: CompareConfig, setup: SubjectSetup, adapter: str | None, folder: Path,
+                         split: str) -> dict:
+    """One adapter (None: the base) on a split: subject metrics (test only) and the checker's rates."""
+    prompts, class_prompts = ((setup.test_prompts, setup.test_class_prompts) if split == "test"
+                              else (setup.val_prompts, setup.val_class_prompts))
+    out: dict[str, Any] = {"metrics": {}, "info": {}}
+    samples = _generate(cfg, setup, adapter, folder / "samples", prompts)
+    if split == "test":
+        out["metrics"], out["info"] = _scores_or_missing(cfg, samples)
+    if setup.checker:
+        images, used = _manifest_images(samples)
+        out["metrics"].update(_rates(images, used))
+        if class_prompts:
+            images, used = _manifest_images(_generate(cfg, setup, adapter, folder / "class_samples", class_prompts))
+            out["metrics"].update(_rates(images, used))
+    return out
+
+
+def sweep_score(task: str, metrics: dict[str, float]) -> float:
+    """What the learning-rate sweep maximises on the validation split."""
+    if task == "control":
+        return metrics["canny_f1"]
+    return (metrics["subject_in_context_rate"] + metrics["class_plain_rate"]) / 2
+
+
+def evaluate_subject_references(cfg: CompareConfig, setup: SubjectSetup) -> dict[str, dict]:
+    """The base model asked with the class prompt, and the real held-out photos (captions from .txt files)."""
+    refs: dict[str, dict] = {}
+    folder = cfg.out / "reference" / "base"
+    class_prompts = [without_identifier(p, setup.identifier) for p in setup.test_prompts]
+    samples = _generate(cfg, setup, None, folder / "samples", class_prompts)
+    metrics, info = _scores_or_missing(cfg, samples)
+    if setup.checker:  # how often the base, asked for the class, draws the subject (read as the identifier's prompts)
+        images, used = _manifest_images(samples)
+        asked = dict(zip(class_prompts, setup.test_prompts, strict=True))
+        metrics.update(_rates(images, [asked[p] for p in used]))
+        images, used = _manifest_images(_generate(cfg, setup, None, folder / "class_samples", setup.test_class_prompts))
+        metrics.update(_rates(images, used))
+    refs["base"] = {"metrics": metrics, "info": info}
+    if setup.heldout_dir is not None:
+        refs["real"] = evaluate_real_photos(cfg, setup)
+    return refs
+
+
+def evaluate_real_photos(cfg: CompareConfig, setup: SubjectSetup) -> dict:
+    """The held-out photos scored as if generated: a manifest with each photo's caption (its .txt) and the base."""
+    from hra_diffusion.samples import list_images
+
+    folder = cfg.out / "reference" / "real"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for photo in list_images(setup.heldout_dir):
+        caption = photo.with_suffix(".txt")
+        row = {"file": str(photo.resolve()), "reference_dir": str(Path(setup.reference_dir).resolve()),
+               "base": setup.base_model}
+        if caption.is_file():
+            row["prompt"] = caption.read_text(encoding="utf-8").strip()
+        rows.append(row)
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    captioned = all("prompt" in r for r in rows)
+    metrics, info = _scores_or_missing(cfg, folder, None if captioned else ["dino", "clip_i"])
+    if not captioned:
+        info.setdefault("unavailable", {})["clip_t"] = f"the photos in {setup.heldout_dir} have no .txt captions"
+    if setup.checker and captioned:
+        images, prompts = _manifest_images(folder)
+        metrics.update(_rates(images, prompts))
+    return {"metrics": metrics, "info": info, "photos": len(rows)}
+
+
+# ---- evaluation: control -------------------------------------------------------------------------
+
+def control_pairs(cfg: CompareConfig) -> tuple[dict[str, list], dict[str, Any]]:
+    """{"val": [...], "test": [...]} (condition, prompt, image path) from the held-out metadata: every third pair
+    is the validation split (the sweep), the rest the test."""
+    from PIL import Image
+
+    tcfg = trainer_config(cfg, "hra", cfg.out / "hra" / "train")
+    folder = Path(tcfg.validation_data_dir or tcfg.train_data_dir)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    pairs = [(Image.open(folder / r[tcfg.conditioning_image_column]).convert("RGB"), r[tcfg.caption_column],
+              folder / r[tcfg.image_column]) for r in rows]
+    split = {"val": pairs[0::3], "test": [p for i, p in enumerate(pairs) if i % 3]}
+    return split, {"pairs_from": str(folder), "val_pairs": len(split["val"]), "test_pairs": len(split["test"]),
+                   "base_model": tcfg.pretrained_model, "resolution": tcfg.resolution,
+                   "steps": cfg.eval_steps or 20, "guidance": 4.0 if cfg.guidance is None else cfg.guidance}
+
+
+def evaluate_control_run(cfg: CompareConfig, setup: dict, pairs: list, adapter: str | None) -> dict:
+    """Canny F1 (pixel, 1 px) of one adapter (None: the base, no condition encoder) on ``pairs``."""
     import numpy as np
     from diffusers import StableDiffusionPipeline
-    from PIL import Image
 
     from hra_diffusion.control import attach_condition_encoder, load_trained_adapter
     from hra_diffusion.metrics.control_eval import control_consistency
     from hra_diffusion.training.validation import build_pipeline
 
-    tcfg = trainer_config(cfg, "hra", cfg.out / "hra" / "train")
-    folder = Path(tcfg.validation_data_dir or tcfg.train_data_dir)
-    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
-    pairs = [(Image.open(folder / r[tcfg.conditioning_image_column]).convert("RGB"), r[tcfg.caption_column])
-             for r in rows]
-    steps, guidance = cfg.eval_steps or 20, 4.0 if cfg.guidance is None else cfg.guidance
-    results: dict[str, dict] = {}
-    for method in ["base", *runs]:
-        base = StableDiffusionPipeline.from_pretrained(tcfg.pretrained_model, safety_checker=None,
-                                                       requires_safety_checker=False)
-        pipe = build_pipeline(base.unet, base.text_encoder, base.vae, base.tokenizer, base.scheduler)
-        pipe.to(_device(cfg))
-        handle = None
-        if method != "base":
-            _, _, encoder = load_trained_adapter(pipe.unet, runs[method]["adapter_dir"])
-            handle = attach_condition_encoder(pipe.unet, encoder)
-        f1 = control_consistency(pipe, pairs, handle, resolution=tcfg.resolution, seed=cfg.seed, steps=steps,
-                                 guidance_scale=guidance, tolerances=(0, 1))
-        results[method] = {"canny_f1": float(np.mean(f1[0])), "canny_f1_1px": float(np.mean(f1[1]))}
-        print(f"  evaluated {method}", flush=True)
-    return {"metrics": results, "unavailable": {}, "pairs": len(pairs), "pairs_from": str(folder),
-            "generation": {"scheduler": "DPM-Solver++ (the trainer's validation sampler)", "steps": steps,
-                           "guidance": guidance, "seed": cfg.seed}}
+    base = StableDiffusionPipeline.from_pretrained(setup["base_model"], safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe = build_pipeline(base.unet, base.text_encoder, base.vae, base.tokenizer, base.scheduler)
+    pipe.to(_device(cfg))
+    handle = None
+    if adapter is not None:
+        _, _, encoder = load_trained_adapter(pipe.unet, adapter)
+        handle = attach_condition_encoder(pipe.unet, encoder)
+    f1 = control_consistency(pipe, [(c, p) for c, p, _ in pairs], handle, resolution=setup["resolution"], seed=0,
+                             steps=setup["steps"], guidance_scale=setup["guidance"], tolerances=(0, 1))
+    return {"metrics": {"canny_f1": float(np.mean(f1[0])), "canny_f1_1px": float(np.mean(f1[1]))}, "info": {}}
 
 
-# ---- the table -----------------------------------------------------------------------------------
+def evaluate_control_references(cfg: CompareConfig, setup: dict, pairs: list) -> dict[str, dict]:
+    import numpy as np
+    from PIL import Image
+
+    from hra_diffusion.metrics.control_eval import edge_consistency
+
+    real = {k: float(np.mean([edge_consistency(Image.open(img).convert("RGB"), cond, tolerance=k)
+                              for cond, _, img in pairs])) for k in (0, 1)}
+    return {"base": evaluate_control_run(cfg, setup, pairs, None),
+            "real": {"metrics": {"canny_f1": real[0], "canny_f1_1px": real[1]}, "info": {}}}
+
+
+# ---- the sweep, the seeds, the table -------------------------------------------------------------
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """{metric: {"mean", "std", "n"}} over the seeds' metrics (std: the sample standard deviation)."""
+    keys = sorted({k for m in per_seed for k in m})
+    out = {}
+    for k in keys:
+        vals = [m[k] for m in per_seed if k in m]
+        mean, std = _mean_std(vals)
+        out[k] = {"mean": mean, "std": std, "n": len(vals)}
+    return out
+
 
 COLUMNS = {
     "dreambooth": [("dino", "DINO ↑"), ("clip_i", "CLIP-I ↑"), ("clip_t", "CLIP-T ↑"), ("lpips", "LPIPS ↓"),
-                   ("heldout_subject_loss", "held-out subject loss ↓"), ("class_loss", "class loss (base ≈)")],
+                   ("subject_rate", "subject drawn ↑"), ("subject_in_context_rate", "subject in context ↑"),
+                   ("class_plain_rate", "class prompt plain ↑")],
     "control": [("canny_f1", "Canny F1 ↑"), ("canny_f1_1px", "Canny F1, 1 px ↑")],
 }
+PERCENT = {"subject_rate", "subject_in_context_rate", "class_plain_rate", "class_striped_rate"}
 
 
-def format_table(task: str, runs: dict[str, dict], evaluation: dict, labels: dict[str, str]) -> str:
-    cols = COLUMNS[task]
-    head = ["method", "trainable", "s / step", "peak RSS (MiB)", "RSS growth in training (MiB)"]
-    cuda = any("cuda_peak_allocated_mib" in r for r in runs.values())
-    if cuda:
-        head.append("CUDA peak (MiB)")
-    head += [label for _, label in cols]
+def _cell(key: str, stat: dict | None) -> str:
+    if not stat:
+        return "n/a"
+    scale, fmt = (100, "{:.0f}") if key in PERCENT else (1, "{:.3f}")
+    text = fmt.format(stat["mean"] * scale)
+    if stat.get("std") is not None:
+        text += " ± " + fmt.format(stat["std"] * scale)
+    return text + ("%" if key in PERCENT else "")
+
+
+def format_table(task: str, rows: dict[str, dict], references: dict[str, dict], labels: dict[str, str]) -> str:
+    cols = [(k, name) for k, name in COLUMNS[task]
+            if any(k in r["aggregate"] for r in rows.values()) or any(k in r["metrics"] for r in references.values())]
+    cuda = any("cuda_peak_allocated_mib" in s for r in rows.values() for s in r["train_stats"])
+    head = ["method", "lr", "trainable", "s / step", "peak RSS (MiB)"] + (["CUDA peak (MiB)"] if cuda else [])
+    head += [name for _, name in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method in ["base", *runs]:
-        m = evaluation["metrics"].get(method, {})
-        if method == "base":
-            cells = [labels["base"], "0", "", "", ""] + ([""] if cuda else [])
-        else:
-            r = runs[method]
-            n = sum(r["trainable_parameters"].values()) if isinstance(r["trainable_parameters"], dict) else r["trainable_parameters"]
-            unet = r["trainable_parameters"].get("unet", n) if isinstance(r["trainable_parameters"], dict) else n
-            cells = [labels[method], f"{unet:,}" + (f" (+{n - unet:,} encoder)" if n != unet else ""),
-                     f"{r['step_seconds_median']:.3f}", f"{r['peak_rss_mib']:.0f}",
-                     f"{r['peak_rss_mib'] - r['peak_rss_mib_before_training']:.0f}"]
-            if cuda:
-                cells.append(f"{r.get('cuda_peak_allocated_mib', float('nan')):.0f}")
-        for key, _ in cols:
-            cells.append(f"{m[key]:.4f}" if key in m else "n/a")
+    blank = [""] * (4 + cuda)
+    for ref, r in references.items():
+        stats = {k: {"mean": v, "std": None} for k, v in r["metrics"].items()}
+        lines.append("| " + " | ".join([f"*{labels[ref]}*", *blank, *(_cell(k, stats.get(k)) for k, _ in cols)]) + " |")
+    for method, r in rows.items():
+        stats = r["train_stats"]
+        n = r["trainable"]
+        cells = [labels[method], f"{r['lr']:.2g}", f"{n['unet']:,}" + (f" (+{n['total'] - n['unet']:,} encoder)"
+                                                                        if n["total"] != n["unet"] else ""),
+                 f"{statistics.fmean(s['step_seconds_median'] for s in stats):.3f}",
+                 f"{statistics.fmean(s['peak_rss_mib'] for s in stats):.0f}"]
+        if cuda:
+            cells.append(f"{statistics.fmean(s.get('cuda_peak_allocated_mib', float('nan')) for s in stats):.0f}")
+        cells += [_cell(k, r["aggregate"].get(k)) for k, _ in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _trainable(stats: dict) -> dict[str, int]:
+    t = stats["trainable_parameters"]
+    total = sum(t.values()) if isinstance(t, dict) else int(t)
+    return {"unet": int(t.get("unet", total)) if isinstance(t, dict) else total, "total": total}
+
+
+def plot_tradeoff(result: dict, path: Path) -> Path | None:
+    """DINO (subject fidelity) against CLIP-T (prompt fidelity), mean ± std per method, the references marked."""
+    rows, refs = result["rows"], result["references"]
+    if not any("dino" in r["aggregate"] and "clip_t" in r["aggregate"] for r in rows.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
+    for method, r in rows.items():
+        a = r["aggregate"]
+        if "dino" in a and "clip_t" in a:
+            ax.errorbar(a["clip_t"]["mean"], a["dino"]["mean"], xerr=a["clip_t"]["std"] or 0,
+                        yerr=a["dino"]["std"] or 0, fmt="o", capsize=3, label=result["labels"][method])
+    for ref, r in refs.items():
+        m = r["metrics"]
+        if "dino" in m and "clip_t" in m:
+            ax.scatter(m["clip_t"], m["dino"], marker="*", s=140, color="grey", zorder=3)
+            ax.annotate(result["labels"][ref], (m["clip_t"], m["dino"]), textcoords="offset points", xytext=(6, -4),
+                        fontsize=8, color="dimgrey")
+    extractors = next((r["info"].get("extractors") for r in refs.values() if r.get("info", {}).get("extractors")), {})
+    tiny = any("tiny-world" in str(v) for v in (extractors or {}).values())
+    ax.set_xlabel("CLIP-T (prompt fidelity) ↑" + (" — tiny-world stand-in CLIP" if tiny else ""))
+    ax.set_ylabel("DINO (subject fidelity) ↑" + (" — tiny-world stand-in" if tiny else ""))
+    seeds = result["config"]["seeds"]
+    ax.set_title(f"DreamBooth on the tiny world: {len(seeds)} seed(s), mean ± std" if tiny else
+                 f"DreamBooth: {len(seeds)} seed(s), mean ± std", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def main(cfg: CompareConfig) -> dict:
@@ -427,29 +706,97 @@ def main(cfg: CompareConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if cfg.task == "dreambooth":
+        setup = subject_setup(cfg)
         prepare_class_images(cfg)
+        setup_settings = setup.settings()
+    else:
+        pairs, setup = control_pairs(cfg)
+        setup_settings = dict(setup)
     budgets = match_budgets(cfg)
     sizes = {m: b["args"] for m, b in budgets.items()}
-    labels = {"base": label("base", []), **{m: label(m, sizes[m]) for m in cfg.methods}}
+    rates = recipe_rates(cfg)
+    labels = {**REFERENCE_LABELS[cfg.task], **{m: label(m, sizes[m]) for m in cfg.methods}}
     print(f"parameter budgets ({cfg.budget}): " + "; ".join(f"{labels[m]}: {b['trainable']:,}"
                                                            for m, b in budgets.items()), flush=True)
-    runs = {m: train_method(cfg, m, sizes) for m in cfg.methods}
-    train_seconds = time.time() - started
-    evaluation = (evaluate_dreambooth if cfg.task == "dreambooth" else evaluate_control)(cfg, runs)
-    table = format_table(cfg.task, runs, evaluation, labels)
+
+    trained: dict[tuple, dict] = {}  # each run trains once per invocation (and not at all when --reuse keeps it)
+
+    def train(method: str, factor: float, seed: int) -> dict:
+        if (method, factor, seed) not in trained:
+            trained[method, factor, seed] = train_run(cfg, method, sizes, seed, factor, rates)
+        return trained[method, factor, seed]
+
+    def evaluate(method: str, factor: float, seed: int, split: str) -> dict:
+        stats = train(method, factor, seed)
+        folder = run_dir(cfg, method, factor, seed) / split
+        settings = {"argv": stats["argv"], "setup": setup_settings, "split": split}
+        if cfg.task == "dreambooth":
+            return _cached(cfg, folder / "eval.json", settings,
+                           lambda: evaluate_subject_run(cfg, setup, stats["adapter_dir"], folder, split))
+        return _cached(cfg, folder / "eval.json", settings,
+                       lambda: evaluate_control_run(cfg, setup, pairs[split], stats["adapter_dir"]))
+
+    # 1. the learning-rate sweep on the validation split (first seed)
+    sweep: dict[str, dict] = {}
+    for method in cfg.methods:
+        if len(cfg.lr_factors) == 1:
+            sweep[method] = {"chosen": cfg.lr_factors[0], "scores": {}}
+            continue
+        scores = {f: sweep_score(cfg.task, evaluate(method, f, cfg.seeds[0], "val")["metrics"]) for f in cfg.lr_factors}
+        best = max(scores.values())
+        chosen = min((f for f, s in scores.items() if s == best), key=lambda f: abs(f - 1.0))  # ties: nearest the recipe
+        sweep[method] = {"chosen": chosen, "scores": {f"{f:g}": s for f, s in scores.items()}}
+        print(f"  {method}: lr sweep {sweep[method]['scores']} -> x{chosen:g}", flush=True)
+    # 2. every seed at the chosen rate, on the test split
+    rows: dict[str, dict] = {}
+    for method in cfg.methods:
+        f = sweep[method]["chosen"]
+        per_seed, stats, infos = [], [], []
+        for seed in cfg.seeds:
+            got = evaluate(method, f, seed, "test")
+            per_seed.append(got["metrics"])
+            infos.append(got.get("info", {}))
+            stats.append(train(method, f, seed))
+        lr = rates["learning_rate"] * f
+        rows[method] = {"lr": lr, "lr_factor": f, "per_seed": per_seed, "aggregate": aggregate(per_seed),
+                        "train_stats": stats, "trainable": _trainable(stats[0]), "info": infos[0]}
+    train_eval_seconds = time.time() - started
+    # 3. the reference rows
+    if cfg.task == "dreambooth":
+        references = _cached(cfg, out / "reference" / "eval.json", {"setup": setup_settings},
+                             lambda: evaluate_subject_references(cfg, setup))
+    else:
+        references = _cached(cfg, out / "reference" / "eval.json", {"setup": setup_settings},
+                             lambda: evaluate_control_references(cfg, setup, pairs["test"]))
+    table = format_table(cfg.task, rows, references, labels)
     total = time.time() - started
-    notes = [f"- {k}: n/a, {why}" for k, why in evaluation["unavailable"].items()]
-    report = (f"### {cfg.task}: HRA vs PEFT baselines, same loop, data, seed and schedule\n\n{table}\n\n"
-              + ("\n".join(notes) + "\n\n" if notes else "")
-              + f"Wall-clock: {total / 60:.1f} min ({train_seconds / 60:.1f} min training, "
-                f"{(total - train_seconds) / 60:.1f} min evaluation).\n")
+    info = next((r["info"] for r in rows.values() if r["info"]), {})
+    notes = [f"- {k}: n/a, {why}" for k, why in (info.get("unavailable") or {}).items()]
+    if info.get("extractors"):
+        notes.append("- extractors: " + "; ".join(f"{k}: {v}" for k, v in info["extractors"].items()))
+    def swept(m: str) -> str:
+        scores = ", ".join(f"x{k}: {v:.2f}" for k, v in sweep[m]["scores"].items())
+        return f"{labels[m]}: x{sweep[m]['chosen']:g}" + (f" (validation score {scores})" if scores else "")
+
+    sweep_line = "; ".join(swept(m) for m in sweep)
+    report = (f"### {cfg.task}: HRA vs PEFT baselines, same loop, data and schedule; {len(cfg.seeds)} seed(s), "
+              f"mean ± std\n\n{table}\n\n" + ("\n".join(notes) + "\n" if notes else "")
+              + f"- learning rate (x the recipe's {rates['learning_rate']:g}, chosen on the validation split): "
+                f"{sweep_line}\n"
+              + f"\nWall-clock: {total / 60:.1f} min.\n")
     print("\n" + report)
-    result = {"config": asdict(cfg), "budgets": budgets, "labels": labels,
-              "train_args": {m: train_argv(cfg, m, out / m / "train", sizes) for m in cfg.methods},
-              "runs": runs, "evaluation": evaluation, "table_markdown": table,
-              "seconds": {"total": total, "training": train_seconds}}
+    result = {"config": asdict(cfg), "budgets": budgets, "labels": labels, "recipe_rates": rates,
+              "setup": setup_settings, "sweep": sweep, "rows": rows, "references": references,
+              "table_markdown": table, "seconds": {"total": total, "training_and_evaluation": train_eval_seconds}}
     (out / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (out / "compare.md").write_text(report)
+    if cfg.task == "dreambooth":
+        try:
+            plot = plot_tradeoff(result, out / "compare.png")
+            if plot:
+                print(f"wrote {plot}")
+        except ImportError:
+            print("compare.png not drawn: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
     return result
 
 

@@ -275,29 +275,41 @@ def test_block_size_that_does_not_divide_a_layer_names_it(tmp_path, tiny_random_
 # ---- the comparison script ------------------------------------------------------------------------------
 
 def test_compare_script_prints_the_table(tmp_path, tiny_random_sd_dir, generated_subject_dir):
+    """One seed, no sweep, a subject without the tiny world's checker and extractors that cannot load: the table
+    still comes out, with the missing metrics reported as n/a and why."""
     import compare
 
     out = tmp_path / "cmp"
     cfg = compare.parse_args([
-        "--methods", "hra,lora", "--max_train_steps", "1", "--output_dir", str(out), "--num_images", "1",
-        "--eval_steps", "2", "--dino_model", str(tmp_path / "no-dino"), "--clip_model", "local-dir:" + str(tmp_path / "no-clip"),
+        "--methods", "hra,lora", "--seeds", "0", "--lr_factors", "1", "--max_train_steps", "1", "--output_dir", str(out),
+        "--num_images", "1", "--eval_steps", "2", "--dino_model", str(tmp_path / "no-dino"),
+        "--clip_model", "local-dir:" + str(tmp_path / "no-clip"),
         "--train_args", f"--pretrained_model {tiny_random_sd_dir} --subject_file {generated_subject_dir / 'subject.json'} "
                         "--train_batch_size 1 --num_class_images 2 --class_inference_steps 2 --validation_prompts [] "
                         "--mask_loss_weight 0 --target_modules [\"to_q\",\"to_k\",\"to_v\",\"to_out.0\"]"])
     result = compare.main(cfg)
     table = (out / "compare.md").read_text()
     assert result["table_markdown"] in table
-    for label in ("base model (no adapter)", "HRA r=8 (ours)", "LoRA r=4 (PEFT)"):
+    for label in ("HRA r=8 (ours)", "LoRA r=4 (PEFT)", "*base model, class prompt*", "*real held-out photos*"):
         assert label in table
     for method in ("hra", "lora"):
-        saved = load_file(str(out / method / "train" / "adapter" / "adapter_model.safetensors"))
+        saved = load_file(str(out / method / "lr1-seed0" / "train" / "adapter" / "adapter_model.safetensors"))
         n = sum(t.numel() for t in saved.values())
-        assert result["runs"][method]["trainable_parameters"]["unet"] == n and f"{n:,}" in table
-        assert "--seed" in result["train_args"][method]
-    assert "n/a" in table and "dino: n/a" in table  # missing weights are reported, not hidden
-    losses = {m: result["evaluation"]["metrics"][m]["heldout_subject_loss"] for m in ("base", "hra", "lora")}
-    assert all(v > 0 for v in losses.values())
+        assert result["rows"][method]["trainable"]["unet"] == n and f"{n:,}" in table
+        argv = result["rows"][method]["train_stats"][0]["argv"]
+        assert argv[argv.index("--seed") + 1] == "0" and "--learning_rate" not in argv  # x1: the recipe's own
+    assert "n/a" in table and "- dino: n/a" in table  # missing weights are reported, not hidden
+    assert result["sweep"]["hra"] == {"chosen": 1.0, "scores": {}}
     assert json.loads((out / "compare.json").read_text())["config"]["methods"] == ["hra", "lora"]
+    with pytest.raises(ValueError, match="lr_factors 1"):  # a sweep needs the tiny world's checker
+        compare.subject_setup(compare.parse_args([*cfg_argv(cfg), "--lr_factors", "1,2"]))
+
+
+def cfg_argv(cfg) -> list[str]:
+    """A CompareConfig's command line again (for a variant of it)."""
+    import shlex
+
+    return ["--output_dir", str(cfg.out), "--train_args", shlex.join(cfg.train_args)]
 
 
 # ---- the benchmark's variants ------------------------------------------------------------------------------
@@ -381,7 +393,8 @@ def test_compare_parses_trainer_configs_through_the_library(tmp_path):
     assert sys.path == path
     assert type(tcfg) is ControlConfig and tcfg.adapter == "lora" and tcfg.max_train_steps == 3
     assert tcfg.output_dir == str(tmp_path / "lora" / "train") and tcfg.train_data_dir == "assets/tiny-data/control/train"
-    assert tcfg.command.startswith("accelerate launch train/control_hra.py --seed 0 --report_to none")
+    assert tcfg.command.startswith("accelerate launch train/control_hra.py --report_to none")
+    assert " --seed 0 " in tcfg.command
     db = compare.trainer_config(compare.parse_args(["--output_dir", str(tmp_path)]), "hra", tmp_path / "hra")
     assert type(db) is DreamBoothConfig and db.class_data_dir == str(tmp_path / "class_images")
 
