@@ -189,6 +189,8 @@ def run_score(args: argparse.Namespace) -> int:
     for key, value in result.summary.items():
         print(f"{key:<{width}}  {value:.4f}")
     print(", ".join(f"{k}: {v}" for k, v in result.counts.items()))
+    for name, what in (result.info.get("extractors") or {}).items():  # which DINO / CLIP gave the numbers
+        print(f"{name}: {what}")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

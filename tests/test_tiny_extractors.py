@@ -146,7 +146,7 @@ def test_choice_tiny_base_gets_tiny_extractors_real_base_keeps_real_defaults(tmp
         choose_extractors(_rows(str(TINY_MODEL_DIR)) + _rows("runwayml/stable-diffusion-v1-5"))
 
 
-def test_score_subject_command_on_tiny_world_samples_needs_no_flags(tmp_path):
+def test_score_subject_command_on_tiny_world_samples_needs_no_flags(tmp_path, capsys):
     """`hra-diffusion score subject --samples DIR` on a manifest whose base is assets/tiny-sd: numeric DINO /
     CLIP-I / CLIP-T from the stand-ins, named in metrics.json and report.html, ranking the subject above plain stars
     and the right prompt above a wrong one."""
@@ -178,6 +178,8 @@ def test_score_subject_command_on_tiny_world_samples_needs_no_flags(tmp_path):
     code = main(["score", "subject", "--samples", str(samples), "--metrics", "dino,clip_i,clip_t", "--no-progress",
                  "--cache-dir", str(tmp_path / "cache")])
     assert code == 0
+    printed = capsys.readouterr().out
+    assert "dino: tiny-world stand-in DINO" in printed and "clip: tiny-world stand-in CLIP" in printed
     doc = json.loads((samples / "metrics.json").read_text())
     assert set(doc["summary"]) == {"dino", "clip_i", "clip_t"}
     assert all(np.isfinite(v) for v in doc["summary"].values())
