@@ -279,10 +279,11 @@ def _tokenize(tokenizer, captions: list[str], max_length: int) -> torch.Tensor:
     return tokenizer(captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
 
 
-def pseudo_words(seed: int, n: int = 300) -> list[str]:
-    """``n`` made-up lowercase words (3-5 letters), never a word of the tiny world's language or its identifier."""
-    rng = np.random.default_rng([seed, 7])
-    taken = {*scenes.COLOURS, *scenes.SHAPES, scenes.SUBJECT.identifier, "a", "on", "background"}
+def pseudo_words(seed: int, n: int = 300, salt: int = 7, also_taken: tuple[str, ...] = ()) -> list[str]:
+    """``n`` made-up lowercase words (3-5 letters), never a word of the tiny world's language, its identifier or
+    ``also_taken``; ``salt`` separates the streams of different users of the same seed."""
+    rng = np.random.default_rng([seed, salt])
+    taken = {*scenes.COLOURS, *scenes.SHAPES, scenes.SUBJECT.identifier, "a", "on", "background", *also_taken}
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
     words: list[str] = []
     while len(words) < n:

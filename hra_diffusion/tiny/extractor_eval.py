@@ -15,15 +15,15 @@ and CLS/projection features as ``hra-diffusion score subject``):
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import scenes
-from .data import SUBJECT_BACKGROUNDS, SUBJECT_LAYOUTS, subject_scenes
+from .data import subject_scenes
 from .extractor_data import Item, images_to_tensor, render_item
 from .paths import TINY_CONTROL_DIR, TINY_EXTRACTORS_DIR, TINY_SUBJECT_DIR
 

@@ -320,17 +320,11 @@ class BuildInterrupted(RuntimeError):
 # ---- CLIP ------------------------------------------------------------------------------------------------------
 
 def _pseudo_words(seed: int, n: int = 300) -> list[str]:
-    """Made-up 3-5 letter words, none a word of the captions' language or the subject's identifier."""
-    rng = np.random.default_rng([seed, 23])
-    taken = {*xd.scenes.COLOURS, *xd.scenes.SHAPES, xd.scenes.SUBJECT.identifier, "a", "on", "and", "of", "the",
-             "in", "top", "left", "right", "small", "large", "striped", "checkered", "background", "center", "bottom"}
-    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    words: list[str] = []
-    while len(words) < n:
-        w = "".join(rng.choice(letters, rng.integers(3, 6)))
-        if w not in taken and w not in words:
-            words.append(w)
-    return words
+    """Made-up 3-5 letter words, none a word of the captions' language (positions, sizes, patterns included)."""
+    from .build import pseudo_words
+
+    return pseudo_words(seed, n, salt=23, also_taken=("and", "of", "the", "in", "top", "left", "right", "small",
+                                                      "large", "striped", "checkered", "center", "bottom"))
 
 
 def _clip_captions(items: list[xd.Item], rng: np.random.Generator, words: list[str], rate: float) -> list[str]:
