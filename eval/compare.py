@@ -17,8 +17,8 @@ r=8's (LoRA's rank; OFT's and BOFT's block size); the counts are printed.
 
 Learning rate: each method's is chosen by a small sweep (--lr_factors, multiples of the recipe's rate, one run
 each with the first seed), scored on a validation split that the test never uses: for DreamBooth, other prompts
-than the held-out test prompts (the tiny world's subject checker: the subject in the asked context, and the
-class prompt still plain); for control, a third of the held-out (condition, prompt) pairs (their Canny F1).
+than the held-out test prompts (sweep_score: the mean of DINO, CLIP-T and the subject checker's rates of the
+subject in the asked context and of the class prompt still plain); for control, a third of the held-out (condition, prompt) pairs (their Canny F1).
 The chosen rate is then trained with every seed (--seeds); the table gives mean +- standard deviation over
 the seeds.
 
@@ -69,6 +69,7 @@ BUDGETS = ("match", "fixed")
 CANDIDATES = {"lora": ("--r", range(1, 65)), "oft": ("--block_size", (2, 4, 8, 16, 32, 64, 128)),
               "boft": ("--block_size", (2, 4, 8, 16, 32, 64))}
 SUBJECT_METRICS = ("dino", "clip_i", "clip_t", "lpips")
+EVAL_VERSION = 2  # bumped when what an evaluation computes changes: --reuse then redoes the evaluations
 CHECKER_RATES = ("subject_rate", "subject_in_context_rate", "class_plain_rate", "class_striped_rate")
 REFERENCES = {"dreambooth": ("base", "real"), "control": ("base", "real")}
 # the learning-rate flags each task's sweep scales
@@ -483,8 +484,7 @@ def evaluate_subject_run(cfg: CompareConfig, setup: SubjectSetup, adapter: str |
                               else (setup.val_prompts, setup.val_class_prompts))
     out: dict[str, Any] = {"metrics": {}, "info": {}}
     samples = _generate(cfg, setup, adapter, folder / "samples", prompts)
-    if split == "test":
-        out["metrics"], out["info"] = _scores_or_missing(cfg, samples)
+    out["metrics"], out["info"] = _scores_or_missing(cfg, samples)
     if setup.checker:
         images, used = _manifest_images(samples)
         out["metrics"].update(_rates(images, used))
@@ -494,11 +494,17 @@ def evaluate_subject_run(cfg: CompareConfig, setup: SubjectSetup, adapter: str |
     return out
 
 
+SWEEP_KEYS = {"dreambooth": ("dino", "clip_t", "subject_in_context_rate", "class_plain_rate"), "control": ("canny_f1",)}
+
+
 def sweep_score(task: str, metrics: dict[str, float]) -> float:
-    """What the learning-rate sweep maximises on the validation split."""
-    if task == "control":
-        return metrics["canny_f1"]
-    return (metrics["subject_in_context_rate"] + metrics["class_plain_rate"]) / 2
+    """What the learning-rate sweep maximises on the validation split. DreamBooth: the mean of DINO (subject
+    fidelity), CLIP-T (prompt fidelity) and the checker's subject-in-context and class-plain rates (the subject
+    where it was asked for; the prior kept), those of them that could be computed; control: the Canny F1."""
+    got = [metrics[k] for k in SWEEP_KEYS[task] if k in metrics]
+    if not got:
+        raise ValueError(f"no sweep metric ({', '.join(SWEEP_KEYS[task])}) could be computed on the validation split")
+    return statistics.fmean(got)
 
 
 def evaluate_subject_references(cfg: CompareConfig, setup: SubjectSetup) -> dict[str, dict]:
@@ -729,7 +735,7 @@ def main(cfg: CompareConfig) -> dict:
     def evaluate(method: str, factor: float, seed: int, split: str) -> dict:
         stats = train(method, factor, seed)
         folder = run_dir(cfg, method, factor, seed) / split
-        settings = {"argv": stats["argv"], "setup": setup_settings, "split": split}
+        settings = {"argv": stats["argv"], "setup": setup_settings, "split": split, "version": EVAL_VERSION}
         if cfg.task == "dreambooth":
             return _cached(cfg, folder / "eval.json", settings,
                            lambda: evaluate_subject_run(cfg, setup, stats["adapter_dir"], folder, split))
