@@ -34,6 +34,10 @@ def test_aggregate_and_cells():
     assert compare._cell("subject_rate", agg["subject_rate"]) == "50 ± 35%"
     assert compare._cell("dino", {"mean": 0.5, "std": None}) == "0.500" and compare._cell("dino", None) == "n/a"
     assert compare.sweep_score("dreambooth", {"subject_in_context_rate": 0.5, "class_plain_rate": 1.0}) == 0.75
+    assert compare.sweep_score("dreambooth", {"dino": 0.8, "clip_t": 0.4, "subject_in_context_rate": 0.5,
+                                              "class_plain_rate": 1.0, "clip_i": 0.0}) == pytest.approx(0.675)
+    with pytest.raises(ValueError, match="no sweep metric"):
+        compare.sweep_score("dreambooth", {"clip_i": 0.5})
 
 
 def test_methods_cover_the_papers_variants():
