@@ -71,7 +71,6 @@ CANDIDATES = {"lora": ("--r", range(1, 65)), "oft": ("--block_size", (2, 4, 8, 1
 SUBJECT_METRICS = ("dino", "clip_i", "clip_t", "lpips")
 EVAL_VERSION = 2  # bumped when what an evaluation computes changes: --reuse then redoes the evaluations
 CHECKER_RATES = ("subject_rate", "subject_in_context_rate", "class_plain_rate", "class_striped_rate")
-REFERENCES = {"dreambooth": ("base", "real"), "control": ("base", "real")}
 # the learning-rate flags each task's sweep scales
 LR_FLAGS = {"dreambooth": ("learning_rate",), "control": ("learning_rate", "encoder_learning_rate")}
 
