@@ -116,3 +116,22 @@ def test_readme_shows_the_committed_comparison():
     assert set(doc["rows"]) == set(compare.METHODS) and set(doc["references"]) == {"base", "real"}
     for row in doc["rows"].values():
         assert all(row["aggregate"][k]["n"] == len(doc["config"]["seeds"]) for k in ("dino", "clip_i", "clip_t"))
+
+
+def test_readme_shows_the_committed_control_comparison():
+    """The README's control comparison table is the committed results file's: 3 seeds, a 3-rate sweep on the
+    validation pairs, every row's F1 over all seeds, above the unconditioned base and below the real images."""
+    results = REPO / "eval" / "results"
+    doc = json.loads((results / "compare-control.json").read_text())
+    readme = (REPO / "README.md").read_text()
+    assert doc["table_markdown"] in readme and "eval/results/compare-control.json" in readme
+    assert doc["config"]["task"] == "control"
+    assert len(doc["config"]["seeds"]) >= 3 and len(doc["config"]["lr_factors"]) >= 3
+    assert {"hra", "hra_orth", "hra_gs", "lora", "oft"} <= set(doc["rows"]) <= set(compare.METHODS)
+    for method in set(compare.METHODS) - set(doc["rows"]):  # a method left out is said to be
+        assert f"{method.upper()} is not in it yet" in readme
+    base, real = (doc["references"][k]["metrics"]["canny_f1"] for k in ("base", "real"))
+    for row in doc["rows"].values():
+        agg = row["aggregate"]["canny_f1"]
+        assert agg["n"] == len(doc["config"]["seeds"])
+        assert base < agg["mean"] < real
