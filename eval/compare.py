@@ -309,12 +309,13 @@ def prepare_class_images(cfg: CompareConfig) -> None:
     if not tcfg.with_prior_preservation:
         return
     from hra_diffusion.training.models import load_sd_components
-    from hra_diffusion.training.prior import generate_class_images
+    from hra_diffusion.training.prior import class_prompts, generate_class_images
 
     made = generate_class_images(load_sd_components(tcfg.pretrained_model, tcfg.revision, tcfg.variant),
-                                 tcfg.class_data_dir, tcfg.class_prompt, tcfg.num_class_images,
+                                 tcfg.class_data_dir, class_prompts(tcfg), tcfg.num_class_images,
                                  batch_size=tcfg.sample_batch_size, seed=tcfg.seed,
-                                 steps=tcfg.class_inference_steps, resolution=tcfg.resolution)
+                                 steps=tcfg.class_inference_steps, resolution=tcfg.resolution,
+                                 guidance_scale=tcfg.class_guidance_scale)
     if made:
         print(f"generated {made} class images in {tcfg.class_data_dir}", flush=True)
 

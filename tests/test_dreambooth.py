@@ -155,6 +155,56 @@ def test_per_image_caption_files_train(tmp_path, tiny_random_sd_dir, generated_s
     assert "instance_caption_extension: .txt" in (out / "config.yaml").read_text()
 
 
+def test_class_images_drawn_from_the_instance_captions(tmp_path, tiny_random_sd_dir, generated_subject_dir,
+                                                       monkeypatch):
+    """class_prompts_from_captions: each class image is drawn from an instance caption without the identifier
+    (uncaptioned images add the class prompt), captioned with it, and trains with it (the frozen text encoder's
+    prompt cache holds those prompts); without captions to read it is a config error."""
+    import shutil
+
+    from hra_diffusion.training.config import DreamBoothConfig
+    from hra_diffusion.training.prior import identifier_words
+
+    data = tmp_path / "subject"
+    shutil.copytree(generated_subject_dir / "train", data)
+    files = sorted(data.glob("*.png"))
+    files[0].with_suffix(".txt").write_text("a photo of qwe square on a blue background\n")
+    files[1].with_suffix(".txt").write_text("a photo of qwe square in the top left of a green background\n")
+    out = tmp_path / "run"
+    from hra_diffusion.training import dreambooth
+
+    seen = {}
+    real = dreambooth.generate_class_images
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dreambooth, "generate_class_images", spy)
+    args = fast_args(tiny_random_sd_dir, generated_subject_dir, out, "--instance_data_dir", str(data),
+                     "--instance_caption_extension", ".txt", "--with_prior_preservation", "true",
+                     "--class_prompts_from_captions", "true", "--num_class_images", "5", "--class_guidance_scale", "2")
+    result = train(args)
+    assert seen["guidance_scale"] == 2.0
+    assert result.global_step == 2
+    expected = ["a photo of square on a blue background", "a photo of square in the top left of a green background",
+                "a photo of square"]  # file order; the uncaptioned images add the class prompt once
+    captions = [(out / "class_images" / f"class-{i:05d}.txt").read_text().strip() for i in range(5)]
+    assert captions == [expected[i % 3] for i in range(5)]
+    assert "class images (the instance captions without the identifier)" in (out / "README.md").read_text()
+
+    assert identifier_words("a photo of qwe square", "a photo of square") == ["qwe"]
+    with pytest.raises(ConfigError, match="identifier cannot be found"):
+        identifier_words("a photo of square", "a photo of square")
+    with pytest.raises(ConfigError, match="class_guidance_scale must be >= 1"):
+        DreamBoothConfig(instance_data_dir=str(data), instance_prompt="a photo of qwe square",
+                         class_prompt="a photo of square", class_guidance_scale=0.5).validate()
+    with pytest.raises(ConfigError, match="class_prompts_from_captions needs per-image instance captions"):
+        DreamBoothConfig(instance_data_dir=str(data), instance_prompt="a photo of qwe square",
+                         class_prompt="a photo of square", with_prior_preservation=True,
+                         class_prompts_from_captions=True).validate()
+
+
 def test_masked_loss_trains_and_changes_the_update(tmp_path, tiny_random_sd_dir, generated_subject_dir):
     """mask_loss_weight + instance_mask_dir: the subject's pixels weigh more, so the adapter differs from a plain
     run's; the mask folder comes from subject.json's instance_mask_dir; bad combinations are named."""

@@ -215,10 +215,18 @@ class DreamBoothConfig(TrainConfig):
     with_prior_preservation: bool = False
     class_data_dir: str | None = None
     class_prompt: str | None = None
+    # draw the class images from the instance captions with the identifier taken out ("a qwe star on a green
+    # background" -> "a star on a green background"), each captioned with its prompt, instead of class_prompt
+    # alone: the prior then covers the contexts the instance captions name, so those words keep their meaning
+    # and only the identifier carries the subject. Needs instance_caption_extension.
+    class_prompts_from_captions: bool = False
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
     sample_batch_size: int = 4
     class_inference_steps: int = 25
+    # CFG scale of the class images (diffusers' DreamBooth script uses the pipeline's 7.5); a model sampled at a
+    # lower scale (the tiny world: 2) draws its prior better there
+    class_guidance_scale: float = 7.5
     train_text_encoder: bool = False
     text_encoder_r: int = 8
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
@@ -231,6 +239,8 @@ class DreamBoothConfig(TrainConfig):
         super().validate()
         if self.num_class_images < 1 or self.sample_batch_size < 1 or self.class_inference_steps < 1:
             raise ConfigError("num_class_images, sample_batch_size and class_inference_steps must be >= 1")
+        if not self.class_guidance_scale >= 1:
+            raise ConfigError(f"class_guidance_scale must be >= 1 (1: no guidance), got {self.class_guidance_scale!r}")
         if self.prior_loss_weight < 0:
             raise ConfigError(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight!r}")
         if self.mask_loss_weight < 0:
@@ -238,6 +248,9 @@ class DreamBoothConfig(TrainConfig):
         if self.instance_mask_dir and not self.mask_loss_weight:
             raise ConfigError(f"instance_mask_dir={self.instance_mask_dir!r} is set but mask_loss_weight is 0, so the "
                               "masks would be ignored: pass --mask_loss_weight (e.g. 4), or drop instance_mask_dir")
+        if self.class_prompts_from_captions and not self.instance_caption_extension:
+            raise ConfigError("class_prompts_from_captions needs per-image instance captions: set "
+                              "instance_caption_extension (e.g. .txt), or set class_prompts_from_captions: false")
         if self.text_encoder_r % 2:
             raise ConfigError(f"text_encoder_r={self.text_encoder_r} is odd: use an even r (e.g. {self.text_encoder_r + 1})")
         if self.train_text_encoder and self.adapter != "hra":

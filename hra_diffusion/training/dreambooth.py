@@ -20,7 +20,7 @@ from .config import ConfigError, DreamBoothConfig
 from .data import CachedLatent, ImageFolderDataset, ImageTransform
 from .loss import denoising_loss, pixel_weights, with_orthogonality
 from .models import add_hra
-from .prior import generate_class_images
+from .prior import CLASS_CAPTION_EXTENSION, class_prompts, generate_class_images
 from .run_guard import resume_notes
 from .runner import run_task
 from .sd_task import StableDiffusionTask
@@ -99,13 +99,19 @@ class DreamBoothTask(StableDiffusionTask):
             class_dir = Path(cfg.class_data_dir or Path(cfg.output_dir) / "class_images")
             cfg.class_data_dir = str(class_dir)
             made = generate_class_images(
-                self.sd, class_dir, cfg.class_prompt, cfg.num_class_images, batch_size=cfg.sample_batch_size,
+                self.sd, class_dir, class_prompts(cfg), cfg.num_class_images, batch_size=cfg.sample_batch_size,
                 seed=cfg.seed, steps=cfg.class_inference_steps, resolution=cfg.resolution,
-                accelerator=accelerator, autocast_dtype=self.autocast_dtype,
+                guidance_scale=cfg.class_guidance_scale, accelerator=accelerator, autocast_dtype=self.autocast_dtype,
             )
             if made:
                 accelerator.print(f"generated {made} class images in {class_dir}")
-            self.classes = ImageFolderDataset(class_dir, cfg.class_prompt, transform, cfg.seed + 1, "class image")
+            self.classes = ImageFolderDataset(class_dir, cfg.class_prompt, transform, cfg.seed + 1, "class image",
+                                              caption_extension=CLASS_CAPTION_EXTENSION
+                                              if cfg.class_prompts_from_captions else None)
+            if cfg.class_prompts_from_captions and all(p == cfg.class_prompt for p in self.classes.prompts):
+                accelerator.print(f"note: the class images in {class_dir} have no captions (made before "
+                                  "class_prompts_from_captions was set), so they all train with "
+                                  f"{cfg.class_prompt!r}: delete the folder to draw them from the captions")
         # the adapter (HRA, or a PEFT baseline): the base was cast to weight_dtype above; adapter tensors are fp32
         self.add_unet_adapter()
         # text-encoder HRA: {pipeline component name: text encoder}, both encoders on SDXL
@@ -113,7 +119,8 @@ class DreamBoothTask(StableDiffusionTask):
         self.prompt_cache: dict[str, PromptEmbeds] = {}  # frozen encoders: each prompt encoded once
         if not cfg.train_text_encoder:
             with torch.no_grad():
-                for prompt in {*self.instance.prompts, cfg.class_prompt} - {None}:
+                for prompt in {*self.instance.prompts, *(self.classes.prompts if self.classes else ()),
+                               cfg.class_prompt} - {None}:
                     self.prompt_cache[prompt] = self._encode_prompts([prompt])
         if cfg.cache_latents:
             self._cache_latents()
@@ -265,7 +272,10 @@ class DreamBoothTask(StableDiffusionTask):
             "instance images": f"{len(self.instance)} from `{cfg.instance_data_dir}`",
             "masked loss": (f"subject pixels weighted {1 + cfg.mask_loss_weight:g}x (masks in `{cfg.instance_mask_dir}`)"
                             if cfg.mask_loss_weight else "no"),
-            "prior preservation": (f"yes: {cfg.num_class_images} class images (`{cfg.class_prompt}`) in `{cfg.class_data_dir}`, "
+            "prior preservation": (f"yes: {cfg.num_class_images} class images "
+                                   + ("(the instance captions without the identifier) " if cfg.class_prompts_from_captions
+                                      else f"(`{cfg.class_prompt}`) ")
+                                   + f"in `{cfg.class_data_dir}`, "
                                    f"weight {cfg.prior_loss_weight}") if cfg.with_prior_preservation else "no",
         }, model={
             "text encoder HRA": (f"r={cfg.text_encoder_r} on {cfg.text_encoder_target_modules}"

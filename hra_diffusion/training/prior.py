@@ -2,6 +2,10 @@
 
 Image i is ``class-<i>.png``, drawn with its own seed, so a run that stops half-way resumes by
 generating only the missing files, and the result does not depend on the batch size or process count.
+
+With several class prompts (``class_prompts_from_captions``: each instance caption with the identifier taken
+out), image i is drawn from prompt ``i mod len(prompts)`` and its prompt is written beside it as
+``class-<i>.txt``, so the class images are captioned like the instance images.
 """
 
 from __future__ import annotations
@@ -12,10 +16,45 @@ from pathlib import Path
 
 import torch
 
-from .data import IMAGE_EXTENSIONS, stream_seed
+from .config import ConfigError
+from .data import IMAGE_EXTENSIONS, _caption, list_images, stream_seed
 from .validation import pipeline_for
 
-__all__ = ["missing_class_images", "generate_class_images"]
+__all__ = ["missing_class_images", "generate_class_images", "identifier_words", "class_prompts",
+           "CLASS_CAPTION_EXTENSION"]
+
+CLASS_CAPTION_EXTENSION = ".txt"
+
+
+def identifier_words(instance_prompt: str, class_prompt: str) -> list[str]:
+    """The words of ``instance_prompt`` that ``class_prompt`` lacks: the identifier ("a qwe star" / "a star":
+    ["qwe"]). An error when there are none (the two prompts would not tell the subject from its class)."""
+    cls = set(class_prompt.lower().split())
+    words = [w for w in instance_prompt.split() if w.lower() not in cls]
+    if not words:
+        raise ConfigError(f"instance_prompt {instance_prompt!r} has no word that class_prompt {class_prompt!r} lacks, "
+                          "so the identifier cannot be found: the instance prompt should be the class prompt plus "
+                          "a rare identifier word, e.g. 'a photo of sks dog' / 'a photo of dog'")
+    return words
+
+
+def class_prompts(cfg) -> list[str]:
+    """The prompts the class images are drawn from: ``[class_prompt]``; with ``class_prompts_from_captions``,
+    every distinct instance caption with the identifier words taken out ("a qwe star on a green background" ->
+    "a star on a green background"), in file order. Instance images without a caption add ``class_prompt``."""
+    if not getattr(cfg, "class_prompts_from_captions", False):
+        return [cfg.class_prompt]
+    if not cfg.instance_caption_extension:
+        raise ConfigError("class_prompts_from_captions needs per-image instance captions: set "
+                          "instance_caption_extension (e.g. .txt), or set class_prompts_from_captions: false")
+    ident = {w.lower() for w in identifier_words(cfg.instance_prompt, cfg.class_prompt)}
+    prompts: list[str] = []
+    for image in list_images(cfg.instance_data_dir, "instance image"):
+        caption = _caption(image, cfg.instance_caption_extension)
+        prompt = " ".join(w for w in caption.split() if w.lower() not in ident) if caption else cfg.class_prompt
+        if prompt and prompt not in prompts:
+            prompts.append(prompt)
+    return prompts
 
 
 def missing_class_images(class_dir: str | os.PathLike, num: int) -> list[int]:
@@ -32,11 +71,14 @@ def missing_class_images(class_dir: str | os.PathLike, num: int) -> list[int]:
 
 
 @torch.no_grad()
-def generate_class_images(components, class_dir: str | os.PathLike, class_prompt: str, num: int, *,
+def generate_class_images(components, class_dir: str | os.PathLike, class_prompt: str | list[str], num: int, *,
                           batch_size: int, seed: int, steps: int, resolution: int,
                           guidance_scale: float = 7.5, accelerator=None,
                           autocast_dtype: torch.dtype | None = None) -> int:
     """Fill ``class_dir`` up to ``num`` images with the (un-adapted) base model; returns how many were made.
+
+    ``class_prompt``: one prompt, or a list (image i from prompt i mod len; each image's prompt written beside it
+    as ``class-<i>.txt``).
 
     ``components`` (:class:`~hra_diffusion.training.models.SDComponents`) picks the pipeline: SD 1.x/2.x or
     SDXL. With several processes each one generates its share. Every file is written under a temporary
@@ -44,6 +86,9 @@ def generate_class_images(components, class_dir: str | os.PathLike, class_prompt
     """
     from tqdm.auto import tqdm
 
+    prompts = [class_prompt] if isinstance(class_prompt, str) else list(class_prompt)
+    if not prompts:
+        raise ValueError("no class prompt to draw the class images from")
     folder = Path(class_dir)
     folder.mkdir(parents=True, exist_ok=True)
     todo = missing_class_images(folder, num)
@@ -61,9 +106,14 @@ def generate_class_images(components, class_dir: str | os.PathLike, class_prompt
             device = components.unet.device
             ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
             with ctx:
-                images = pipe([class_prompt] * len(chunk), num_inference_steps=steps, guidance_scale=guidance_scale,
-                              generator=generators, height=resolution, width=resolution).images
+                images = pipe([prompts[i % len(prompts)] for i in chunk], num_inference_steps=steps,
+                              guidance_scale=guidance_scale, generator=generators, height=resolution,
+                              width=resolution).images
             for i, img in zip(chunk, images, strict=True):
+                if len(prompts) > 1:  # the caption first: an image never exists without its caption
+                    cap = folder / f".class-{i:05d}.txt.tmp"
+                    cap.write_text(prompts[i % len(prompts)] + "\n", encoding="utf-8")
+                    os.replace(cap, folder / f"class-{i:05d}{CLASS_CAPTION_EXTENSION}")
                 tmp = folder / f".class-{i:05d}.png.tmp"
                 img.save(tmp, format="PNG")
                 os.replace(tmp, folder / f"class-{i:05d}.png")

@@ -64,7 +64,7 @@ IDENTITY_KEYS = (
     "block_size", "lora_alpha", "seed", "resolution", "use_8bit_adam",
     # DreamBooth
     "instance_data_dir", "instance_prompt", "instance_caption_extension", "instance_mask_dir",
-    "with_prior_preservation", "class_prompt",
+    "with_prior_preservation", "class_prompt", "class_prompts_from_captions",
     "train_text_encoder",
     "text_encoder_r", "text_encoder_target_modules",
     # control
@@ -219,8 +219,10 @@ def run_identity(cfg) -> dict[str, Any]:
         if not hasattr(cfg, key):
             continue
         value = getattr(cfg, key)
-        if key == "class_prompt" and not getattr(cfg, "with_prior_preservation", False):
+        if key in ("class_prompt", "class_prompts_from_captions") and not getattr(cfg, "with_prior_preservation", False):
             continue
+        if key == "class_prompts_from_captions" and not value:
+            continue  # recorded only when set: checkpoints from before the option stay resumable
         if key.startswith("canny_") and getattr(cfg, "condition", None) != "canny":
             continue
         ident[key] = _norm_path(value) if key in ("pretrained_model", "pretrained_vae_model", *DATA_DIR_KEYS) else value
