@@ -57,6 +57,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
                                      "leave out to sample the base model alone")
     p.add_argument("--base", dest="base_model", help="base model: diffusers folder or hub id (default: the "
                    "adapter's recorded base if it is a local folder, else the tiny world assets/tiny-sd)")
+    p.add_argument("--vae", dest="vae_model", help="a separate VAE (AutoencoderKL folder or hub id, e.g. "
+                   "madebyollin/sdxl-vae-fp16-fix; default: the one the adapter was trained with "
+                   "(--pretrained_vae_model), else the base's)")
     p.add_argument("--out", "--output-dir", dest="output_dir", required=True, help="output folder: new or empty; "
                    "a folder an interrupted run of the same command left is completed (only the missing images "
                    "are made); must not overlap any input")

@@ -70,6 +70,7 @@ class GenerateConfig:
     output_dir: str
     adapter: str | None = None  # None: the base model alone (a baseline)
     base_model: str | None = None  # None: the adapter's recorded base if local, else the tiny world
+    vae_model: str | None = None  # None: the VAE the adapter was trained with (its vae_model), else the base's
     prompts: list[str] = field(default_factory=list)
     prompts_file: str | None = None
     conditions: list[str] = field(default_factory=list)  # one per prompt, or one for all
@@ -134,9 +135,10 @@ def _device_and_dtype(device: str | None, dtype: str | None):
     return torch.device(dev), torch_dtype, name
 
 
-def load_pipeline(base: str, torch_dtype, safety_checker: bool = True):
+def load_pipeline(base: str, torch_dtype, safety_checker: bool = True, vae_model: str | None = None):
     """The base pipeline from a local folder or hub id, with an actionable message when it fails: a
-    StableDiffusionPipeline or StableDiffusionXLPipeline, chosen from the folder's model_index.json."""
+    StableDiffusionPipeline or StableDiffusionXLPipeline, chosen from the folder's model_index.json.
+    ``vae_model``: a separate AutoencoderKL (folder or hub id) instead of the base's own."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from .conditioning import pipeline_family
@@ -155,6 +157,14 @@ def load_pipeline(base: str, torch_dtype, safety_checker: bool = True):
     if family == "sd" and not safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)  # SDXL has no safety checker
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    if vae_model:
+        from .training.models import BaseModelError, _separate_vae
+
+        try:
+            kwargs["vae"] = _separate_vae(vae_model, family, torch_dtype)
+        except BaseModelError as err:  # name generate's flag, not the trainer's key
+            raise BaseModelError(str(err).replace("pretrained_vae_model", "VAE (--vae, or the adapter's recorded "
+                                                  "vae_model)", 1)) from None
     from safetensors import SafetensorError
 
     try:
@@ -250,7 +260,8 @@ def _load(cfg: GenerateConfig, info, is_control: bool, base: str) -> _Loaded:
     from .control import attach_condition_encoder, load_trained_adapter
 
     device, torch_dtype, dtype_name = _device_and_dtype(cfg.device, cfg.dtype)
-    pipe = load_pipeline(base, torch_dtype, safety_checker=cfg.safety_checker).to(device)
+    vae_model = _vae_model(cfg, info)
+    pipe = load_pipeline(base, torch_dtype, safety_checker=cfg.safety_checker, vae_model=vae_model).to(device)
     pipe.set_progress_bar_config(disable=True)
     scheduler_name = _set_scheduler(pipe, cfg.scheduler)
     handle = None
@@ -286,9 +297,18 @@ def _load(cfg: GenerateConfig, info, is_control: bool, base: str) -> _Loaded:
         "text_encoder_adapter": text_adapter, "text_encoders_adapted": text_parts,
         "merged": bool(cfg.merge and cfg.adapter),
         "base": str(Path(base).resolve()) if Path(base).is_dir() else base, "dtype": dtype_name,
-        "device": str(device),
+        "device": str(device), "vae": _path_or_id(vae_model),
     }
     return _Loaded(pipe, handle, device, common)
+
+
+def _vae_model(cfg: GenerateConfig, info) -> str | None:
+    """--vae, else the VAE the adapter was trained with (trainers record ``vae_model``), else None (the base's)."""
+    return cfg.vae_model or ((info.doc.get("vae_model") if info is not None else None) or None)
+
+
+def _path_or_id(source: str | None) -> str | None:
+    return str(Path(source).resolve()) if source and Path(source).is_dir() else source
 
 
 def _condition_names(entries: list[PromptEntry]) -> dict[Path, str]:
@@ -354,12 +374,12 @@ def _sha256(path: Path) -> str:
 
 
 def _identity(cfg: GenerateConfig, entries: list[PromptEntry], base: str, seeds: list[int], device: str,
-              dtype_name: str) -> dict[str, Any]:
+              dtype_name: str, vae_model: str | None = None) -> dict[str, Any]:
     """Everything that decides the images: a re-run into the same folder must match it to resume."""
     def p(x: Path | None) -> str | None:
         return str(x.resolve()) if x is not None else None
 
-    return {
+    ident = {
         "adapter": p(Path(cfg.adapter)) if cfg.adapter else None,
         "adapter_sha256": _sha256_files(Path(cfg.adapter)) if cfg.adapter else None,
         "base": str(Path(base).resolve()) if Path(base).is_dir() else base,
@@ -372,6 +392,9 @@ def _identity(cfg: GenerateConfig, entries: list[PromptEntry], base: str, seeds:
         "scheduler": cfg.scheduler, "height": cfg.height, "width": cfg.width, "merge": cfg.merge,
         "safety_checker": cfg.safety_checker, "device": device.split(":")[0], "dtype": dtype_name,
     }
+    if vae_model:  # only when set: folders written before the option stay resumable
+        ident["vae"] = _path_or_id(vae_model)
+    return ident
 
 
 def _inputs(cfg: GenerateConfig, entries: list[PromptEntry], base: str) -> list[tuple[str, Path | None, bool]]:
@@ -379,6 +402,7 @@ def _inputs(cfg: GenerateConfig, entries: list[PromptEntry], base: str) -> list[
     inputs: list[tuple[str, Path | None, bool]] = [
         ("adapter folder", Path(cfg.adapter) if cfg.adapter else None, True),
         ("base model folder", Path(base) if Path(base).is_dir() else None, True),
+        ("VAE folder", Path(cfg.vae_model) if cfg.vae_model and Path(cfg.vae_model).is_dir() else None, True),
         ("prompts file", Path(cfg.prompts_file) if cfg.prompts_file else None, False),
     ]
     for e in entries:
@@ -410,7 +434,7 @@ def generate(cfg: GenerateConfig, log: Callable[[str], None] | None = None) -> P
     jobs = [(pi, k, s) for pi in range(len(entries)) for k, s in enumerate(seeds)]
     names = [image_name(pi, k, s) for pi, k, s in jobs]
     cond_names = _condition_names(entries)
-    identity = _identity(cfg, entries, base, seeds, str(device), dtype_name)
+    identity = _identity(cfg, entries, base, seeds, str(device), dtype_name, _vae_model(cfg, info))
     plan = plan_output(out_dir, identity, names, list(cond_names.values()), cfg.overwrite)
     if plan.complete:
         say(f"all {len(names)} images are already in {out_dir} (same settings): nothing to do")

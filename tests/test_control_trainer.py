@@ -283,6 +283,15 @@ def test_bf16_keeps_adapter_and_encoder_fp32(tmp_path, tiny_random_sd_dir, contr
     assert any(k.startswith(ENCODER_PREFIX) for k in tensors)
 
 
+def test_adapter_records_the_separate_vae(tmp_path, tiny_random_sd_dir, control_dir):
+    """--pretrained_vae_model is written into the control adapter (vae_model), generate's default VAE."""
+    import json
+
+    out = tmp_path / "vae"
+    train(fast_args(tiny_random_sd_dir, control_dir, out, "--pretrained_vae_model", str(tiny_random_sd_dir)))
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["vae_model"] == str(tiny_random_sd_dir)
+
+
 def test_datasets_input_with_computed_canny_condition(tmp_path, tiny_random_sd_dir, control_dir):
     import datasets
 

@@ -155,6 +155,17 @@ def test_per_image_caption_files_train(tmp_path, tiny_random_sd_dir, generated_s
     assert "instance_caption_extension: .txt" in (out / "config.yaml").read_text()
 
 
+def test_adapter_records_the_separate_vae(tmp_path, tiny_random_sd_dir, generated_subject_dir):
+    """--pretrained_vae_model is written into the adapter (vae_model), so generate decodes with the same VAE."""
+    out = tmp_path / "run"
+    train(fast_args(tiny_random_sd_dir, generated_subject_dir, out, "--pretrained_vae_model", str(tiny_random_sd_dir)))
+    doc = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert doc["vae_model"] == str(tiny_random_sd_dir)
+    plain = tmp_path / "plain"
+    train(fast_args(tiny_random_sd_dir, generated_subject_dir, plain))
+    assert "vae_model" not in json.loads((plain / "adapter" / "adapter_config.json").read_text())
+
+
 def test_class_images_drawn_from_the_instance_captions(tmp_path, tiny_random_sd_dir, generated_subject_dir,
                                                        monkeypatch):
     """class_prompts_from_captions: each class image is drawn from an instance caption without the identifier

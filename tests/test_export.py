@@ -157,6 +157,15 @@ def test_export_records_its_source_and_base(tiny_random_sd_dir, hra_adapter, tmp
         assert f.get_tensor(alpha_key).dtype == torch.bfloat16
         down = next(k for k in f.keys() if k.endswith("conv1.lora_down.weight"))
         assert f.get_tensor(down).ndim == 4 and f.get_tensor(down.replace("down", "up")).shape[-2:] == (1, 1)
+    assert "vae_model" not in doc
+    import shutil
+
+    with_vae = tmp_path / "with-vae"
+    shutil.copytree(hra_adapter, with_vae)
+    cfg_file = with_vae / "adapter_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "vae_model": "madebyollin/sdxl-vae-fp16-fix"}))
+    with safe_open(str(export_adapter(with_vae, "lora", tmp_path / "c")), framework="pt") as f:
+        assert json.loads(f.metadata()[METADATA_KEY])["vae_model"] == "madebyollin/sdxl-vae-fp16-fix"
     # the same base weights hash the same, whatever the output format and dtype
     assert doc_b["base_weights_sha256"] == doc["base_weights_sha256"] and doc_b["dtype"] == "bf16"
     # lora_B = -W Û T, so B A equals W H - W

@@ -236,3 +236,41 @@ def test_default_base_model(tmp_path):
     else:
         with pytest.raises(FileNotFoundError, match=r"(?s)stable-diffusion-v1-5.*--base.*hra_diffusion.tiny build"):
             default_base_model({"base_model": "runwayml/stable-diffusion-v1-5"})
+
+
+def test_generate_uses_the_vae_the_adapter_was_trained_with(tmp_path, base_dir):
+    """An adapter trained with --pretrained_vae_model records it (vae_model); generate loads that VAE by
+    default, --vae overrides it, the manifest names it, and a VAE that cannot be loaded names the flag."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from helpers_score import random_hra_adapter
+
+    from hra_diffusion.training.models import BaseModelError
+
+    vae = AutoencoderKL.from_pretrained(base_dir / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.8)  # a visibly different VAE: every image comes out brighter
+    vae.save_pretrained(tmp_path / "vae-fix")
+    unet = UNet2DConditionModel.from_pretrained(base_dir / "unet")
+    plain = random_hra_adapter(unet, tmp_path / "plain", scale=1.0, base_model=str(base_dir))
+    unet = UNet2DConditionModel.from_pretrained(base_dir / "unet")
+    with_vae = random_hra_adapter(unet, tmp_path / "with-vae", scale=1.0, base_model=str(base_dir),
+                                  vae_model=str(tmp_path / "vae-fix"))
+
+    a = generate(_cfg(tmp_path / "a", adapter=str(plain), base_model=str(base_dir), prompts=["a red square"]))
+    b = generate(_cfg(tmp_path / "b", adapter=str(with_vae), base_model=str(base_dir), prompts=["a red square"]))
+    c = generate(_cfg(tmp_path / "c", adapter=str(plain), base_model=str(base_dir), prompts=["a red square"],
+                      vae_model=str(tmp_path / "vae-fix")))
+    pa, pb, pc = _pixels(a), _pixels(b), _pixels(c)
+    assert pa.keys() == pb.keys() == pc.keys()
+    for name in pa:  # same UNet update, same seeds: only the VAE differs
+        assert pb[name].mean() > pa[name].mean() + 20 and np.array_equal(pb[name], pc[name])
+    def vaes(folder):
+        return {json.loads(line)["vae"] for line in (folder / "manifest.jsonl").read_text().splitlines()}
+
+    assert vaes(a) == {None} and vaes(b) == vaes(c) == {str((tmp_path / "vae-fix").resolve())}
+    ident = json.loads((b / "generate_config.json").read_text())["identity"]
+    assert ident["vae"] == str((tmp_path / "vae-fix").resolve())
+    assert "vae" not in json.loads((a / "generate_config.json").read_text())["identity"]  # older folders resume
+    with pytest.raises(BaseModelError, match=r"--vae"):
+        generate(_cfg(tmp_path / "d", adapter=str(plain), base_model=str(base_dir), prompts=["a red square"],
+                      vae_model=str(tmp_path / "nowhere")))

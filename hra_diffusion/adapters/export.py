@@ -437,6 +437,8 @@ def _record(source: _Source, to: str, dtype: str, **fields: Any) -> dict[str, An
         "source": source.info.source,
         "components": list(source.parts),
         "dtype": dtype,
+        # the separate VAE the adapter was trained with (--pretrained_vae_model): decode with it too
+        **({"vae_model": source.info.doc["vae_model"]} if source.info.doc.get("vae_model") else {}),
         **fields,
     }
 

@@ -253,6 +253,7 @@ class ControlTask(StableDiffusionTask):
             modules["unet"], modules["condition_encoder"], path, cfg.adapter, base_model=cfg.pretrained_model,
             base_model_revision=cfg.revision, trainer=self.trainer, condition_type=cfg.condition or "given",
             resolution=cfg.resolution,
+            **({"vae_model": cfg.pretrained_vae_model} if cfg.pretrained_vae_model else {}),  # generate's default
         )
         return [path]
 

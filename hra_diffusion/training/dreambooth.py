@@ -211,6 +211,8 @@ class DreamBoothTask(StableDiffusionTask):
         cfg = self.cfg
         meta = dict(base_model=cfg.pretrained_model, base_model_revision=cfg.revision,
                     instance_prompt=cfg.instance_prompt, trainer=self.trainer)
+        if cfg.pretrained_vae_model:  # generate loads the same VAE by default
+            meta["vae_model"] = cfg.pretrained_vae_model
         paths = [save_any_adapter(modules["unet"], output_dir / "adapter", cfg.adapter, **meta)]
         for name in self.text_parts:  # adapter/text_encoder/ (and adapter/text_encoder_2/ on SDXL)
             paths.append(save_adapter(modules[name], output_dir / "adapter" / name, **meta))
