@@ -296,8 +296,7 @@ def _load(cfg: GenerateConfig, info, is_control: bool, base: str) -> _Loaded:
         "adapter_type": info.kind if info else None,
         "text_encoder_adapter": text_adapter, "text_encoders_adapted": text_parts,
         "merged": bool(cfg.merge and cfg.adapter),
-        "base": str(Path(base).resolve()) if Path(base).is_dir() else base, "dtype": dtype_name,
-        "device": str(device), "vae": _path_or_id(vae_model),
+        "base": _path_or_id(base), "dtype": dtype_name, "device": str(device), "vae": _path_or_id(vae_model),
     }
     return _Loaded(pipe, handle, device, common)
 
@@ -308,6 +307,7 @@ def _vae_model(cfg: GenerateConfig, info) -> str | None:
 
 
 def _path_or_id(source: str | None) -> str | None:
+    """A local folder as its absolute path, a hub id (or None) as given."""
     return str(Path(source).resolve()) if source and Path(source).is_dir() else source
 
 
@@ -382,7 +382,7 @@ def _identity(cfg: GenerateConfig, entries: list[PromptEntry], base: str, seeds:
     ident = {
         "adapter": p(Path(cfg.adapter)) if cfg.adapter else None,
         "adapter_sha256": _sha256_files(Path(cfg.adapter)) if cfg.adapter else None,
-        "base": str(Path(base).resolve()) if Path(base).is_dir() else base,
+        "base": _path_or_id(base),
         "prompts": [{"prompt": e.prompt, "condition": p(e.condition),
                      "condition_sha256": _sha256(e.condition) if e.condition is not None else None,
                      "condition_source": p(e.condition_source), "label": p(e.label),

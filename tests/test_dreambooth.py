@@ -203,6 +203,19 @@ def test_class_images_drawn_from_the_instance_captions(tmp_path, tiny_random_sd_
     captions = [(out / "class_images" / f"class-{i:05d}.txt").read_text().strip() for i in range(5)]
     assert captions == [expected[i % 3] for i in range(5)]
     assert "class images (the instance captions without the identifier)" in (out / "README.md").read_text()
+    # one distinct caption is still a caption: its images are captioned (they were not drawn from class_prompt)
+    from hra_diffusion.training.models import load_sd_components
+    from hra_diffusion.training.prior import generate_class_images
+
+    one = tmp_path / "one"
+    generate_class_images(load_sd_components(str(tiny_random_sd_dir)), one, ["a photo of square on a blue background"],
+                          2, batch_size=2, seed=0, steps=1, resolution=32)
+    assert [(one / f"class-{i:05d}.txt").read_text().strip() for i in range(2)] == [
+        "a photo of square on a blue background"] * 2
+    plain = tmp_path / "plain-class"
+    generate_class_images(load_sd_components(str(tiny_random_sd_dir)), plain, "a photo of square", 1, batch_size=1,
+                          seed=0, steps=1, resolution=32)
+    assert not list(plain.glob("*.txt"))  # one class_prompt: no caption files
 
     assert identifier_words("a photo of qwe square", "a photo of square") == ["qwe"]
     with pytest.raises(ConfigError, match="identifier cannot be found"):

@@ -3,8 +3,8 @@
 Image i is ``class-<i>.png``, drawn with its own seed, so a run that stops half-way resumes by
 generating only the missing files, and the result does not depend on the batch size or process count.
 
-With several class prompts (``class_prompts_from_captions``: each instance caption with the identifier taken
-out), image i is drawn from prompt ``i mod len(prompts)`` and its prompt is written beside it as
+Given a list of class prompts (``class_prompts_from_captions``: each instance caption with the identifier
+taken out), image i is drawn from prompt ``i mod len(prompts)`` and its prompt is written beside it as
 ``class-<i>.txt``, so the class images are captioned like the instance images.
 """
 
@@ -38,15 +38,14 @@ def identifier_words(instance_prompt: str, class_prompt: str) -> list[str]:
     return words
 
 
-def class_prompts(cfg) -> list[str]:
-    """The prompts the class images are drawn from: ``[class_prompt]``; with ``class_prompts_from_captions``,
-    every distinct instance caption with the identifier words taken out ("a qwe star on a green background" ->
-    "a star on a green background"), in file order. Instance images without a caption add ``class_prompt``."""
+def class_prompts(cfg) -> str | list[str]:
+    """What the class images are drawn from: ``class_prompt``; with ``class_prompts_from_captions`` (checked
+    against ``instance_caption_extension`` by the config) the list of every distinct instance caption with the
+    identifier words taken out ("a qwe star on a green background" -> "a star on a green background"), in file
+    order, each image captioned with its own (even when the list holds one). Instance images without a caption
+    add ``class_prompt``."""
     if not getattr(cfg, "class_prompts_from_captions", False):
-        return [cfg.class_prompt]
-    if not cfg.instance_caption_extension:
-        raise ConfigError("class_prompts_from_captions needs per-image instance captions: set "
-                          "instance_caption_extension (e.g. .txt), or set class_prompts_from_captions: false")
+        return cfg.class_prompt
     ident = {w.lower() for w in identifier_words(cfg.instance_prompt, cfg.class_prompt)}
     prompts: list[str] = []
     for image in list_images(cfg.instance_data_dir, "instance image"):
@@ -77,8 +76,8 @@ def generate_class_images(components, class_dir: str | os.PathLike, class_prompt
                           autocast_dtype: torch.dtype | None = None) -> int:
     """Fill ``class_dir`` up to ``num`` images with the (un-adapted) base model; returns how many were made.
 
-    ``class_prompt``: one prompt, or a list (image i from prompt i mod len; each image's prompt written beside it
-    as ``class-<i>.txt``).
+    ``class_prompt``: one prompt, or a list (image i from prompt i mod len, its prompt written beside it as
+    ``class-<i>.txt``, also for a list of one).
 
     ``components`` (:class:`~hra_diffusion.training.models.SDComponents`) picks the pipeline: SD 1.x/2.x or
     SDXL. With several processes each one generates its share. Every file is written under a temporary
@@ -86,7 +85,8 @@ def generate_class_images(components, class_dir: str | os.PathLike, class_prompt
     """
     from tqdm.auto import tqdm
 
-    prompts = [class_prompt] if isinstance(class_prompt, str) else list(class_prompt)
+    captioned = not isinstance(class_prompt, str)
+    prompts = list(class_prompt) if captioned else [class_prompt]
     if not prompts:
         raise ValueError("no class prompt to draw the class images from")
     folder = Path(class_dir)
@@ -110,7 +110,7 @@ def generate_class_images(components, class_dir: str | os.PathLike, class_prompt
                               guidance_scale=guidance_scale, generator=generators, height=resolution,
                               width=resolution).images
             for i, img in zip(chunk, images, strict=True):
-                if len(prompts) > 1:  # the caption first: an image never exists without its caption
+                if captioned:  # the caption first: an image never exists without its caption
                     cap = folder / f".class-{i:05d}.txt.tmp"
                     cap.write_text(prompts[i % len(prompts)] + "\n", encoding="utf-8")
                     os.replace(cap, folder / f"class-{i:05d}{CLASS_CAPTION_EXTENSION}")
