@@ -576,7 +576,7 @@ def evaluate_control_run(cfg: CompareConfig, setup: dict, pairs: list, adapter: 
 
     from hra_diffusion.control import attach_condition_encoder, load_trained_adapter
     from hra_diffusion.metrics.control_eval import control_consistency
-    from hra_diffusion.training.validation import build_pipeline
+    from hra_diffusion.training.validation import build_pipeline, eval_mode
 
     base = StableDiffusionPipeline.from_pretrained(setup["base_model"], safety_checker=None,
                                                    requires_safety_checker=False)
@@ -586,8 +586,9 @@ def evaluate_control_run(cfg: CompareConfig, setup: dict, pairs: list, adapter: 
     if adapter is not None:
         _, _, encoder = load_trained_adapter(pipe.unet, adapter)
         handle = attach_condition_encoder(pipe.unet, encoder)
-    f1 = control_consistency(pipe, [(c, p) for c, p, _ in pairs], handle, resolution=setup["resolution"], seed=0,
-                             steps=setup["steps"], guidance_scale=setup["guidance"], tolerances=(0, 1))
+    with eval_mode(pipe.unet):  # PEFT layers folded in: OFT/BOFT rebuild their rotation in every forward
+        f1 = control_consistency(pipe, [(c, p) for c, p, _ in pairs], handle, resolution=setup["resolution"], seed=0,
+                                 steps=setup["steps"], guidance_scale=setup["guidance"], tolerances=(0, 1))
     return {"metrics": {"canny_f1": float(np.mean(f1[0])), "canny_f1_1px": float(np.mean(f1[1]))}, "info": {}}
 
 

@@ -111,6 +111,40 @@ def test_injection_starts_at_the_base_model_and_is_seeded():
     assert not any(p.requires_grad for n, p in a.named_parameters() if "lora_" not in n)  # base frozen
 
 
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_sampling_folds_the_baseline_in_and_puts_the_exact_base_back(kind):
+    """The trainers sample (validation, end-of-run figures) inside ``eval_mode``: there the PEFT layers are
+    merged (the same outputs as unmerged, at the base's speed), and after it the base weights are bit-for-bit
+    what they were, the layers unmerged and in training mode again."""
+    from hra_diffusion.adapters.peft_baselines import peft_layers
+    from hra_diffusion.training.validation import eval_mode
+
+    unet = tiny_unet()
+    inject_baseline(unet, BaselineSpec(kind, target_modules=list(DEFAULT_TARGETS), seed=0, **SPECS[kind]))
+    torch.manual_seed(0)
+    with torch.no_grad():  # move the adapter off its identity start, so merging changes the base weights
+        for n, p in unet.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    sample, t, enc = unet_inputs(unet)
+    unet.eval()
+    with torch.no_grad():
+        unmerged = unet(sample, t, enc).sample
+    unet.train()
+    before = {n: p.detach().clone() for n, p in unet.named_parameters() if not p.requires_grad}
+    with eval_mode(unet):
+        layers = [layer for _, layer in peft_layers(unet)]
+        assert layers and all(layer.merged for layer in layers)
+        assert not unet.training
+        changed = [n for n, p in unet.named_parameters() if not p.requires_grad and not torch.equal(p, before[n])]
+        assert changed  # the base weights hold the adapter now
+        with torch.no_grad():
+            merged = unet(sample, t, enc).sample
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-5)
+    assert unet.training and not any(layer.merged for _, layer in peft_layers(unet))
+    assert all(torch.equal(p, before[n]) for n, p in unet.named_parameters() if not p.requires_grad)
+
+
 # ---- trainer -> save -> reload -> generate --------------------------------------------------------
 
 @pytest.mark.parametrize("kind", list(SPECS))

@@ -17,19 +17,34 @@ __all__ = ["build_pipeline", "pipeline_for", "generate_images", "image_grid", "s
 
 
 class eval_mode:
-    """Put modules in eval mode inside the block and restore each one's previous mode after."""
+    """Sampling with training modules: eval mode inside the block, each module's previous mode restored after;
+    PEFT baseline layers (LoRA/OFT/BOFT) are folded into their base weights meanwhile and the exact base weights
+    put back after (:func:`~hra_diffusion.adapters.peft_baselines.merged_peft`: OFT/BOFT would otherwise rebuild
+    their rotations in every denoising step). HRA layers are left as they are (their unmerged forward is cheap)."""
 
     def __init__(self, *modules: nn.Module) -> None:
         self.modules = [m for m in modules if m is not None]
 
     def __enter__(self) -> None:
+        from ..adapters.peft_baselines import merged_peft
+
         self.previous = [m.training for m in self.modules]
         for m in self.modules:
             m.eval()
+        self.merged = contextlib.ExitStack()
+        try:
+            for m in self.modules:
+                self.merged.enter_context(merged_peft(m))
+        except BaseException:
+            self.__exit__()
+            raise
 
     def __exit__(self, *exc) -> None:
-        for m, was in zip(self.modules, self.previous, strict=True):
-            m.train(was)
+        try:
+            self.merged.close()
+        finally:
+            for m, was in zip(self.modules, self.previous, strict=True):
+                m.train(was)
 
 
 def build_pipeline(unet: nn.Module, text_encoder: nn.Module, vae: nn.Module, tokenizer, noise_scheduler,
