@@ -22,6 +22,7 @@ from hra_diffusion.tiny.build import (  # noqa: E402
     make_models,
     make_pipeline,
     quick_config,
+    word_use,
 )
 from hra_diffusion.tiny.data import write_all  # noqa: E402
 
@@ -176,6 +177,22 @@ def test_heldout_denoising_loss_far_below_untrained_and_uses_the_text(pipe):
     report = json.loads((TINY_MODEL_DIR / "build_report.json").read_text())
     assert report["heldout_loss"] == pytest.approx(trained, rel=0.05)
     assert report["heldout_loss_shuffled_captions"] == pytest.approx(shuffled, rel=0.05)
+
+
+def test_word_use_probe_reads_which_caption_words_the_unet_uses(pipe):
+    """The teacher-forced probe: swapping the colour word (or dropping the caption) makes the shipped UNet's
+    object clearly harder to denoise, while for an untrained UNet every swap is within noise of 1.0; the build
+    report holds the same figures (position words: about 1.0 for the committed base, they are not used)."""
+    report = json.loads((TINY_MODEL_DIR / "build_report.json").read_text())["word_use"]
+    got = word_use(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler, n=report["n"])
+    assert got["colour"] > 1.5 and got["caption"] > 1.1, got
+    assert all(b["colour"] > 1.2 for b in got["bands"].values()), got
+    _, te, unet = make_models(BuildConfig(), seed=999)
+    untrained = word_use(pipe.vae, te.eval(), pipe.tokenizer, unet.eval(), pipe.scheduler, n=32)
+    for key in ("shape", "colour", "position", "caption"):
+        assert abs(untrained[key] - 1.0) < 0.02, (key, untrained)
+    for key in ("shape", "colour", "position", "caption"):  # same scenes, noise and timesteps: reproduced
+        assert report[key] == pytest.approx(got[key], rel=1e-3), (key, report, got)
 
 
 def test_noise_schedule_reaches_zero_snr_and_sampling_starts_there(pipe):
