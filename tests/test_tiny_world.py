@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -241,3 +242,32 @@ def test_missing_assets_and_bad_config_raise_clearly(tmp_path):
         require_tiny(tmp_path / "nothing")
     with pytest.raises(ValueError, match="steps_scale"):
         BuildConfig(steps_scale=0)
+
+
+def test_word_use_probe_run_trains_from_scratch_and_reads_every_few_steps(tmp_path):
+    """`python -m hra_diffusion.tiny probe`: a fresh UNet (here one level deeper, with a wider conv_in) trained on
+    the committed VAE's latents, word use read every 2 steps; a frozen text encoder stays at its init, the UNet
+    moves, the weights are written and a second probe continues from them."""
+    from safetensors.torch import load_file
+
+    from hra_diffusion.tiny.probe import run_probe
+
+    cfg = quick_config(unet_batch=4)
+    rows = run_probe(4, 2, tmp_path / "p", unet_kind="three-level", conv_in_kernel=5, freeze_text_encoder=True,
+                     n_probe=8, cfg=cfg, verbose=False)
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("shape", "colour", "position", "caption")), r
+    assert json.loads((tmp_path / "p" / "results.json").read_text()) == json.loads(json.dumps(rows))
+    _, te0, unet0 = make_models(cfg, cfg.seed)
+    te = load_file(tmp_path / "p" / "text_encoder.safetensors")
+    assert all(torch.equal(te[k], v) for k, v in te0.state_dict().items())
+    unet = load_file(tmp_path / "p" / "unet.safetensors")
+    assert unet["conv_in.weight"].shape[-1] == 5 and "down_blocks.2.attentions.0.proj_in.weight" in unet
+    more = run_probe(2, 2, None, unet_kind="three-level", conv_in_kernel=5, init=tmp_path / "p", n_probe=8,
+                     cfg=cfg, verbose=False)
+    assert [r["step"] for r in more] == [2]
+    with pytest.raises(ValueError, match="unknown UNet kind"):
+        run_probe(2, 1, None, unet_kind="wide", cfg=cfg, verbose=False)
+    with pytest.raises(ValueError, match="odd"):
+        run_probe(2, 1, None, conv_in_kernel=4, cfg=cfg, verbose=False)

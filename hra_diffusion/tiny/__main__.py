@@ -1,6 +1,6 @@
-"""``python -m hra_diffusion.tiny build|data|measure|figure|build-extractors``: rebuild the tiny world's model and/or
-synthetic data, re-measure a built model's quality figures, draw its labelled sample grid, or train its stand-in
-DINO and CLIP feature extractors."""
+"""``python -m hra_diffusion.tiny build|data|measure|figure|build-extractors|probe``: rebuild the tiny world's model
+and/or synthetic data, re-measure a built model's quality figures, draw its labelled sample grid, train its stand-in
+DINO and CLIP feature extractors, or probe a UNet-training lever (which caption words a fresh UNet learns to use)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     x.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                    help="stop after this many training steps in this run, leaving a state to --resume from")
     x.add_argument("--quiet", action="store_true")
+    q = sub.add_parser("probe", help="train a fresh UNet + text encoder on a built world's latents and print which "
+                       "caption words it uses every few hundred steps (compare build levers cheaply)")
+    q.add_argument("--steps", type=int, default=1500)
+    q.add_argument("--every", type=int, default=250, help="read word use every this many steps (and at the end)")
+    q.add_argument("--out", type=Path, default=None, help="folder for results.json and the final EMA weights")
+    q.add_argument("--model", type=Path, default=TINY_MODEL_DIR, help="whose VAE and tokenizer to use")
+    q.add_argument("--unet", choices=("default", "three-level"), default="default")
+    q.add_argument("--conv-in-kernel", type=int, default=3)
+    q.add_argument("--freeze-text-encoder", action="store_true", help="keep the text encoder at its random init")
+    q.add_argument("--init", type=Path, default=None, help="start from a probe's --out weights instead of scratch")
+    q.add_argument("--layout-caption-rate", type=float, default=None, help="share of captions with size/position words")
+    q.add_argument("--text-lr", type=float, default=None)
+    q.add_argument("--threads", type=int, default=1)
+    q.add_argument("--n-probe", type=int, default=180, help="held-out scenes per word-use reading")
+    q.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
 
@@ -91,6 +106,16 @@ def main(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.command == "build-extractors":
         build_extractors_command(args)
+        return
+    if args.command == "probe":
+        from .build import BuildConfig
+        from .probe import run_probe
+
+        over = {k: v for k, v in (("layout_caption_rate", args.layout_caption_rate), ("text_lr", args.text_lr))
+                if v is not None}
+        run_probe(args.steps, args.every, args.out, args.model, args.unet, args.conv_in_kernel,
+                  args.freeze_text_encoder, args.init, args.n_probe, BuildConfig(threads=args.threads, **over),
+                  verbose=not args.quiet)
         return
     if args.command == "figure":
         from .build import load_pipeline
