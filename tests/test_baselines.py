@@ -123,7 +123,7 @@ def test_sampling_folds_the_baseline_in_and_puts_the_exact_base_back(kind):
     inject_baseline(unet, BaselineSpec(kind, target_modules=list(DEFAULT_TARGETS), seed=0, **SPECS[kind]))
     torch.manual_seed(0)
     with torch.no_grad():  # move the adapter off its identity start, so merging changes the base weights
-        for n, p in unet.named_parameters():
+        for p in unet.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     sample, t, enc = unet_inputs(unet)

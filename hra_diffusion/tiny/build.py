@@ -734,7 +734,7 @@ def word_use(vae, text_encoder, tokenizer, unet, sched, n: int = 192, seed: int 
         zt = sched.add_noise(z0, noise, t)
         target = diffusion_target(sched, z0, noise, t)
 
-        def loss(captions: list[str]) -> float:
+        def loss(captions: list[str], zt=zt, t=t, target=target) -> float:
             emb = text_encoder(_tokenize(tokenizer, captions, tokenizer.model_max_length))[0]
             pred = unet(zt.to(unet.dtype), t, emb.to(unet.dtype)).sample.float()
             return float((((pred - target) ** 2) * mask).sum() / (mask.sum() * pred.shape[1]))
