@@ -35,8 +35,16 @@ from .build import (
     train_unet,
     word_use,
 )
+from .paths import TINY_MODEL_DIR
 
 UNET_KINDS = ("default", "three-level")
+
+
+def _check_unet(kind: str, conv_in_kernel: int) -> None:
+    if kind not in UNET_KINDS:
+        raise ValueError(f"unknown UNet kind {kind!r}; choose one of {list(UNET_KINDS)}")
+    if conv_in_kernel < 1 or conv_in_kernel % 2 == 0:
+        raise ValueError(f"conv_in_kernel must be odd and >= 1, got {conv_in_kernel}")
 
 
 def probe_unet(kind: str, conv_in_kernel: int, seed: int):
@@ -44,10 +52,7 @@ def probe_unet(kind: str, conv_in_kernel: int, seed: int):
     (``three-level``: 64/128/128, 16/8/4, mid block at 4 x 4); ``conv_in_kernel`` odd, 3 in the build."""
     from diffusers import UNet2DConditionModel
 
-    if kind not in UNET_KINDS:
-        raise ValueError(f"unknown UNet kind {kind!r}; choose one of {list(UNET_KINDS)}")
-    if conv_in_kernel < 1 or conv_in_kernel % 2 == 0:
-        raise ValueError(f"conv_in_kernel must be odd and >= 1, got {conv_in_kernel}")
+    _check_unet(kind, conv_in_kernel)
     levels = 2 if kind == "default" else 3
     torch.manual_seed(seed)
     return UNet2DConditionModel(
@@ -82,7 +87,7 @@ class _Reader:
             (self.out / "results.json").write_text(json.dumps(self.rows, indent=1) + "\n")
 
 
-def run_probe(steps: int, every: int, out: Path | None = None, model: Path = Path("assets/tiny-sd"),
+def run_probe(steps: int, every: int, out: Path | None = None, model: Path = TINY_MODEL_DIR,
               unet_kind: str = "default", conv_in_kernel: int = 3, freeze_text_encoder: bool = False,
               init: Path | None = None, n_probe: int = 180, cfg: BuildConfig | None = None,
               verbose: bool = True) -> list[dict[str, Any]]:
@@ -92,10 +97,7 @@ def run_probe(steps: int, every: int, out: Path | None = None, model: Path = Pat
 
     if steps < 1 or every < 1:
         raise ValueError(f"steps and every must be >= 1, got {steps} and {every}")
-    if unet_kind not in UNET_KINDS:
-        raise ValueError(f"unknown UNet kind {unet_kind!r}; choose one of {list(UNET_KINDS)}")
-    if conv_in_kernel < 1 or conv_in_kernel % 2 == 0:
-        raise ValueError(f"conv_in_kernel must be odd and >= 1, got {conv_in_kernel}")
+    _check_unet(unet_kind, conv_in_kernel)
     cfg = replace(cfg or BuildConfig(), unet_steps=steps, checkpoint_every=every, steps_scale=1.0)
     torch.set_num_threads(cfg.threads)
     pipe = load_pipeline(Path(model))
