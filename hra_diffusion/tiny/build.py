@@ -101,7 +101,7 @@ class BuildConfig:
 
 def make_models(cfg: BuildConfig, seed: int) -> tuple[Any, Any, Any]:
     """Fresh (vae, text_encoder, unet) with the tiny world's architecture, initialised from ``seed``."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -117,13 +117,20 @@ def make_models(cfg: BuildConfig, seed: int) -> tuple[Any, Any, Any]:
             pad_token_id=49407,
         )
     )
-    unet = UNet2DConditionModel(
-        sample_size=cfg.resolution // 2, in_channels=4, out_channels=4, block_out_channels=(64, 128),
-        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
-        attention_head_dim=8, norm_num_groups=16,
+    return vae, text_encoder, make_unet(cfg)
+
+
+def make_unet(cfg: BuildConfig, levels: int = 2, conv_in_kernel: int = 3):
+    """The tiny world's UNet, initialised from torch's current RNG state: 64/128 channels on 16/8 latents, or
+    with ``levels=3`` one level deeper (64/128/128, mid block at 4 x 4); ``conv_in_kernel`` odd (probes only)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=cfg.resolution // 2, in_channels=4, out_channels=4, block_out_channels=(64, 128, 128)[:levels],
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",) * levels,
+        up_block_types=("CrossAttnUpBlock2D",) * levels, cross_attention_dim=64,
+        attention_head_dim=8, norm_num_groups=16, conv_in_kernel=conv_in_kernel,
     )
-    return vae, text_encoder, unet
 
 
 def images_to_tensor(images: list) -> torch.Tensor:

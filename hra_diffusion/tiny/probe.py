@@ -31,6 +31,7 @@ from .build import (
     load_pipeline,
     make_models,
     make_scheduler,
+    make_unet,
     object_masks,
     train_unet,
     word_use,
@@ -47,20 +48,12 @@ def _check_unet(kind: str, conv_in_kernel: int) -> None:
         raise ValueError(f"conv_in_kernel must be odd and >= 1, got {conv_in_kernel}")
 
 
-def probe_unet(kind: str, conv_in_kernel: int, seed: int):
-    """A fresh UNet: the build's (``default``: 64/128 channels, 16/8 latents) or one level deeper
-    (``three-level``: 64/128/128, 16/8/4, mid block at 4 x 4); ``conv_in_kernel`` odd, 3 in the build."""
-    from diffusers import UNet2DConditionModel
-
+def probe_unet(kind: str, conv_in_kernel: int, cfg: BuildConfig):
+    """A fresh UNet seeded from ``cfg.seed``: the build's (``default``) or one level deeper (``three-level``),
+    with an odd ``conv_in_kernel`` (3 in the build)."""
     _check_unet(kind, conv_in_kernel)
-    levels = 2 if kind == "default" else 3
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(64, 128, 128)[:levels],
-        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",) * levels,
-        up_block_types=("CrossAttnUpBlock2D",) * levels, cross_attention_dim=64, attention_head_dim=8,
-        norm_num_groups=16, conv_in_kernel=conv_in_kernel,
-    )
+    torch.manual_seed(cfg.seed)
+    return make_unet(cfg, levels=2 if kind == "default" else 3, conv_in_kernel=conv_in_kernel)
 
 
 class _Reader:
@@ -104,7 +97,7 @@ def run_probe(steps: int, every: int, out: Path | None = None, model: Path = TIN
     vae, tokenizer = pipe.vae.float(), pipe.tokenizer
     _, text_encoder, unet = make_models(cfg, cfg.seed)
     if unet_kind != "default" or conv_in_kernel != 3:
-        unet = probe_unet(unet_kind, conv_in_kernel, cfg.seed)
+        unet = probe_unet(unet_kind, conv_in_kernel, cfg)
     if init is not None:
         unet.load_state_dict(load_file(Path(init) / "unet.safetensors"))
         text_encoder.load_state_dict(load_file(Path(init) / "text_encoder.safetensors"))
