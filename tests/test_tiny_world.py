@@ -23,6 +23,7 @@ from hra_diffusion.tiny.build import (  # noqa: E402
     make_models,
     make_pipeline,
     quick_config,
+    sample_timesteps,
     word_use,
 )
 from hra_diffusion.tiny.data import write_all  # noqa: E402
@@ -214,6 +215,30 @@ def test_quick_rebuild_is_deterministic(tmp_path):
     for key in ("background_rate", "shape_colour_rate", "both_rate"):
         assert r1[key] == r2[key]
     assert (tmp_path / "a" / "model_index.json").is_file() and (tmp_path / "a" / "build_report.json").is_file()
+
+
+def test_high_noise_timesteps_and_frozen_text_encoder_build(tmp_path):
+    """The build's two text-binding levers: a share of timesteps from the noisiest range, and a text encoder kept
+    at its seeded init (the saved one equals a fresh one; the UNet still trains)."""
+    torch.manual_seed(0)
+    uniform = sample_timesteps(4000, 1000, BuildConfig())
+    torch.manual_seed(0)
+    assert torch.equal(uniform, torch.randint(0, 1000, (4000,)))  # share 0: the plain uniform draw
+    t = sample_timesteps(4000, 1000, BuildConfig(high_noise_share=0.5, high_noise_from=800))
+    assert int(t.min()) >= 0 and int(t.max()) <= 999
+    # uniform gives 20% at >= 800; half the batch from [800, 1000) gives 0.5 + 0.5 * 0.2 = 60%
+    assert 0.56 < float((t >= 800).float().mean()) < 0.64 and float((uniform >= 800).float().mean()) < 0.24
+    assert int(sample_timesteps(500, 1000, BuildConfig(high_noise_share=1.0, high_noise_from=950)).min()) >= 950
+
+    cfg = quick_config(train_text_encoder=False, high_noise_share=0.5)
+    build_model(tmp_path / "m", cfg, verbose=False)
+    pipe = load_pipeline(tmp_path / "m")
+    _, te0, unet0 = make_models(cfg, cfg.seed)
+    # saved as fp16: equal to the fresh encoder up to fp16 rounding; the UNet moved well beyond it
+    for k, v in te0.state_dict().items():
+        assert torch.allclose(pipe.text_encoder.state_dict()[k].float(), v.half().float()), k
+    moved = [float((pipe.unet.state_dict()[k].float() - v.half().float()).abs().max()) for k, v in unet0.state_dict().items()]
+    assert max(moved) > 1e-3  # fp16 rounding of these weights is below 1e-4
 
 
 def test_interrupted_build_resumes_to_the_same_model(tmp_path):

@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q.add_argument("--init", type=Path, default=None, help="start from a probe's --out weights instead of scratch")
     q.add_argument("--layout-caption-rate", type=float, default=None, help="share of captions with size/position words")
     q.add_argument("--text-lr", type=float, default=None)
+    q.add_argument("--high-noise-share", type=float, default=None,
+                   help="share of timesteps drawn from [--high-noise-from, T) (default: the build's)")
+    q.add_argument("--high-noise-from", type=int, default=None)
     q.add_argument("--threads", type=int, default=1)
     q.add_argument("--n-probe", type=int, default=180, help="held-out scenes per word-use reading")
     q.add_argument("--quiet", action="store_true")
@@ -111,7 +114,8 @@ def main(args: argparse.Namespace) -> None:
         from .build import BuildConfig
         from .probe import run_probe
 
-        over = {k: v for k, v in (("layout_caption_rate", args.layout_caption_rate), ("text_lr", args.text_lr))
+        over = {k: v for k, v in (("layout_caption_rate", args.layout_caption_rate), ("text_lr", args.text_lr),
+                                  ("high_noise_share", args.high_noise_share), ("high_noise_from", args.high_noise_from))
                 if v is not None}
         run_probe(args.steps, args.every, args.out, args.model, args.unet, args.conv_in_kernel,
                   args.freeze_text_encoder, args.init, args.n_probe, BuildConfig(threads=args.threads, **over),

@@ -59,6 +59,15 @@ class BuildConfig:
     unet_batch: int = 16
     unet_lr: float = 1e-3
     text_lr: float = 2e-3  # the text pathway learns slowest; colour words need it
+    # Train the text encoder with the UNet (True) or keep it at its seeded random init, as SD keeps its CLIP
+    # frozen. Trained jointly, it collapses the position words ("top" and "right" end up 0.1 apart, 1.8-4.5 at
+    # init) before the UNet has learned to use them, and the UNet then never does (docs/tiny-world.md).
+    train_text_encoder: bool = True
+    # Share of each batch whose timesteps are drawn from [high_noise_from, T) instead of [0, T). Where a word's
+    # content can still be read from x_t (on 16x16 latents: an object's place up to about t = 880), the caption
+    # is redundant; only the noisiest steps teach the UNet to take it from the text.
+    high_noise_share: float = 0.0
+    high_noise_from: int = 800
     warmup_steps: int = 40
     # An exponential moving average of the UNet and text-encoder weights is what gets shipped (sampling from
     # the average of the last ~1/(1-decay) steps' weights gives cleaner samples than the last step's).
@@ -158,6 +167,7 @@ def _log(msg: str, log_every: bool = True) -> None:
 
 # settings that only matter after the VAE stage (UNet/text-encoder training and the evaluation)
 _LATER_SETTINGS = {"max_length", "object_loss_weight", "unet_steps", "unet_batch", "unet_lr", "text_lr", "ema_decay", "layout_caption_rate",
+                   "train_text_encoder", "high_noise_share", "high_noise_from",
                    "pseudo_word_rate", "zero_terminal_snr", "prediction_type", "eval_images", "eval_inference_steps",
                    "eval_guidance", "save_fp16"}
 
@@ -307,6 +317,15 @@ def pseudo_word_caption(scene: scenes.Scene, word: str, u: float) -> str:
     return f"a {word} {scene.shape}"
 
 
+def sample_timesteps(n: int, num_train_timesteps: int, cfg: BuildConfig) -> torch.Tensor:
+    """``n`` training timesteps: uniform on [0, T), with a ``cfg.high_noise_share`` of them on [high_noise_from, T)."""
+    t = torch.randint(0, num_train_timesteps, (n,))
+    if cfg.high_noise_share > 0:
+        high = torch.randint(min(cfg.high_noise_from, num_train_timesteps - 1), num_train_timesteps, (n,))
+        t = torch.where(torch.rand(n) < cfg.high_noise_share, high, t)
+    return t
+
+
 def train_unet(
     unet, text_encoder, tokenizer, noise_scheduler, latents: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     pool: list[scenes.Scene], scaling: float, cfg: BuildConfig, rng: np.random.Generator, verbose: bool,
@@ -321,10 +340,12 @@ def train_unet(
     steps = cfg.steps(cfg.unet_steps)
     timings = dict((extra or {}).get("timings", {}))
     t0, seconds0 = time.time(), float(timings.get("unet_seconds", 0.0))
-    opt = torch.optim.AdamW(
-        [{"params": unet.parameters(), "lr": cfg.unet_lr}, {"params": text_encoder.parameters(), "lr": cfg.text_lr}],
-        weight_decay=1e-2,
-    )
+    if not cfg.train_text_encoder:
+        text_encoder.requires_grad_(False)
+    groups = [{"params": list(unet.parameters()), "lr": cfg.unet_lr}]
+    if cfg.train_text_encoder:
+        groups.append({"params": list(text_encoder.parameters()), "lr": cfg.text_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(cfg.warmup_steps, steps), steps))
     models = {"unet": unet, "text_encoder": text_encoder}
     ema_w = {k: {n: p.detach().clone() for n, p in m.named_parameters()} for k, m in models.items()}
@@ -358,14 +379,16 @@ def train_unet(
         it = torch.from_numpy(idx)
         z0 = (mean[it] + std[it] * torch.randn_like(mean[it])) * scaling
         noise = torch.randn_like(z0)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(z0),))
+        t = sample_timesteps(len(z0), noise_scheduler.config.num_train_timesteps, cfg)
         zt = noise_scheduler.add_noise(z0, noise, t)
-        pred = unet(zt, t, text_encoder(ids)[0]).sample
+        with torch.set_grad_enabled(cfg.train_text_encoder):
+            emb = text_encoder(ids)[0]
+        pred = unet(zt, t, emb).sample
         w = 1.0 + cfg.object_loss_weight * masks[it]
         loss = (((pred - diffusion_target(noise_scheduler, z0, noise, t)) ** 2) * w).mean() / w.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
         sched.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))

@@ -72,7 +72,7 @@ class _Reader:
         te.eval()
         w = word_use(self.vae, te, self.tokenizer, unet, self.sched, n=self.n)
         row = {"step": state["step"], "seconds": round(time.time() - self.t0, 1), "loss_ema": state["loss_ema"],
-               **{k: w[k] for k in ("shape", "colour", "position", "caption")}}
+               **{k: w[k] for k in ("shape", "colour", "position", "caption")}, "bands": w["bands"]}
         self.rows.append(row)
         if self.verbose:
             print(json.dumps(row), flush=True)
@@ -92,6 +92,8 @@ def run_probe(steps: int, every: int, out: Path | None = None, model: Path = TIN
         raise ValueError(f"steps and every must be >= 1, got {steps} and {every}")
     _check_unet(unet_kind, conv_in_kernel)
     cfg = replace(cfg or BuildConfig(), unet_steps=steps, checkpoint_every=every, steps_scale=1.0)
+    if freeze_text_encoder:
+        cfg = replace(cfg, train_text_encoder=False)
     torch.set_num_threads(cfg.threads)
     pipe = load_pipeline(Path(model))
     vae, tokenizer = pipe.vae.float(), pipe.tokenizer
@@ -101,8 +103,6 @@ def run_probe(steps: int, every: int, out: Path | None = None, model: Path = TIN
     if init is not None:
         unet.load_state_dict(load_file(Path(init) / "unet.safetensors"))
         text_encoder.load_state_dict(load_file(Path(init) / "text_encoder.safetensors"))
-    if freeze_text_encoder:
-        text_encoder.requires_grad_(False)
     pool = scenes.sample_scenes(cfg.seed, cfg.pool_size)
     pixels = images_to_tensor([scenes.render(s, cfg.resolution) for s in pool])
     with torch.no_grad():
