@@ -10,7 +10,7 @@ import numpy as np
 
 from . import scenes
 
-__all__ = ["write_subject", "subject_caption", "write_control", "write_all", "subject_scenes", "SUBJECT_BACKGROUNDS", "SUBJECT_LAYOUTS",
+__all__ = ["write_subject", "subject_caption", "class_caption", "write_control", "write_all", "subject_scenes", "SUBJECT_BACKGROUNDS", "SUBJECT_LAYOUTS",
            "heldout_subject_prompts", "class_check_prompts", "sweep_subject_prompts", "sweep_class_prompts"]
 
 SUBJECT_BACKGROUNDS = ("green", "blue", "white", "black")  # never the stripe colours
@@ -92,10 +92,24 @@ def subject_caption(scene: scenes.Scene) -> str:
     return f"a {size}{scenes.SUBJECT.identifier} {scenes.SUBJECT.shape} {where} a {scene.background} background"
 
 
-def write_subject(out: Path, seed: int = 0, n_train: int = 5, n_heldout: int = 12) -> Path:
+def class_caption(scene: scenes.Scene, i: int) -> str:
+    """A class image's caption: 'a star on a {background} background', every fourth one 'a star' (the class prompt).
+    No colour word, as in the class check prompts: the prior then holds exactly the prompts that are checked."""
+    noun = scenes.SUBJECT.shape
+    return f"a {noun}" if i % 4 == 3 else f"a {noun} on a {scene.background} background"
+
+
+def write_subject(out: Path, seed: int = 0, n_train: int = 5, n_heldout: int = 12, n_class: int = 480) -> Path:
     """``out/train/*.png`` (with a caption ``.txt`` each), ``out/train_masks/*.png`` (the subject's masks, for the
-    masked loss), ``out/heldout/*.png`` and ``out/subject.json`` for one striped-star subject."""
+    masked loss), ``out/heldout/*.png``, ``out/class/class-NNNNN.png`` + ``.txt`` (class images for prior
+    preservation: plain one-colour stars of the base's own scene kind, the tiny world's "real photos of the
+    class") and ``out/subject.json`` for one striped-star subject."""
     out = Path(out)
+    if n_class:
+        (out / "class").mkdir(parents=True, exist_ok=True)
+        for i, s in enumerate(scenes.sample_scenes(seed + 303, n_class, shape=scenes.SUBJECT.shape)):
+            scenes.render(s).save(out / "class" / f"class-{i:05d}.png")
+            (out / "class" / f"class-{i:05d}.txt").write_text(class_caption(s, i) + "\n")
     a, b = scenes.SUBJECT.stripes
     ident, noun = scenes.SUBJECT.identifier, scenes.SUBJECT.shape
     for split, n, split_seed in (("train", n_train, seed + 101), ("heldout", n_heldout, seed + 202)):
@@ -113,6 +127,7 @@ def write_subject(out: Path, seed: int = 0, n_train: int = 5, n_heldout: int = 1
         "instance_prompt": f"a {ident} {noun}",
         "class_prompt": f"a {noun}",
         "instance_mask_dir": "train_masks",  # used with mask_loss_weight > 0
+        "class_data_dir": "class",  # rendered plain stars + captions (the default recipe's class images)
         # the validation grid: the subject in new contexts (backgrounds, positions), and the class prompt
         "validation_prompts": [held[0], held[5], held[6], held[3], f"a {noun} on a {SUBJECT_BACKGROUNDS[1]} background"],
         "heldout_prompts": held,

@@ -220,7 +220,15 @@ class DreamBoothConfig(TrainConfig):
     # alone: the prior then covers the contexts the instance captions name, so those words keep their meaning
     # and only the identifier carries the subject. Needs instance_caption_extension.
     class_prompts_from_captions: bool = False
+    # your own class images ("regularisation images", kohya's name): put them in class_data_dir (at least
+    # num_class_images of them, or the base draws the rest) with a caption NAME<ext> beside each NAME.png; they then
+    # train with their captions, class_prompt for those without one. Implied (.txt) by class_prompts_from_captions.
+    class_caption_extension: str | None = None
     num_class_images: int = 100
+    # share of the class-image samples trained with the empty prompt (a fixed, seeded choice per sample). The adapter
+    # also changes the unconditional prediction, which classifier-free guidance subtracts: drifted towards the
+    # subject, it makes guided class prompts come out empty. Anchoring it to the prior keeps them drawn.
+    class_caption_dropout: float = 0.0
     prior_loss_weight: float = 1.0
     sample_batch_size: int = 4
     class_inference_steps: int = 25
@@ -251,6 +259,17 @@ class DreamBoothConfig(TrainConfig):
         if self.class_prompts_from_captions and not self.instance_caption_extension:
             raise ConfigError("class_prompts_from_captions needs per-image instance captions: set "
                               "instance_caption_extension (e.g. .txt), or set class_prompts_from_captions: false")
+        if not 0 <= self.class_caption_dropout < 1:
+            raise ConfigError(f"class_caption_dropout must be in [0, 1) (a share of the class samples), "
+                              f"got {self.class_caption_dropout!r}")
+        if self.class_caption_dropout and not self.with_prior_preservation:
+            raise ConfigError(f"class_caption_dropout={self.class_caption_dropout!r} is set but with_prior_preservation "
+                              "is false, so there is no class image to drop the caption of: set "
+                              "with_prior_preservation: true, or drop class_caption_dropout")
+        if self.class_caption_extension and not self.with_prior_preservation:
+            raise ConfigError(f"class_caption_extension={self.class_caption_extension!r} is set but "
+                              "with_prior_preservation is false, so no class image is used: set "
+                              "with_prior_preservation: true, or drop class_caption_extension")
         if self.text_encoder_r % 2:
             raise ConfigError(f"text_encoder_r={self.text_encoder_r} is odd: use an even r (e.g. {self.text_encoder_r + 1})")
         if self.train_text_encoder and self.adapter != "hra":

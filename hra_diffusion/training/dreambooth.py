@@ -17,7 +17,7 @@ from ..adapters.registry import save_any_adapter
 from ..conditioning import PromptEmbeds
 from .card import adapter_facts, write_model_card
 from .config import ConfigError, DreamBoothConfig
-from .data import CachedLatent, ImageFolderDataset, ImageTransform
+from .data import CachedLatent, ImageFolderDataset, ImageTransform, stream_seed
 from .loss import denoising_loss, pixel_weights, with_orthogonality
 from .models import add_hra
 from .prior import CLASS_CAPTION_EXTENSION, class_prompts, generate_class_images
@@ -107,7 +107,7 @@ class DreamBoothTask(StableDiffusionTask):
                 accelerator.print(f"generated {made} class images in {class_dir}")
             self.classes = ImageFolderDataset(class_dir, cfg.class_prompt, transform, cfg.seed + 1, "class image",
                                               caption_extension=CLASS_CAPTION_EXTENSION
-                                              if cfg.class_prompts_from_captions else None)
+                                              if cfg.class_prompts_from_captions else cfg.class_caption_extension)
             if cfg.class_prompts_from_captions and all(p == cfg.class_prompt for p in self.classes.prompts):
                 accelerator.print(f"note: the class images in {class_dir} have no captions (made before "
                                   "class_prompts_from_captions was set), so they all train with "
@@ -120,7 +120,7 @@ class DreamBoothTask(StableDiffusionTask):
         if not cfg.train_text_encoder:
             with torch.no_grad():
                 for prompt in {*self.instance.prompts, *(self.classes.prompts if self.classes else ()),
-                               cfg.class_prompt} - {None}:
+                               cfg.class_prompt, "" if cfg.class_caption_dropout else None} - {None}:
                     self.prompt_cache[prompt] = self._encode_prompts([prompt])
         if cfg.cache_latents:
             self._cache_latents()
@@ -164,10 +164,14 @@ class DreamBoothTask(StableDiffusionTask):
 
     def dataset(self):
         instance, classes = self.instance, self.classes
+        drop, seed = self.cfg.class_caption_dropout, self.cfg.seed
 
         class Paired(torch.utils.data.Dataset):
             def __getitem__(self, position: int) -> dict:
-                return {"instance": instance[position], "class": classes[position] if classes is not None else None}
+                cls = classes[position] if classes is not None else None
+                if cls is not None and drop and caption_dropped(seed, position, drop):
+                    cls = {**cls, "prompt": ""}
+                return {"instance": instance[position], "class": cls}
 
             def __len__(self) -> int:
                 return len(instance)
@@ -276,9 +280,12 @@ class DreamBoothTask(StableDiffusionTask):
                             if cfg.mask_loss_weight else "no"),
             "prior preservation": (f"yes: {cfg.num_class_images} class images "
                                    + ("(the instance captions without the identifier) " if cfg.class_prompts_from_captions
-                                      else f"(`{cfg.class_prompt}`) ")
+                                      else f"(captioned by their `{cfg.class_caption_extension}` files) "
+                                      if cfg.class_caption_extension else f"(`{cfg.class_prompt}`) ")
                                    + f"in `{cfg.class_data_dir}`, "
-                                   f"weight {cfg.prior_loss_weight}") if cfg.with_prior_preservation else "no",
+                                   f"weight {cfg.prior_loss_weight}"
+                                   + (f", {cfg.class_caption_dropout:.0%} of class samples with the empty prompt"
+                                      if cfg.class_caption_dropout else "")) if cfg.with_prior_preservation else "no",
         }, model={
             "text encoder HRA": (f"r={cfg.text_encoder_r} on {cfg.text_encoder_target_modules}"
                                  + (f" of {', '.join(self.text_parts)}" if len(self.text_parts) > 1 else "")
@@ -303,6 +310,12 @@ class DreamBoothTask(StableDiffusionTask):
             notes=([f"validation prompts: {', '.join(shlex.quote(p) for p in cfg.validation_prompts)}"]
                    if cfg.validation_prompts else []) + resume_notes(result), tags=self.card_tags(),
         )
+
+
+def caption_dropped(seed: int, position: int, rate: float) -> bool:
+    """Whether the class sample at stream ``position`` trains with the empty prompt (``rate`` of them; fixed by the
+    seed and position, so a resumed or multi-process run drops the same ones)."""
+    return stream_seed(seed, "class-caption-dropout", position) / float(1 << 63) < rate
 
 
 def _collate(items: list[dict]) -> dict:

@@ -64,7 +64,8 @@ IDENTITY_KEYS = (
     "block_size", "lora_alpha", "seed", "resolution", "use_8bit_adam",
     # DreamBooth
     "instance_data_dir", "instance_prompt", "instance_caption_extension", "instance_mask_dir",
-    "with_prior_preservation", "class_prompt", "class_prompts_from_captions",
+    "with_prior_preservation", "class_prompt", "class_prompts_from_captions", "class_caption_extension",
+    "class_caption_dropout",
     "train_text_encoder",
     "text_encoder_r", "text_encoder_target_modules",
     # control
@@ -219,9 +220,10 @@ def run_identity(cfg) -> dict[str, Any]:
         if not hasattr(cfg, key):
             continue
         value = getattr(cfg, key)
-        if key in ("class_prompt", "class_prompts_from_captions") and not getattr(cfg, "with_prior_preservation", False):
+        if key in ("class_prompt", "class_prompts_from_captions", "class_caption_extension", "class_caption_dropout") \
+                and not getattr(cfg, "with_prior_preservation", False):
             continue
-        if key == "class_prompts_from_captions" and not value:
+        if key in ("class_prompts_from_captions", "class_caption_extension", "class_caption_dropout") and not value:
             continue  # recorded only when set: checkpoints from before the option stay resumable
         if key.startswith("canny_") and getattr(cfg, "condition", None) != "canny":
             continue
