@@ -22,7 +22,7 @@ from hra_diffusion.training.models import BaseModelError
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "train"))
 import dreambooth_hra  # noqa: E402
-from conftest import PLAIN_DREAMBOOTH_ARGS, has_tiny_world  # noqa: E402
+from conftest import GENERATED_CLASS_ARGS, PLAIN_DREAMBOOTH_ARGS, has_tiny_world  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +69,7 @@ def test_cli_default_command_writes_every_output(tmp_path, tiny_sd_dir, tiny_sub
             "--num_class_images", "4", "--output_dir", str(out)]
     if not has_tiny_world():  # until the embedded tiny world lands, point the default recipe at stand-ins
         args += ["--pretrained_model", str(tiny_sd_dir), "--subject_file", str(tiny_subject_dir / "subject.json"),
-                 "--class_data_dir", "null", "--class_caption_extension", "null", "--class_caption_dropout", "0"]
+                 *GENERATED_CLASS_ARGS]
     proc = launch(["--num_processes", "1", "train/dreambooth_hra.py", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the adapter, in save_adapter format, loadable into a fresh UNet

@@ -340,15 +340,16 @@ def train_unet(
     steps = cfg.steps(cfg.unet_steps)
     timings = dict((extra or {}).get("timings", {}))
     t0, seconds0 = time.time(), float(timings.get("unet_seconds", 0.0))
-    if not cfg.train_text_encoder:
-        text_encoder.requires_grad_(False)
     groups = [{"params": list(unet.parameters()), "lr": cfg.unet_lr}]
     if cfg.train_text_encoder:
         groups.append({"params": list(text_encoder.parameters()), "lr": cfg.text_lr})
+    else:
+        text_encoder.requires_grad_(False)
     opt = torch.optim.AdamW(groups, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(cfg.warmup_steps, steps), steps))
     models = {"unet": unet, "text_encoder": text_encoder}
     ema_w = {k: {n: p.detach().clone() for n, p in m.named_parameters()} for k, m in models.items()}
+    trained = models if cfg.train_text_encoder else {"unet": unet}  # a frozen encoder's average is its weights
     start, ema = 0, None
     if state is not None:
         unet.load_state_dict(state["unet"])
@@ -393,7 +394,7 @@ def train_unet(
         sched.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for k, m in models.items():
+            for k, m in trained.items():
                 for n, p in m.named_parameters():
                     ema_w[k][n].lerp_(p.detach(), 1 - decay)
         loss_f = loss.item()

@@ -278,14 +278,7 @@ class DreamBoothTask(StableDiffusionTask):
             "instance images": f"{len(self.instance)} from `{cfg.instance_data_dir}`",
             "masked loss": (f"subject pixels weighted {1 + cfg.mask_loss_weight:g}x (masks in `{cfg.instance_mask_dir}`)"
                             if cfg.mask_loss_weight else "no"),
-            "prior preservation": (f"yes: {cfg.num_class_images} class images "
-                                   + ("(the instance captions without the identifier) " if cfg.class_prompts_from_captions
-                                      else f"(captioned by their `{cfg.class_caption_extension}` files) "
-                                      if cfg.class_caption_extension else f"(`{cfg.class_prompt}`) ")
-                                   + f"in `{cfg.class_data_dir}`, "
-                                   f"weight {cfg.prior_loss_weight}"
-                                   + (f", {cfg.class_caption_dropout:.0%} of class samples with the empty prompt"
-                                      if cfg.class_caption_dropout else "")) if cfg.with_prior_preservation else "no",
+            "prior preservation": _prior_fact(cfg),
         }, model={
             "text encoder HRA": (f"r={cfg.text_encoder_r} on {cfg.text_encoder_target_modules}"
                                  + (f" of {', '.join(self.text_parts)}" if len(self.text_parts) > 1 else "")
@@ -310,6 +303,22 @@ class DreamBoothTask(StableDiffusionTask):
             notes=([f"validation prompts: {', '.join(shlex.quote(p) for p in cfg.validation_prompts)}"]
                    if cfg.validation_prompts else []) + resume_notes(result), tags=self.card_tags(),
         )
+
+
+def _prior_fact(cfg: DreamBoothConfig) -> str:
+    """The model card's line on prior preservation: how many class images, captioned how, where, at what weight."""
+    if not cfg.with_prior_preservation:
+        return "no"
+    if cfg.class_prompts_from_captions:
+        captions = "the instance captions without the identifier"
+    elif cfg.class_caption_extension:
+        captions = f"captioned by their `{cfg.class_caption_extension}` files"
+    else:
+        captions = f"`{cfg.class_prompt}`"
+    dropout = (f", {cfg.class_caption_dropout:.0%} of class samples with the empty prompt"
+               if cfg.class_caption_dropout else "")
+    return (f"yes: {cfg.num_class_images} class images ({captions}) in `{cfg.class_data_dir}`, "
+            f"weight {cfg.prior_loss_weight}{dropout}")
 
 
 def caption_dropped(seed: int, position: int, rate: float) -> bool:

@@ -73,6 +73,9 @@ IDENTITY_KEYS = (
     "conditioning_image_column", "caption_column", "condition", "canny_low_threshold", "canny_high_threshold",
     "max_train_samples",
 )
+# prior-preservation keys: part of the identity only with prior preservation on
+_PRIOR_KEYS = ("class_prompt", "class_prompts_from_captions", "class_caption_extension", "class_caption_dropout")
+_RECORDED_WHEN_SET = _PRIOR_KEYS[1:]  # options added later: recorded only when set
 DATA_DIR_KEYS = ("instance_data_dir", "instance_mask_dir", "train_data_dir")  # also fingerprinted: "<key> files"
 # changed on resume: applied to the restored optimizer / LR schedule from the resumed step on, and logged
 OPTIMISATION_KEYS = (
@@ -220,10 +223,9 @@ def run_identity(cfg) -> dict[str, Any]:
         if not hasattr(cfg, key):
             continue
         value = getattr(cfg, key)
-        if key in ("class_prompt", "class_prompts_from_captions", "class_caption_extension", "class_caption_dropout") \
-                and not getattr(cfg, "with_prior_preservation", False):
+        if key in _PRIOR_KEYS and not getattr(cfg, "with_prior_preservation", False):
             continue
-        if key in ("class_prompts_from_captions", "class_caption_extension", "class_caption_dropout") and not value:
+        if key in _RECORDED_WHEN_SET and not value:
             continue  # recorded only when set: checkpoints from before the option stay resumable
         if key.startswith("canny_") and getattr(cfg, "condition", None) != "canny":
             continue
