@@ -60,11 +60,14 @@ def showroom_rates(pipe, subject_file: str | Path | None = None, seeds: tuple[in
 
 
 def load_with_adapter(base: str | Path, adapter: str | Path | None):
-    """The tiny pipeline (fp32, CPU) with a DreamBooth adapter (UNet, and text encoder if saved) loaded."""
+    """The tiny pipeline (fp32, CPU) with a DreamBooth adapter (UNet, and text encoder if saved) loaded, sampling
+    with the trainer's validation sampler, so the rates here are the ones the trainer reported."""
     from ..adapters.io import load_adapter
+    from ..training.validation import sampler_for
     from .build import load_pipeline
 
     pipe = load_pipeline(Path(base))
+    pipe.scheduler = sampler_for(pipe.scheduler)
     if adapter is not None:
         load_adapter(pipe.unet, adapter)
         te = Path(adapter) / "text_encoder"

@@ -47,18 +47,26 @@ class eval_mode:
                 m.train(was)
 
 
+def sampler_for(noise_scheduler):
+    """The sampler the trainers validate with: DPM-Solver++ made from the base's noise schedule (its
+    ``algorithm_type`` etc. come from that config; the tiny world's asks for the SDE variant)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
+
+
 def build_pipeline(unet: nn.Module, text_encoder: nn.Module, vae: nn.Module, tokenizer, noise_scheduler,
                    pipeline_cls=None, **extra):
     """A StableDiffusionPipeline around the given (unwrapped) modules, DPM-Solver++ sampling.
 
     The modules are shared, not copied: memory stays at one model.
     """
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     cls = pipeline_cls or StableDiffusionPipeline
     pipe = cls(
         unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
-        scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
+        scheduler=sampler_for(noise_scheduler),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False, **extra,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -75,13 +83,13 @@ def pipeline_for(components, unet: nn.Module | None = None, text_encoders: Seque
     encoders = tuple(components.text_encoders if text_encoders is None else text_encoders)
     if components.family == "sd":
         return build_pipeline(unet, encoders[0], components.vae, components.tokenizer, components.noise_scheduler)
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
 
     tokenizers = components.conditioner.tokenizers
     pipe = StableDiffusionXLPipeline(
         vae=components.vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizers[0],
         tokenizer_2=tokenizers[1], unet=unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
+        scheduler=sampler_for(components.noise_scheduler),
         add_watermarker=False, **components.pipeline_config,
     )
     pipe.set_progress_bar_config(disable=True)
