@@ -291,9 +291,19 @@ def train_argv(cfg: CompareConfig, method: str, run_dir: Path, sizes: dict | Non
             raise ValueError("train_argv: rates are needed to scale the learning rate")
         for flag, value in rates.items():
             argv += [f"--{flag}", f"{value * lr_factor:.6g}"]
-    if cfg.task == "dreambooth":
-        argv += ["--class_data_dir", str(cfg.out / "class_images")]  # one class-image set for every run
-    return argv
+    return argv + shared_class_images(cfg)
+
+
+def shared_class_images(cfg: CompareConfig) -> list[str]:
+    """DreamBooth: a recipe with its own class images (class_data_dir: the tiny world's rendered stars, with their
+    captions and masks) gives them to every run as they are; otherwise one set drawn by the base under
+    <output_dir>/class_images is every run's (drawn once, by prepare_class_images)."""
+    if cfg.task != "dreambooth":
+        return []
+    from hra_diffusion.training import parse_task_config
+
+    recipe = parse_task_config(cfg.task, [*common_args(cfg), "--output_dir", str(cfg.out / "recipe")])
+    return [] if recipe.class_data_dir else ["--class_data_dir", str(cfg.out / "class_images")]
 
 
 def run_dir(cfg: CompareConfig, method: str, lr: float, seed: int) -> Path:

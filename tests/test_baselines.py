@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "train"))
 sys.path.insert(0, str(REPO / "eval"))
 import control_hra  # noqa: E402
 import dreambooth_hra  # noqa: E402
-from conftest import PLAIN_DREAMBOOTH_ARGS  # noqa: E402
+from conftest import GENERATED_CLASS_ARGS, PLAIN_DREAMBOOTH_ARGS  # noqa: E402
 from test_control_data import make_control_dir  # noqa: E402
 from tiny_models import tiny_unet, unet_inputs  # noqa: E402
 
@@ -320,7 +320,8 @@ def test_compare_script_prints_the_table(tmp_path, tiny_random_sd_dir, generated
         "--clip_model", "local-dir:" + str(tmp_path / "no-clip"),
         "--train_args", f"--pretrained_model {tiny_random_sd_dir} --subject_file {generated_subject_dir / 'subject.json'} "
                         "--train_batch_size 1 --num_class_images 2 --class_inference_steps 2 --validation_prompts [] "
-                        "--mask_loss_weight 0 --target_modules [\"to_q\",\"to_k\",\"to_v\",\"to_out.0\"]"])
+                        "--mask_loss_weight 0 --target_modules [\"to_q\",\"to_k\",\"to_v\",\"to_out.0\"] "
+                        + " ".join(GENERATED_CLASS_ARGS)])
     result = compare.main(cfg)
     table = (out / "compare.md").read_text()
     assert result["table_markdown"] in table
@@ -429,8 +430,14 @@ def test_compare_parses_trainer_configs_through_the_library(tmp_path):
     assert tcfg.output_dir == str(tmp_path / "lora" / "train") and tcfg.train_data_dir == "assets/tiny-data/control/train"
     assert tcfg.command.startswith("accelerate launch train/control_hra.py --report_to none")
     assert " --seed 0 " in tcfg.command
+    # DreamBooth: the recipe's own class images (with their masks) for every run; without them, one drawn set
     db = compare.trainer_config(compare.parse_args(["--output_dir", str(tmp_path)]), "hra", tmp_path / "hra")
-    assert type(db) is DreamBoothConfig and db.class_data_dir == str(tmp_path / "class_images")
+    assert type(db) is DreamBoothConfig and db.class_data_dir == "assets/tiny-data/subject/class"
+    assert db.class_mask_dir == "assets/tiny-data/subject/class_masks"
+    drawn = compare.parse_args(["--output_dir", str(tmp_path), "--train_args", " ".join(GENERATED_CLASS_ARGS)])
+    db = compare.trainer_config(drawn, "lora", tmp_path / "lora")
+    assert db.class_data_dir == str(tmp_path / "class_images") and db.class_mask_dir is None
+
 
 def test_peak_rss_is_the_processs_own_not_its_parents(tmp_path):
     """Linux carries a parent's ru_maxrss into a child across fork + exec; peak_rss_kib must not (a trainer

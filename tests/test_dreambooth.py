@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,8 +148,6 @@ def test_two_processes_run_real_ddp(family, tmp_path, generated_subject_dir, req
 
 def test_per_image_caption_files_train(tmp_path, tiny_random_sd_dir, generated_subject_dir):
     """instance_caption_extension: images with a caption file train with it (the prompt cache holds every caption)."""
-    import shutil
-
     data = tmp_path / "subject"
     shutil.copytree(generated_subject_dir / "train", data)
     first = sorted(data.glob("*.png"))[0]
@@ -176,8 +175,6 @@ def test_class_images_drawn_from_the_instance_captions(tmp_path, tiny_random_sd_
     """class_prompts_from_captions: each class image is drawn from an instance caption without the identifier
     (uncaptioned images add the class prompt), captioned with it, and trains with it (the frozen text encoder's
     prompt cache holds those prompts); without captions to read it is a config error."""
-    import shutil
-
     from hra_diffusion.training.config import DreamBoothConfig
     from hra_diffusion.training.prior import identifier_words
 
@@ -245,25 +242,45 @@ def test_own_class_images_train_with_their_captions_and_a_share_unconditioned(tm
     cls = tmp_path / "reg"
     cls.mkdir()
     captions = ["a photo of square on a blue background", "a photo of red square", "a photo of square"]
+    (tmp_path / "reg_masks").mkdir()
     for i in range(4):
         Image.new("RGB", (32, 32), (60 * i, 100, 200)).save(cls / f"r{i}.png")
+        mask = Image.new("L", (32, 32), 0)
+        mask.paste(255, (0, 0, 4 * (i + 1), 32))  # class image i: its left (i + 1) eighths are the object
+        mask.save(tmp_path / "reg_masks" / f"r{i}.png")
         if i < 3:
             (cls / f"r{i}.txt").write_text(captions[i] + "\n")
-    seen_prompts, num_prior = [], []
+    seen_prompts, num_prior, class_masks = [], [], []
     real = dreambooth._collate
 
     def spy(items):
         batch = real(items)
         seen_prompts.extend(batch["prompts"][len(items):])
         num_prior.append(batch["num_prior"])
+        # (class image i's red channel, its mask's share) per class row: the pixels' mask must come with them
+        red = batch["pixel_values"][len(items):, 0].mean((1, 2))
+        class_masks.extend(zip(((red + 1) * 127.5 / 60).round().int().tolist(),
+                               (batch["class_masks"].mean((1, 2, 3)) * 8).round().int().tolist(), strict=True))
+        assert batch["class_masks"].shape == (batch["num_prior"], 1, 32, 32)
         return batch
 
     monkeypatch.setattr(dreambooth, "_collate", spy)
+    subject = tmp_path / "subject"  # the masked loss (here for the class masks) needs subject masks too
+    shutil.copytree(generated_subject_dir, subject)
+    (subject / "masks").mkdir()
+    for f in sorted((subject / "train").glob("*.png")):
+        Image.new("L", Image.open(f).size, 255).save(subject / "masks" / f.name)
+    doc = json.loads((subject / "subject.json").read_text())
+    (subject / "subject.json").write_text(json.dumps({**doc, "instance_mask_dir": "masks"}))
     out = tmp_path / "run"
-    result = train(fast_args(tiny_random_sd_dir, generated_subject_dir, out, "--with_prior_preservation", "true",
+    result = train(fast_args(tiny_random_sd_dir, subject, out, "--with_prior_preservation", "true",
                              "--class_data_dir", str(cls), "--class_caption_extension", ".txt",
-                             "--num_class_images", "4", "--class_caption_dropout", "0.5", "--max_train_steps", "6"))
+                             "--num_class_images", "4", "--class_caption_dropout", "0.5", "--max_train_steps", "6",
+                             "--class_mask_dir", str(tmp_path / "reg_masks"), "--mask_loss_weight", "4"))
     assert result.global_step == 6
+    # class_mask_dir: each class row comes with its own image's mask
+    assert len(class_masks) == 12 and len({i for i, _ in class_masks}) >= 2
+    assert all(share == i + 1 for i, share in class_masks), class_masks
     assert sorted(p.name for p in cls.iterdir()) == sorted([f"r{i}.png" for i in range(4)] + [f"r{i}.txt" for i in range(3)])
     assert num_prior and all(n == 2 for n in num_prior) and len(seen_prompts) == 12
     class_prompt = json.loads((generated_subject_dir / "subject.json").read_text())["class_prompt"]
@@ -284,13 +301,20 @@ def test_own_class_images_train_with_their_captions_and_a_share_unconditioned(tm
         DreamBoothConfig(**base, class_caption_dropout=0.2).validate()
     with pytest.raises(ConfigError, match="class_caption_extension='.txt' is set but with_prior_preservation"):
         DreamBoothConfig(**base, class_caption_extension=".txt").validate()
+    with pytest.raises(ConfigError, match="class_mask_dir='m' is set but mask_loss_weight is 0, so the class masks"):
+        DreamBoothConfig(**base, with_prior_preservation=True, class_data_dir=str(cls), class_mask_dir="m").validate()
+    with pytest.raises(ConfigError, match="class_mask_dir='m' needs your own class images"):
+        DreamBoothConfig(**base, with_prior_preservation=True, mask_loss_weight=4, class_mask_dir="m").validate()
+    # too few own class images: the base would draw the rest, unmasked (refused before any model loads)
+    with pytest.raises(ConfigError, match="holds fewer than num_class_images=5, so the base would draw the rest"):
+        train(fast_args(tiny_random_sd_dir, subject, tmp_path / "few", "--with_prior_preservation", "true",
+                        "--class_data_dir", str(cls), "--num_class_images", "5", "--mask_loss_weight", "4",
+                        "--class_mask_dir", str(tmp_path / "reg_masks")))
 
 
 def test_masked_loss_trains_and_changes_the_update(tmp_path, tiny_random_sd_dir, generated_subject_dir):
     """mask_loss_weight + instance_mask_dir: the subject's pixels weigh more, so the adapter differs from a plain
     run's; the mask folder comes from subject.json's instance_mask_dir; bad combinations are named."""
-    import shutil
-
     import numpy as np
 
     subject = tmp_path / "subject"
@@ -331,8 +355,6 @@ def test_resume_is_exact(tmp_path, tiny_random_sd_dir, generated_subject_dir):
     os.symlink(straight / "class_images", resumed / "class_images")
     ckpt = latest_checkpoint(straight)
     assert ckpt.name == "checkpoint-2"
-    import shutil
-
     shutil.copytree(ckpt, resumed / "checkpoints" / ckpt.name)  # as if the first run had stopped at step 2
     result = train(fast_args(tiny_random_sd_dir, generated_subject_dir, resumed, *extra,
                              "--resume_from_checkpoint", "latest"))
@@ -380,8 +402,6 @@ def test_text_encoder_hra_latent_cache_accumulation_checkpointing(tmp_path, tiny
 # ---- bad input --------------------------------------------------------------------------------------
 
 def _corrupt_subject(root: Path, src: Path) -> Path:
-    import shutil
-
     shutil.copytree(src, root)
     (root / "train" / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     return root
@@ -431,8 +451,6 @@ def test_bad_input_gives_a_clear_message(case, tmp_path, tiny_random_sd_dir, gen
 
 
 def test_greyscale_rgba_palette_instance_images_train(tmp_path, tiny_random_sd_dir, generated_subject_dir):
-    import shutil
-
     subj = tmp_path / "subj"
     shutil.copytree(generated_subject_dir, subj)
     src = Image.open(subj / "train" / "00.png")

@@ -229,3 +229,7 @@ def test_masked_loss_weights_the_subject_pixels():
     both = torch.cat([on_subject, on_subject])
     loss, logs = denoising_loss(both, torch.zeros_like(both), num_prior=2, prior_loss_weight=1.0, instance_weights=w)
     assert logs["loss_instance"] == pytest.approx(float(weighted)) and logs["loss_prior"] == pytest.approx(float(plain))
+    # class_mask_dir: the prior rows weighted by their own masks
+    loss, logs = denoising_loss(both, torch.zeros_like(both), num_prior=2, prior_loss_weight=2.0, instance_weights=w,
+                                prior_weights=w)
+    assert logs["loss_prior"] == pytest.approx(float(weighted)) and float(loss) == pytest.approx(3 * float(weighted))

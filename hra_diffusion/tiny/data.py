@@ -103,13 +103,15 @@ def write_subject(out: Path, seed: int = 0, n_train: int = 5, n_heldout: int = 1
     """``out/train/*.png`` (with a caption ``.txt`` each), ``out/train_masks/*.png`` (the subject's masks, for the
     masked loss), ``out/heldout/*.png``, ``out/class/class-NNNNN.png`` + ``.txt`` (class images for prior
     preservation: plain one-colour stars of the base's own scene kind, the tiny world's "real photos of the
-    class") and ``out/subject.json`` for one striped-star subject."""
+    class"), ``out/class_masks/`` (their object masks) and ``out/subject.json`` for one striped-star subject."""
     out = Path(out)
     if n_class:
         (out / "class").mkdir(parents=True, exist_ok=True)
+        (out / "class_masks").mkdir(exist_ok=True)
         for i, s in enumerate(scenes.sample_scenes(seed + 303, n_class, shape=scenes.SUBJECT.shape)):
             scenes.render(s).save(out / "class" / f"class-{i:05d}.png")
             (out / "class" / f"class-{i:05d}.txt").write_text(class_caption(s, i) + "\n")
+            scenes.object_mask(s).save(out / "class_masks" / f"class-{i:05d}.png")
     a, b = scenes.SUBJECT.stripes
     ident, noun = scenes.SUBJECT.identifier, scenes.SUBJECT.shape
     for split, n, split_seed in (("train", n_train, seed + 101), ("heldout", n_heldout, seed + 202)):
@@ -128,6 +130,7 @@ def write_subject(out: Path, seed: int = 0, n_train: int = 5, n_heldout: int = 1
         "class_prompt": f"a {noun}",
         "instance_mask_dir": "train_masks",  # used with mask_loss_weight > 0
         "class_data_dir": "class",  # rendered plain stars + captions (the default recipe's class images)
+        "class_mask_dir": "class_masks",  # their object masks (the default recipe's class_mask_dir)
         # the validation grid: the subject in new contexts (backgrounds, positions), and the class prompt
         "validation_prompts": [held[0], held[5], held[6], held[3], f"a {noun} on a {SUBJECT_BACKGROUNDS[1]} background"],
         "heldout_prompts": held,

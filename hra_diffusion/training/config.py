@@ -224,6 +224,11 @@ class DreamBoothConfig(TrainConfig):
     # num_class_images of them, or the base draws the rest) with a caption NAME<ext> beside each NAME.png; they then
     # train with their captions, class_prompt for those without one. Implied (.txt) by class_prompts_from_captions.
     class_caption_extension: str | None = None
+    # masks for your own class images (NAME.png per class image NAME.*, white = object), used with mask_loss_weight:
+    # the prior loss then weights the class object's pixels as the instance loss weights the subject's. Without
+    # them a masked instance loss puts 1 + mask_loss_weight times more pull on the subject's pixels than the prior
+    # puts on the class object's, which mostly sits on background
+    class_mask_dir: str | None = None
     num_class_images: int = 100
     # share of the class-image samples trained with the empty prompt (a fixed, seeded choice per sample). The adapter
     # also changes the unconditional prediction, which classifier-free guidance subtracts: drifted towards the
@@ -270,6 +275,15 @@ class DreamBoothConfig(TrainConfig):
             raise ConfigError(f"class_caption_extension={self.class_caption_extension!r} is set but "
                               "with_prior_preservation is false, so no class image is used: set "
                               "with_prior_preservation: true, or drop class_caption_extension")
+        if self.class_mask_dir and not (self.with_prior_preservation and self.mask_loss_weight):
+            off = [what for what, on in (("with_prior_preservation is false", self.with_prior_preservation),
+                                         ("mask_loss_weight is 0", self.mask_loss_weight)) if not on]
+            raise ConfigError(f"class_mask_dir={self.class_mask_dir!r} is set but {' and '.join(off)}, so the class "
+                              "masks would be ignored: set with_prior_preservation: true and mask_loss_weight (e.g. 4), "
+                              "or drop class_mask_dir (--class_mask_dir null)")
+        if self.class_mask_dir and not self.class_data_dir:
+            raise ConfigError(f"class_mask_dir={self.class_mask_dir!r} needs your own class images (class masks "
+                              "are not drawn with generated ones): set class_data_dir to the folder they mask")
         if self.text_encoder_r % 2:
             raise ConfigError(f"text_encoder_r={self.text_encoder_r} is odd: use an even r (e.g. {self.text_encoder_r + 1})")
         if self.train_text_encoder and self.adapter != "hra":

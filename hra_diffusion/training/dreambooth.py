@@ -20,7 +20,7 @@ from .config import ConfigError, DreamBoothConfig
 from .data import CachedLatent, ImageFolderDataset, ImageTransform, stream_seed
 from .loss import denoising_loss, pixel_weights, with_orthogonality
 from .models import add_hra
-from .prior import CLASS_CAPTION_EXTENSION, class_prompts, generate_class_images
+from .prior import CLASS_CAPTION_EXTENSION, class_prompts, generate_class_images, missing_class_images
 from .run_guard import resume_notes
 from .runner import run_task
 from .sd_task import StableDiffusionTask
@@ -67,6 +67,11 @@ def _require(cfg: DreamBoothConfig) -> None:
                           "(one mask per instance image, same file name, white = subject), or set mask_loss_weight: 0")
     if cfg.with_prior_preservation and not cfg.class_prompt:
         raise ConfigError("with_prior_preservation needs class_prompt, e.g. --class_prompt 'a photo of dog'")
+    if cfg.class_mask_dir and cfg.class_data_dir and missing_class_images(cfg.class_data_dir, cfg.num_class_images):
+        raise ConfigError(f"class_mask_dir={cfg.class_mask_dir!r} masks your own class images, but class_data_dir "
+                          f"{cfg.class_data_dir!r} holds fewer than num_class_images={cfg.num_class_images}, so the "
+                          "base would draw the rest, and those have no masks: add images (each with its mask), "
+                          "lower num_class_images, or drop class_mask_dir (--class_mask_dir null)")
 
 
 class DreamBoothTask(StableDiffusionTask):
@@ -107,7 +112,8 @@ class DreamBoothTask(StableDiffusionTask):
                 accelerator.print(f"generated {made} class images in {class_dir}")
             self.classes = ImageFolderDataset(class_dir, cfg.class_prompt, transform, cfg.seed + 1, "class image",
                                               caption_extension=CLASS_CAPTION_EXTENSION
-                                              if cfg.class_prompts_from_captions else cfg.class_caption_extension)
+                                              if cfg.class_prompts_from_captions else cfg.class_caption_extension,
+                                              mask_dir=cfg.class_mask_dir)
             if cfg.class_prompts_from_captions and all(p == cfg.class_prompt for p in self.classes.prompts):
                 accelerator.print(f"note: the class images in {class_dir} have no captions (made before "
                                   "class_prompts_from_captions was set), so they all train with "
@@ -191,8 +197,9 @@ class DreamBoothTask(StableDiffusionTask):
         else:
             embeds = PromptEmbeds.cat([self.prompt_cache[p] for p in batch["prompts"]])
         pred = modules["unet"](noisy.noisy, noisy.timesteps, **self._unet_kwargs(embeds, batch["sizes"])).sample
-        weights = pixel_weights(batch["masks"], pred.shape[-2:], cfg.mask_loss_weight) if "masks" in batch else None
-        loss, logs = denoising_loss(pred, noisy.target, batch["num_prior"], cfg.prior_loss_weight, weights)
+        weights, prior_weights = (pixel_weights(batch[key], pred.shape[-2:], cfg.mask_loss_weight) if key in batch else None
+                                  for key in ("masks", "class_masks"))
+        loss, logs = denoising_loss(pred, noisy.target, batch["num_prior"], cfg.prior_loss_weight, weights, prior_weights)
         unwrapped = [self.accelerator.unwrap_model(m) for m in modules.values()]
         loss, orth = with_orthogonality(loss, unwrapped, cfg.orth_lambda)
         return loss, {**logs, **orth}
@@ -336,8 +343,10 @@ def _collate(items: list[dict]) -> dict:
         batch["latent_std"] = torch.stack([r["latent_std"] for r in rows])
     else:
         batch["pixel_values"] = torch.stack([r["pixel_values"] for r in rows])
-    if "mask" in rows[0]:  # the instance rows' subject masks (class images have none)
+    if "mask" in rows[0]:  # the instance rows' subject masks
         batch["masks"] = torch.stack([it["instance"]["mask"] for it in items])
+    if batch["num_prior"] and "mask" in rows[-1]:  # the class rows' object masks (class_mask_dir)
+        batch["class_masks"] = torch.stack([it["class"]["mask"] for it in items if it["class"] is not None])
     return batch
 
 

@@ -74,16 +74,17 @@ def _mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None)
 
 def denoising_loss(pred: torch.Tensor, target: torch.Tensor, num_prior: int = 0,
                    prior_loss_weight: float = 1.0,
-                   instance_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                   instance_weights: torch.Tensor | None = None,
+                   prior_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """MSE on the instance part plus ``prior_loss_weight`` × MSE on the last ``num_prior`` rows (fp32).
 
     ``instance_weights`` (instance rows, 1, h, w) makes the instance part a per-pixel weighted mean (the masked
-    loss: see :func:`pixel_weights`)."""
+    loss: see :func:`pixel_weights`); ``prior_weights`` (prior rows, 1, h, w) the same for the prior part."""
     pred, target = pred.float(), target.float()
     if num_prior:
         n = pred.shape[0] - num_prior
         instance = _mse(pred[:n], target[:n], instance_weights)
-        prior = F.mse_loss(pred[n:], target[n:])
+        prior = _mse(pred[n:], target[n:], prior_weights)
         loss = instance + prior_loss_weight * prior
         return loss, {"loss_instance": instance.item(), "loss_prior": prior.item()}
     loss = _mse(pred, target, instance_weights)

@@ -65,7 +65,7 @@ IDENTITY_KEYS = (
     # DreamBooth
     "instance_data_dir", "instance_prompt", "instance_caption_extension", "instance_mask_dir",
     "with_prior_preservation", "class_prompt", "class_prompts_from_captions", "class_caption_extension",
-    "class_caption_dropout",
+    "class_caption_dropout", "class_mask_dir",
     "train_text_encoder",
     "text_encoder_r", "text_encoder_target_modules",
     # control
@@ -74,9 +74,10 @@ IDENTITY_KEYS = (
     "max_train_samples",
 )
 # prior-preservation keys: part of the identity only with prior preservation on
-_PRIOR_KEYS = ("class_prompt", "class_prompts_from_captions", "class_caption_extension", "class_caption_dropout")
+_PRIOR_KEYS = ("class_prompt", "class_prompts_from_captions", "class_caption_extension", "class_caption_dropout",
+               "class_mask_dir")
 _RECORDED_WHEN_SET = _PRIOR_KEYS[1:]  # options added later: recorded only when set
-DATA_DIR_KEYS = ("instance_data_dir", "instance_mask_dir", "train_data_dir")  # also fingerprinted: "<key> files"
+DATA_DIR_KEYS = ("instance_data_dir", "instance_mask_dir", "class_mask_dir", "train_data_dir")  # also fingerprinted: "<key> files"
 # changed on resume: applied to the restored optimizer / LR schedule from the resumed step on, and logged
 OPTIMISATION_KEYS = (
     "learning_rate", "text_encoder_lr", "encoder_learning_rate", "scale_lr", "max_train_steps", "lr_scheduler",
