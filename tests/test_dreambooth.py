@@ -288,6 +288,7 @@ def test_own_class_images_train_with_their_captions_and_a_share_unconditioned(tm
     dropped = seen_prompts.count("")
     assert 0 < dropped < 12 and len(set(seen_prompts) - {""}) >= 2
     assert "(captioned by their `.txt` files)" in (out / "README.md").read_text()
+    assert f"class objects too (masks in `{tmp_path / 'reg_masks'}`)" in (out / "README.md").read_text()
 
     # the choice is a fixed function of (seed, position): about the asked share, never at 0
     draws = [dreambooth.caption_dropped(0, i, 0.3) for i in range(4000)]

@@ -284,6 +284,7 @@ class DreamBoothTask(StableDiffusionTask):
             "instance prompt": f"`{cfg.instance_prompt}`",
             "instance images": f"{len(self.instance)} from `{cfg.instance_data_dir}`",
             "masked loss": (f"subject pixels weighted {1 + cfg.mask_loss_weight:g}x (masks in `{cfg.instance_mask_dir}`)"
+                            + (f", class objects too (masks in `{cfg.class_mask_dir}`)" if cfg.class_mask_dir else "")
                             if cfg.mask_loss_weight else "no"),
             "prior preservation": _prior_fact(cfg),
         }, model={
