@@ -101,6 +101,8 @@ def test_cli_default_command_writes_every_output(tmp_path, tiny_sd_dir, tiny_sub
         assert rates["n_subject"] == 30 and rates["n_class"] == 12 and 0 <= rates["subject_rate"] <= 1
         assert (out / "validation" / "showroom.png").is_file()
         assert "tiny-world showroom rates" in card and "tiny-world showroom: striped subject" in proc.stdout
+        # the suggested generate command and the card's snippet sample at the recipe's scale (2), not 7.5
+        assert "--guidance 2 --out" in proc.stdout and "guidance_scale=2).images[0]" in card
     # tensorboard event files with the loss and the grid
     events = list((out / "logs").rglob("events.out.tfevents.*"))
     assert events

@@ -173,3 +173,8 @@ def test_summary_names_a_hub_base_for_generate(tmp_path, capsys):
     assert "hra-diffusion generate --base stabilityai/stable-diffusion-xl-base-1.0 --adapter" in hub
     local = print_summary(TrainConfig(pretrained_model=str(tmp_path), output_dir=str(tmp_path / "b")), result, "Control")
     assert "hra-diffusion generate --adapter" in local and "--base" not in local
+    # the run's validation scale, when not generate's default: the suggested samples look like the grid
+    assert "--guidance" not in local
+    tuned = print_summary(TrainConfig(pretrained_model=str(tmp_path), output_dir=str(tmp_path / "c"),
+                                      validation_guidance_scale=2.0), result, "DreamBooth", "--prompt 'a qwe star' ")
+    assert "--prompt 'a qwe star' --guidance 2 --out" in tuned

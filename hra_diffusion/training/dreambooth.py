@@ -279,7 +279,8 @@ class DreamBoothTask(StableDiffusionTask):
         load = (f'from hra_diffusion import load_adapter\nload_adapter(pipe.unet, "{out}/adapter")\n{te_lines}'
                 if cfg.adapter == "hra" else peft_load)
         usage = (self.card_pipeline_lines() + load
-                 + f"image = pipe({(cfg.validation_prompts or [cfg.instance_prompt])[0]!r}).images[0]\n")
+                 + f"image = pipe({(cfg.validation_prompts or [cfg.instance_prompt])[0]!r}, "
+                   f"guidance_scale={cfg.validation_guidance_scale:g}).images[0]\n")
         facts = self.card_facts(result, data={
             "instance prompt": f"`{cfg.instance_prompt}`",
             "instance images": f"{len(self.instance)} from `{cfg.instance_data_dir}`",

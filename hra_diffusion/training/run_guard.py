@@ -497,6 +497,15 @@ def resume_notes(result) -> list[str]:
             "the earlier values were used before it"]
 
 
+def guidance_flag(cfg) -> str:
+    """``--guidance G `` for the suggested generate command when the run validated at another scale than
+    generate's default (7.5): the tiny world's tuned models over-saturate at 7.5, red stripes turn black."""
+    from ..generate import GenerateConfig
+
+    scale = getattr(cfg, "validation_guidance_scale", None)
+    return "" if scale is None or scale == GenerateConfig.guidance_scale else f"--guidance {scale:g} "
+
+
 def print_summary(cfg, result, kind: str, generate_hint: str = "") -> str:
     """Print (and return) the end-of-run summary: files, key figures, next commands."""
     out = Path(cfg.output_dir)
@@ -514,6 +523,7 @@ def print_summary(cfg, result, kind: str, generate_hint: str = "") -> str:
     q = shlex.quote
     # generate finds a local base from the adapter, but falls back to the tiny world for a hub id: name it
     base = "" if Path(cfg.pretrained_model).expanduser().is_dir() else f"--base {q(cfg.pretrained_model)} "
+    generate_hint += guidance_flag(cfg)
     lines = [
         f"{kind} training finished: {'; '.join(figures)}",
         *[f"  {line}" for line in stats.get("report", [])],
