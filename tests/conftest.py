@@ -32,8 +32,7 @@ ASSET_SUBJECT = REPO / "assets" / "tiny-data" / "subject"
 # convs too, text-encoder HRA, a masked loss over the subject's masks. Tests that train a generated subject on a
 # random tiny pipeline for a few steps pin the plain settings first (their own flags come after and win).
 # class images drawn by the base into <output_dir>/class_images, as diffusers' script does
-GENERATED_CLASS_ARGS = ["--class_data_dir", "null", "--class_caption_extension", "null", "--class_caption_dropout", "0",
-                        "--class_mask_dir", "null"]
+GENERATED_CLASS_ARGS = ["--class_data_dir", "null", "--class_caption_extension", "null", "--class_caption_dropout", "0"]
 PLAIN_DREAMBOOTH_ARGS = ["--r", "8", "--target_modules", '["to_q", "to_k", "to_v", "to_out.0"]',
                          "--train_text_encoder", "false", "--mask_loss_weight", "0", *GENERATED_CLASS_ARGS]
 

@@ -433,10 +433,12 @@ def test_compare_parses_trainer_configs_through_the_library(tmp_path):
     # DreamBooth: the recipe's own class images (with their masks) for every run; without them, one drawn set
     db = compare.trainer_config(compare.parse_args(["--output_dir", str(tmp_path)]), "hra", tmp_path / "hra")
     assert type(db) is DreamBoothConfig and db.class_data_dir == "assets/tiny-data/subject/class"
-    assert db.class_mask_dir == "assets/tiny-data/subject/class_masks"
+    from hra_diffusion.training.dreambooth import apply_subject_file
+
+    assert apply_subject_file(db).class_mask_dir == "assets/tiny-data/subject/class_masks"
     drawn = compare.parse_args(["--output_dir", str(tmp_path), "--train_args", " ".join(GENERATED_CLASS_ARGS)])
     db = compare.trainer_config(drawn, "lora", tmp_path / "lora")
-    assert db.class_data_dir == str(tmp_path / "class_images") and db.class_mask_dir is None
+    assert db.class_data_dir == str(tmp_path / "class_images") and apply_subject_file(db).class_mask_dir is None
 
 
 def test_peak_rss_is_the_processs_own_not_its_parents(tmp_path):

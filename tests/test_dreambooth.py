@@ -89,6 +89,7 @@ def test_cli_default_command_writes_every_output(tmp_path, tiny_sd_dir, tiny_sub
     if has_tiny_world():
         assert not (out / "class_images").exists()
         assert "(captioned by their `.txt` files) in `assets/tiny-data/subject/class`" in card
+        assert "class objects too (masks in `assets/tiny-data/subject/class_masks`)" in card  # from subject.json
     else:
         assert len(list((out / "class_images").glob("class-*.png"))) == 4
     # the model card: samples and the exact command
@@ -308,6 +309,16 @@ def test_own_class_images_train_with_their_captions_and_a_share_unconditioned(tm
         DreamBoothConfig(**base, with_prior_preservation=True, class_data_dir=str(cls), class_mask_dir="m").validate()
     with pytest.raises(ConfigError, match="class_mask_dir='m' needs your own class images"):
         DreamBoothConfig(**base, with_prior_preservation=True, mask_loss_weight=4, class_mask_dir="m").validate()
+    # subject.json's class_mask_dir masks its own class_data_dir only, and only for the masked loss
+    from hra_diffusion.training.dreambooth import apply_subject_file
+
+    doc = json.loads((subject / "subject.json").read_text())
+    (subject / "subject.json").write_text(json.dumps({**doc, "class_data_dir": "../reg", "class_mask_dir": "../reg_masks"}))
+    own = dict(base, subject_file=str(subject / "subject.json"), with_prior_preservation=True, mask_loss_weight=4)
+    assert apply_subject_file(DreamBoothConfig(**own, class_data_dir=str(cls))).class_mask_dir == str(
+        subject / "../reg_masks")
+    assert apply_subject_file(DreamBoothConfig(**own, class_data_dir=str(tmp_path / "other"))).class_mask_dir is None
+    assert apply_subject_file(DreamBoothConfig(**{**own, "mask_loss_weight": 0}, class_data_dir=str(cls))).class_mask_dir is None
     # too few own class images: the base would draw the rest, unmasked (refused before any model loads)
     with pytest.raises(ConfigError, match="holds fewer than num_class_images=5, so the base would draw the rest"):
         train(fast_args(tiny_random_sd_dir, subject, tmp_path / "few", "--with_prior_preservation", "true",

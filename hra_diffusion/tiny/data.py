@@ -130,7 +130,7 @@ def write_subject(out: Path, seed: int = 0, n_train: int = 5, n_heldout: int = 1
         "class_prompt": f"a {noun}",
         "instance_mask_dir": "train_masks",  # used with mask_loss_weight > 0
         "class_data_dir": "class",  # rendered plain stars + captions (the default recipe's class images)
-        "class_mask_dir": "class_masks",  # their object masks (the default recipe's class_mask_dir)
+        "class_mask_dir": "class_masks",  # their object masks: class_mask_dir when class_data_dir is class/
         # the validation grid: the subject in new contexts (backgrounds, positions), and the class prompt
         "validation_prompts": [held[0], held[5], held[6], held[3], f"a {noun} on a {SUBJECT_BACKGROUNDS[1]} background"],
         "heldout_prompts": held,

@@ -34,7 +34,9 @@ SUBJECT_KEYS = ("class_noun", "identifier", "instance_prompt", "class_prompt", "
 
 def apply_subject_file(cfg: DreamBoothConfig) -> DreamBoothConfig:
     """Fill unset prompts/folders from ``cfg.subject_file`` (a subject.json beside train/ and heldout/); its
-    ``instance_mask_dir`` (relative to it) fills the mask folder when ``mask_loss_weight`` is set."""
+    ``instance_mask_dir`` (relative to it) fills the mask folder when ``mask_loss_weight`` is set, and its
+    ``class_mask_dir`` the class masks when, in addition, prior preservation uses its own ``class_data_dir`` (the
+    masks belong to those images and no others)."""
     if not cfg.subject_file:
         return cfg
     path = Path(cfg.subject_file)
@@ -52,6 +54,10 @@ def apply_subject_file(cfg: DreamBoothConfig) -> DreamBoothConfig:
         cfg.instance_mask_dir = str(path.parent / doc["instance_mask_dir"])
     if cfg.class_prompt is None:
         cfg.class_prompt = doc.get("class_prompt")
+    if (cfg.class_mask_dir is None and cfg.mask_loss_weight and cfg.with_prior_preservation and cfg.class_data_dir
+            and doc.get("class_mask_dir") and doc.get("class_data_dir")
+            and Path(cfg.class_data_dir).resolve() == (path.parent / doc["class_data_dir"]).resolve()):
+        cfg.class_mask_dir = str(path.parent / doc["class_mask_dir"])
     if cfg.validation_prompts is None:
         cfg.validation_prompts = list(doc.get("validation_prompts") or [])
     return cfg
