@@ -76,8 +76,8 @@ def _require(cfg: DreamBoothConfig) -> None:
     if cfg.class_mask_dir and cfg.class_data_dir and missing_class_images(cfg.class_data_dir, cfg.num_class_images):
         raise ConfigError(f"class_mask_dir={cfg.class_mask_dir!r} masks your own class images, but class_data_dir "
                           f"{cfg.class_data_dir!r} holds fewer than num_class_images={cfg.num_class_images}, so the "
-                          "base would draw the rest, and those have no masks: add images (each with its mask), "
-                          "lower num_class_images, or drop class_mask_dir (--class_mask_dir null)")
+                          "base would draw the rest, and those have no masks: add images (each with its mask) "
+                          "or lower num_class_images")
 
 
 class DreamBoothTask(StableDiffusionTask):
