@@ -32,7 +32,8 @@ Metrics:
 - control: Canny-edge F1 between each test condition and the image generated from it (ControlNet++'s pixel-wise
   F1, and with a 1-pixel tolerance), metrics.control_eval.control_consistency. Reference rows: the base model
   (no condition encoder), and the real target images' own edges.
-Plus per method: trainable values, median time per training step and peak memory (logs/train_stats.json).
+Plus per method: trainable values, time per training step (each run's median, then the median over the seeds)
+and peak memory (logs/train_stats.json).
 
 Writes <output_dir>/compare.md, compare.json and (dreambooth) compare.png, the DINO-against-CLIP-T trade-off
 plot, and prints the table. Runs of methods, rates and seeds live in <output_dir>/<method>/lr<rate>-seed<seed>/.
@@ -666,7 +667,8 @@ def format_table(task: str, rows: dict[str, dict], references: dict[str, dict], 
         n = r["trainable"]
         cells = [labels[method], f"{r['lr']:.2g}", f"{n['unet']:,}" + (f" (+{n['total'] - n['unet']:,} encoder)"
                                                                         if n["total"] != n["unet"] else ""),
-                 f"{statistics.fmean(s['step_seconds_median'] for s in stats):.3f}",
+                 # the median over seeds: one run slowed by other load on a shared machine does not move it
+                 f"{statistics.median(s['step_seconds_median'] for s in stats):.3f}",
                  f"{statistics.fmean(s['peak_rss_mib'] for s in stats):.0f}"]
         if cuda:
             cells.append(f"{statistics.fmean(s.get('cuda_peak_allocated_mib', float('nan')) for s in stats):.0f}")
