@@ -94,7 +94,7 @@ def default_run(tmp_path_factory, tiny_sd_dir, control_dir):
     return out, proc, steps, every
 
 
-def test_cli_default_command_writes_every_output(default_run, control_dir):
+def test_cli_default_command_writes_every_output(default_run, control_dir, monkeypatch):
     """`accelerate launch train/control_hra.py` (default tiny recipe; only steps/out overridden here)."""
     out, proc, steps, every = default_run
     # one adapter folder: HRA on the control targets + the condition encoder, all fp32
@@ -130,6 +130,16 @@ def test_cli_default_command_writes_every_output(default_run, control_dir):
     card = (out / "README.md").read_text()
     assert f"validation/step-{steps:06d}.png" in card and "load_control_adapter" in card
     assert f"accelerate launch train/control_hra.py --output_dir {out}" in card
+    # the card's usage snippet runs as written (from the repository root, where the recipe's paths start), on a
+    # real condition image: base, the validation sampler, adapter + encoder, one image
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"condition.png"' in snippet
+    snippet = snippet.replace('"condition.png"', repr(str(first_condition / row["conditioning_image"])))
+    monkeypatch.chdir(REPO)
+    scope: dict = {}
+    exec(compile(snippet, f"{out}/README.md", "exec"), scope)
+    assert type(scope["pipe"].scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert scope["image"].size == (32, 32)
     # tensorboard: loss and the validation grid
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -63,7 +63,7 @@ def launch(args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
 
 # ---- the command line --------------------------------------------------------------------------
 
-def test_cli_default_command_writes_every_output(tmp_path, tiny_sd_dir, tiny_subject_dir):
+def test_cli_default_command_writes_every_output(tmp_path, tiny_sd_dir, tiny_subject_dir, monkeypatch):
     """`accelerate launch train/dreambooth_hra.py` (default tiny recipe; only steps/out shortened here)."""
     out = tmp_path / "run"
     args = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_steps", "2",
@@ -99,11 +99,20 @@ def test_cli_default_command_writes_every_output(tmp_path, tiny_sd_dir, tiny_sub
     # the tiny world's showroom rates (deterministic subject checker): printed, saved, in the card
     if has_tiny_world():
         rates = json.loads((out / "logs" / "showroom_rates.json").read_text())
-        assert rates["n_subject"] == 30 and rates["n_class"] == 12 and 0 <= rates["subject_rate"] <= 1
+        assert rates["n_subject"] == 30 and rates["n_class"] == 48 and 0 <= rates["subject_rate"] <= 1
         assert (out / "validation" / "showroom.png").is_file()
         assert "tiny-world showroom rates" in card and "tiny-world showroom: striped subject" in proc.stdout
         # the suggested generate command and the card's snippet sample at the recipe's scale (2), not 7.5
-        assert "--guidance 2 --out" in proc.stdout and "guidance_scale=2).images[0]" in card
+        assert "--scheduler dpm-solver --steps 10 --guidance 2 --out" in proc.stdout
+        assert "num_inference_steps=10, guidance_scale=2).images[0]" in card
+    # the card's usage snippet runs as written (from the repository root, where the recipe's paths start):
+    # base, the validation sampler, the adapter, one image
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(REPO)
+    scope: dict = {}
+    exec(compile(snippet, f"{out}/README.md", "exec"), scope)
+    assert type(scope["pipe"].scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert scope["image"].size[0] == scope["pipe"].unet.config.sample_size * scope["pipe"].vae_scale_factor
     # tensorboard event files with the loss and the grid
     events = list((out / "logs").rglob("events.out.tfevents.*"))
     assert events

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import has_tiny_world
 from PIL import Image, ImageFilter
 
 from hra_diffusion.tiny import checker, data, scenes
@@ -91,3 +92,30 @@ def test_showroom_prompts_come_from_the_subject_file(tmp_path):
     assert not measure.has_showroom(other) and not measure.has_showroom(None)
     with pytest.raises(ValueError, match="no heldout_prompts"):
         measure.showroom_prompts(other)
+
+
+@pytest.mark.skipif(not has_tiny_world(), reason="needs the embedded tiny world (assets/tiny-sd)")
+def test_showroom_draws_more_class_samples_and_keeps_the_subject_samples():
+    """Each class check prompt is drawn class_images times per seed (48 class samples by default, not 12), in a
+    second batch: the subject samples stay the ones drawn with class_images=1, each seed's in one figure row."""
+    from hra_diffusion.tiny import measure
+    from hra_diffusion.tiny.paths import TINY_MODEL_DIR
+
+    pipe = measure.load_with_adapter(TINY_MODEL_DIR, None)
+    held, cls = measure.showroom_prompts()
+    one = measure.showroom_rates(pipe, seeds=(0,), steps=2, class_images=1, return_images=True)
+    three = measure.showroom_rates(pipe, seeds=(0,), steps=2, class_images=3, return_images=True)
+    assert (one["n_class"], three["n_class"], three["class_images_per_prompt"]) == (len(cls), 3 * len(cls), 3)
+    assert three["row_length"] == len(held) + 3 * len(cls) == len(three["images"])
+    assert [r["prompt"] for r in three["rows"]] == held + [p for p in cls for _ in range(3)]
+    same = [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(one["images"][:len(held)], three["images"][:len(held)], strict=True)]
+    assert all(same)  # the subject samples did not change
+    # each class prompt's first image is the one drawn with the subject prompts, the others are new draws
+    firsts = three["images"][len(held)::3]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(one["images"][len(held):], firsts, strict=True))
+    assert not np.array_equal(np.asarray(three["images"][len(held)]), np.asarray(three["images"][len(held) + 1]))
+    import inspect
+
+    assert inspect.signature(measure.showroom_rates).parameters["class_images"].default == measure.CLASS_IMAGES == 4
+    with pytest.raises(ValueError, match="class_images must be >= 1"):
+        measure.showroom_rates(pipe, seeds=(0,), steps=1, class_images=0)

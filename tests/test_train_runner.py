@@ -165,6 +165,7 @@ def test_card_facts_put_the_tasks_own_rows_in_place():
 
 def test_summary_names_a_hub_base_for_generate(tmp_path, capsys):
     """generate finds a local base from the adapter's record, not a hub id: the suggested command passes it."""
+    from hra_diffusion.training.config import ControlConfig
     from hra_diffusion.training.run_guard import print_summary
 
     result = TrainResult(global_step=3, seconds=1.0)
@@ -173,8 +174,14 @@ def test_summary_names_a_hub_base_for_generate(tmp_path, capsys):
     assert "hra-diffusion generate --base stabilityai/stable-diffusion-xl-base-1.0 --adapter" in hub
     local = print_summary(TrainConfig(pretrained_model=str(tmp_path), output_dir=str(tmp_path / "b")), result, "Control")
     assert "hra-diffusion generate --adapter" in local and "--base" not in local
-    # the run's validation scale, when not generate's default: the suggested samples look like the grid
-    assert "--guidance" not in local
+    # the run's validation sampler, and its steps and scale where not generate's defaults: the suggested
+    # samples are drawn as the validation grids were
+    assert "--scheduler dpm-solver --out" in local and "--guidance" not in local and "--steps" not in local
     tuned = print_summary(TrainConfig(pretrained_model=str(tmp_path), output_dir=str(tmp_path / "c"),
-                                      validation_guidance_scale=2.0), result, "DreamBooth", "--prompt 'a qwe star' ")
-    assert "--prompt 'a qwe star' --guidance 2 --out" in tuned
+                                      validation_guidance_scale=2.0, validation_inference_steps=10),
+                          result, "DreamBooth", "--prompt 'a qwe star' ")
+    assert "--prompt 'a qwe star' --scheduler dpm-solver --steps 10 --guidance 2 --out" in tuned
+    ddim = print_summary(ControlConfig(pretrained_model=str(tmp_path), output_dir=str(tmp_path / "d"),
+                                       validation_scheduler="ddim", validation_inference_steps=50,
+                                       validation_guidance_scale=9.0), result, "Control")
+    assert "--scheduler ddim --steps 50 --guidance 9 --out" in ddim

@@ -139,7 +139,7 @@ def main(args: argparse.Namespace) -> None:
         if args.grid:
             from .figure import rates_figure
 
-            rates_figure(rates.pop("images"), rates["rows"], args.grid)
+            rates_figure(rates.pop("images"), rates["rows"], args.grid, cols=rates.pop("row_length"))
         print(json.dumps({k: v for k, v in rates.items() if k != "rows"}, indent=2))
         print(format_rates(rates))
         return

@@ -273,7 +273,7 @@ class ControlTask(StableDiffusionTask):
             "handle = attach_condition_encoder(pipe.unet, encoder)\n"
             f'handle.set_condition(prepare_condition(Image.open("condition.png"), {cfg.resolution}, {cfg.resolution}))\n'
             f"image = pipe({(self.validation_rows[0][1] if self.validation_rows else 'a prompt')!r}, "
-            f"height={cfg.resolution}, width={cfg.resolution}, guidance_scale={cfg.validation_guidance_scale:g}).images[0]\n"
+            f"height={cfg.resolution}, width={cfg.resolution}, {self.card_sampling_args()}).images[0]\n"
         )
         facts = self.card_facts(result, data={
             "data": f"{len(self.data)} pairs from {source}",

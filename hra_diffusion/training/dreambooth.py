@@ -237,7 +237,7 @@ class DreamBoothTask(StableDiffusionTask):
 
     def after_training(self, modules, result: TrainResult) -> None:
         """On the tiny world (a subject.json with ``heldout_prompts``), the showroom rates of the trained adapter:
-        the held-out subject prompts and the class check prompts, 3 seeds each (at the recipe's
+        the held-out subject prompts (once) and the class check prompts (4 times), 3 seeds each (at the recipe's
         ``validation_guidance_scale``), read by the deterministic
         subject checker (``hra_diffusion.tiny.checker``); saved to ``logs/showroom_rates.json`` and
         ``validation/showroom.png``, printed, and put in the model card."""
@@ -256,7 +256,8 @@ class DreamBoothTask(StableDiffusionTask):
             rates = showroom_rates(self._pipeline(unet, encoders), cfg.subject_file,
                                    guidance=cfg.validation_guidance_scale, return_images=True)
         out = Path(cfg.output_dir)
-        grid = rates_figure(rates.pop("images"), rates.pop("rows"), out / "validation" / "showroom.png")
+        grid = rates_figure(rates.pop("images"), rates.pop("rows"), out / "validation" / "showroom.png",
+                            cols=rates.pop("row_length"))
         (out / "logs").mkdir(parents=True, exist_ok=True)
         (out / "logs" / "showroom_rates.json").write_text(json.dumps(rates, indent=2) + "\n")
         line = format_rates(rates)
@@ -286,7 +287,7 @@ class DreamBoothTask(StableDiffusionTask):
                 if cfg.adapter == "hra" else peft_load)
         usage = (self.card_pipeline_lines() + load
                  + f"image = pipe({(cfg.validation_prompts or [cfg.instance_prompt])[0]!r}, "
-                   f"guidance_scale={cfg.validation_guidance_scale:g}).images[0]\n")
+                   f"{self.card_sampling_args()}).images[0]\n")
         facts = self.card_facts(result, data={
             "instance prompt": f"`{cfg.instance_prompt}`",
             "instance images": f"{len(self.instance)} from `{cfg.instance_data_dir}`",

@@ -497,13 +497,22 @@ def resume_notes(result) -> list[str]:
             "the earlier values were used before it"]
 
 
-def guidance_flag(cfg) -> str:
-    """``--guidance G `` for the suggested generate command when the run validated at another scale than
-    generate's default (7.5): the tiny world's tuned models over-saturate at 7.5, red stripes turn black."""
+def sampling_flags(cfg) -> str:
+    """``--scheduler S [--steps N] [--guidance G] `` for the suggested generate command: the sampler, steps and
+    scale the run's validation grids were drawn with, where generate's defaults differ (its scheduler is the
+    base's saved one, 25 steps, scale 7.5), so its samples look like the grids (the tiny world's tuned models
+    over-saturate at 7.5: red stripes turn black)."""
     from ..generate import GenerateConfig
+    from .validation import validation_sampler
 
+    flags = f"--scheduler {validation_sampler(cfg)[0]} "
+    steps = getattr(cfg, "validation_inference_steps", None)
+    if steps is not None and steps != GenerateConfig.steps:
+        flags += f"--steps {steps} "
     scale = getattr(cfg, "validation_guidance_scale", None)
-    return "" if scale is None or scale == GenerateConfig.guidance_scale else f"--guidance {scale:g} "
+    if scale is not None and scale != GenerateConfig.guidance_scale:
+        flags += f"--guidance {scale:g} "
+    return flags
 
 
 def print_summary(cfg, result, kind: str, generate_hint: str = "") -> str:
@@ -523,7 +532,7 @@ def print_summary(cfg, result, kind: str, generate_hint: str = "") -> str:
     q = shlex.quote
     # generate finds a local base from the adapter, but falls back to the tiny world for a hub id: name it
     base = "" if Path(cfg.pretrained_model).expanduser().is_dir() else f"--base {q(cfg.pretrained_model)} "
-    generate_hint += guidance_flag(cfg)
+    generate_hint += sampling_flags(cfg)
     lines = [
         f"{kind} training finished: {'; '.join(figures)}",
         *[f"  {line}" for line in stats.get("report", [])],

@@ -30,7 +30,7 @@ from .config import TrainConfig
 from .loss import NoisyBatch, add_noise, sample_latents
 from .models import SDComponents, load_sd_components, weight_dtype_for
 from .trainer import TrainingTask, TrainResult
-from .validation import pipeline_for
+from .validation import pipeline_for, validation_sampler
 
 __all__ = ["StableDiffusionTask"]
 
@@ -140,13 +140,22 @@ class StableDiffusionTask(TrainingTask):
 
     def card_pipeline_lines(self, imports: str = "") -> str:
         """The usage snippet's first lines: import (then ``imports``) and load the base's pipeline class, with
-        the separate VAE when one was trained with."""
+        the separate VAE when one was trained with, and the sampler the run validated with."""
         cfg, cls = self.cfg, self.sd.pipeline_class_name
+        sampler = validation_sampler(cfg)[1]
         if not cfg.pretrained_vae_model:
-            return f"from diffusers import {cls}\n{imports}\npipe = {cls}.from_pretrained({cfg.pretrained_model!r})\n"
-        return (f"from diffusers import AutoencoderKL, {cls}\n{imports}\n"
-                f"vae = AutoencoderKL.from_pretrained({cfg.pretrained_vae_model!r})\n"
-                f"pipe = {cls}.from_pretrained({cfg.pretrained_model!r}, vae=vae)\n")
+            lines = (f"from diffusers import {sampler}, {cls}\n{imports}\n"
+                     f"pipe = {cls}.from_pretrained({cfg.pretrained_model!r})\n")
+        else:
+            lines = (f"from diffusers import AutoencoderKL, {sampler}, {cls}\n{imports}\n"
+                     f"vae = AutoencoderKL.from_pretrained({cfg.pretrained_vae_model!r})\n"
+                     f"pipe = {cls}.from_pretrained({cfg.pretrained_model!r}, vae=vae)\n")
+        return lines + f"pipe.scheduler = {sampler}.from_config(pipe.scheduler.config)  # as validation sampled\n"
+
+    def card_sampling_args(self) -> str:
+        """The pipeline call's sampling arguments, as validation used them."""
+        cfg = self.cfg
+        return f"num_inference_steps={cfg.validation_inference_steps}, guidance_scale={cfg.validation_guidance_scale:g}"
 
     @abstractmethod
     def write_card(self, result: TrainResult) -> Path:

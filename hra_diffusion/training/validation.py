@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
 
-__all__ = ["build_pipeline", "pipeline_for", "generate_images", "image_grid", "save_and_log_grid", "eval_mode"]
+__all__ = ["VALIDATION_SAMPLERS", "validation_sampler", "sampler_for", "build_pipeline", "pipeline_for", "generate_images", "image_grid", "save_and_log_grid", "eval_mode"]
 
 
 class eval_mode:
@@ -45,6 +45,16 @@ class eval_mode:
         finally:
             for m, was in zip(self.modules, self.previous, strict=True):
                 m.train(was)
+
+
+# a run's validation sampler (ControlConfig.validation_scheduler; DreamBooth always validates with DPM-Solver++):
+# generate's --scheduler name and the diffusers class, both built with from_config from the base's schedule
+VALIDATION_SAMPLERS = {"dpm++": ("dpm-solver", "DPMSolverMultistepScheduler"), "ddim": ("ddim", "DDIMScheduler")}
+
+
+def validation_sampler(cfg) -> tuple[str, str]:
+    """(generate's ``--scheduler`` name, diffusers class name) of the sampler the run validated with."""
+    return VALIDATION_SAMPLERS[getattr(cfg, "validation_scheduler", "dpm++")]
 
 
 def sampler_for(noise_scheduler):
