@@ -42,6 +42,19 @@ def has_tiny_world() -> bool:
     return (ASSET_SD / "model_index.json").is_file() and (ASSET_SUBJECT / "subject.json").is_file()
 
 
+def run_card_snippet(card: str, monkeypatch, replacements: dict[str, str] | None = None) -> dict:
+    """Run a model card's ```python usage snippet as written (after ``replacements`` of placeholder text), from
+    the repository root, where the recipes' relative paths start; returns the names it defined (pipe, image...)."""
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    for old, new in (replacements or {}).items():
+        assert old in snippet, f"{old!r} is not in the card's snippet"
+        snippet = snippet.replace(old, new)
+    monkeypatch.chdir(REPO)
+    scope: dict = {}
+    exec(compile(snippet, "model card snippet", "exec"), scope)
+    return scope
+
+
 def _shape_image(size: int, colour: tuple[int, int, int], bg: tuple[int, int, int], shift: int) -> Image.Image:
     arr = np.zeros((size, size, 3), np.uint8)
     arr[:] = bg

@@ -27,6 +27,7 @@ from hra_diffusion.training.data import DataError
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "train"))
 import control_hra  # noqa: E402
+from conftest import run_card_snippet  # noqa: E402
 from test_control_data import make_control_dir  # noqa: E402
 
 
@@ -132,12 +133,7 @@ def test_cli_default_command_writes_every_output(default_run, control_dir, monke
     assert f"accelerate launch train/control_hra.py --output_dir {out}" in card
     # the card's usage snippet runs as written (from the repository root, where the recipe's paths start), on a
     # real condition image: base, the validation sampler, adapter + encoder, one image
-    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
-    assert '"condition.png"' in snippet
-    snippet = snippet.replace('"condition.png"', repr(str(first_condition / row["conditioning_image"])))
-    monkeypatch.chdir(REPO)
-    scope: dict = {}
-    exec(compile(snippet, f"{out}/README.md", "exec"), scope)
+    scope = run_card_snippet(card, monkeypatch, {'"condition.png"': repr(str(first_condition / row["conditioning_image"]))})
     assert type(scope["pipe"].scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert scope["image"].size == (32, 32)
     # tensorboard: loss and the validation grid

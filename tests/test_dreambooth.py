@@ -23,7 +23,7 @@ from hra_diffusion.training.models import BaseModelError
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "train"))
 import dreambooth_hra  # noqa: E402
-from conftest import GENERATED_CLASS_ARGS, PLAIN_DREAMBOOTH_ARGS, has_tiny_world  # noqa: E402
+from conftest import GENERATED_CLASS_ARGS, PLAIN_DREAMBOOTH_ARGS, has_tiny_world, run_card_snippet  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -107,10 +107,7 @@ def test_cli_default_command_writes_every_output(tmp_path, tiny_sd_dir, tiny_sub
         assert "num_inference_steps=10, guidance_scale=2).images[0]" in card
     # the card's usage snippet runs as written (from the repository root, where the recipe's paths start):
     # base, the validation sampler, the adapter, one image
-    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
-    monkeypatch.chdir(REPO)
-    scope: dict = {}
-    exec(compile(snippet, f"{out}/README.md", "exec"), scope)
+    scope = run_card_snippet(card, monkeypatch)
     assert type(scope["pipe"].scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert scope["image"].size[0] == scope["pipe"].unet.config.sample_size * scope["pipe"].vae_scale_factor
     # tensorboard event files with the loss and the grid
