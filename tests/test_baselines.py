@@ -458,3 +458,27 @@ def test_peak_rss_is_the_processs_own_not_its_parents(tmp_path):
     assert before < parent_peak - 2**19, (before, parent_peak)  # the child's own (~0.5 GiB with torch), not the parent's
     assert after - before > 90 * 1024  # and it sees its own 100 MiB
     del ballast
+
+
+def test_hra_sampling_works_without_peft_installed(monkeypatch):
+    """peft is an optional dependency (the README's main command installs without it): HRA validation's
+    eval_mode looks for PEFT layers to fold in, and without peft there are none, not an ImportError."""
+    import torch.nn as nn
+
+    from hra_diffusion import HRAConfig, inject_hra
+    from hra_diffusion.adapters.peft_baselines import peft_layers
+    from hra_diffusion.training.validation import eval_mode
+
+    for name in [n for n in sys.modules if n == "peft" or n.startswith("peft.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError, as when not installed
+    with pytest.raises(ImportError):
+        import peft  # noqa: F401
+    model = nn.Sequential(nn.Linear(8, 8))
+    inject_hra(model, HRAConfig(r=2, target_modules=["0"]))
+    model.train()
+    assert peft_layers(model) == []
+    with eval_mode(model):
+        assert not model.training
+        model(torch.randn(2, 8))
+    assert model.training

@@ -176,8 +176,12 @@ def inject_baseline(model: nn.Module, spec: BaselineSpec) -> list[str]:
 
 
 def peft_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, layer) for every PEFT adapter layer (LoRA/OFT/BOFT/... wrapper) in ``model``."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    """(name, layer) for every PEFT adapter layer (LoRA/OFT/BOFT/... wrapper) in ``model``; none without peft
+    installed (it is an optional dependency: HRA training and sampling, e.g. validation's eval_mode, call this)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return []
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
 
