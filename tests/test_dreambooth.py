@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from hra_diffusion import load_adapter, read_adapter
-from hra_diffusion.training import NonFiniteLossError, latest_checkpoint, list_checkpoints
+from hra_diffusion.training import NonFiniteLossError, latest_checkpoint
 from hra_diffusion.training.config import ConfigError
 from hra_diffusion.training.data import DataError
 from hra_diffusion.training.models import BaseModelError
@@ -23,7 +23,7 @@ from hra_diffusion.training.models import BaseModelError
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "train"))
 import dreambooth_hra  # noqa: E402
-from conftest import GENERATED_CLASS_ARGS, PLAIN_DREAMBOOTH_ARGS, has_tiny_world, run_card_snippet  # noqa: E402
+from conftest import PLAIN_DREAMBOOTH_ARGS  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -61,71 +61,7 @@ def launch(args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-# ---- the command line --------------------------------------------------------------------------
-
-def test_cli_default_command_writes_every_output(tmp_path, tiny_sd_dir, tiny_subject_dir, monkeypatch):
-    """`accelerate launch train/dreambooth_hra.py` (default tiny recipe; only steps/out shortened here)."""
-    out = tmp_path / "run"
-    args = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_steps", "2",
-            "--num_class_images", "4", "--output_dir", str(out)]
-    if not has_tiny_world():  # until the embedded tiny world lands, point the default recipe at stand-ins
-        args += ["--pretrained_model", str(tiny_sd_dir), "--subject_file", str(tiny_subject_dir / "subject.json"),
-                 *GENERATED_CLASS_ARGS]
-    proc = launch(["--num_processes", "1", "train/dreambooth_hra.py", *args])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    # the adapter, in save_adapter format, loadable into a fresh UNet
-    doc, u, _ = read_adapter(out / "adapter")
-    assert doc["format"] == "hra-diffusion" and doc["hra"]["r"] == (16 if has_tiny_world() else 8) and len(u) > 0
-    assert all(t.dtype == torch.float32 for t in u.values())
-    # the resolved config, reusable as a recipe
-    resolved = (out / "config.yaml").read_text()
-    assert "max_train_steps: 4" in resolved and "train/dreambooth_hra.py" in resolved
-    # validation grids at step 2 and the end; class images: the tiny world's own (captioned), none generated
-    grids = sorted((out / "validation").glob("step-??????.png"))
-    assert [g.name for g in grids] == ["step-000002.png", "step-000004.png"]
-    assert Image.open(grids[-1]).size[0] >= 4 * 32
-    assert len(list((out / "validation" / "step-000004").glob("p*-*.png"))) >= 4  # the single images too
-    card = (out / "README.md").read_text()
-    if has_tiny_world():
-        assert not (out / "class_images").exists()
-        assert "(captioned by their `.txt` files) in `assets/tiny-data/subject/class`" in card
-        assert "class objects too (masks in `assets/tiny-data/subject/class_masks`)" in card  # from subject.json
-    else:
-        assert len(list((out / "class_images").glob("class-*.png"))) == 4
-    # the model card: samples and the exact command
-    assert "validation/step-000004.png" in card
-    assert "accelerate launch train/dreambooth_hra.py --max_train_steps 4" in card
-    assert "tags: [hra, householder-reflection-adaptation, stable-diffusion, text-to-image]" in card  # not SDXL
-    # the tiny world's showroom rates (deterministic subject checker): printed, saved, in the card
-    if has_tiny_world():
-        rates = json.loads((out / "logs" / "showroom_rates.json").read_text())
-        assert rates["n_subject"] == 30 and rates["n_class"] == 48 and 0 <= rates["subject_rate"] <= 1
-        assert (out / "validation" / "showroom.png").is_file()
-        assert "tiny-world showroom rates" in card and "tiny-world showroom: striped subject" in proc.stdout
-        # the suggested generate command and the card's snippet sample at the recipe's scale (2), not 7.5
-        assert "--scheduler dpm-solver --steps 10 --guidance 2 --out" in proc.stdout
-        assert "num_inference_steps=10, guidance_scale=2).images[0]" in card
-    # the card's usage snippet runs as written (from the repository root, where the recipe's paths start):
-    # base, the validation sampler, the adapter, one image
-    scope = run_card_snippet(card, monkeypatch)
-    assert type(scope["pipe"].scheduler).__name__ == "DPMSolverMultistepScheduler"
-    assert scope["image"].size[0] == scope["pipe"].unet.config.sample_size * scope["pipe"].vae_scale_factor
-    # tensorboard event files with the loss and the grid
-    events = list((out / "logs").rglob("events.out.tfevents.*"))
-    assert events
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tags = {"scalars": [], "images": []}
-    for ev in events:
-        acc = EventAccumulator(str(ev.parent))
-        acc.Reload()
-        tags["scalars"] += acc.Tags()["scalars"]
-        tags["images"] += acc.Tags()["images"]
-    assert "loss" in tags["scalars"] and "validation" in tags["images"]
-    # checkpoint at step 2 and the progress bar (step count, loss)
-    assert [s for s, _ in list_checkpoints(out)] == [2]
-    assert "4/4" in proc.stderr and "loss=" in proc.stderr
-
+# ---- the command line (the default command, run in full: tests/test_dreambooth_learning.py) ----------
 
 # SDXL: the same command on the tiny SDXL-shaped pipeline, with HRA on both text encoders too (three DDP-wrapped
 # modules; every adapter tensor must get a gradient each step, or DDP stops at the second step)
