@@ -185,3 +185,24 @@ def test_summary_names_a_hub_base_for_generate(tmp_path, capsys):
                                        validation_scheduler="ddim", validation_inference_steps=50,
                                        validation_guidance_scale=9.0), result, "Control")
     assert "--scheduler ddim --steps 50 --guidance 9 --out" in ddim
+
+
+def test_validation_samplers_are_the_ones_generate_and_the_card_name():
+    """Each config.VALIDATION_SCHEDULERS entry builds (from the base's noise schedule) the class that generate's
+    --scheduler of the same name and the model card's snippet build, so all three sample alike."""
+    from diffusers import DDPMScheduler
+
+    from hra_diffusion.generate import SCHEDULERS
+    from hra_diffusion.training.config import VALIDATION_SCHEDULERS, ControlConfig
+    from hra_diffusion.training.validation import sampler_for, validation_sampler
+
+    noise = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    built = {}
+    for name, generate_name in VALIDATION_SCHEDULERS.items():
+        cfg = ControlConfig(pretrained_model="x", output_dir="o", validation_scheduler=name)
+        sampler = sampler_for(noise, name)
+        assert validation_sampler(cfg) == (generate_name, type(sampler).__name__) == (generate_name, SCHEDULERS[generate_name])
+        assert sampler.config.prediction_type == "v_prediction" and sampler.config.beta_schedule == "scaled_linear"
+        built[name] = type(sampler).__name__
+    assert built == {"dpm++": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler"}
+    assert validation_sampler(TrainConfig(pretrained_model="x", output_dir="o")) == ("dpm-solver", built["dpm++"])

@@ -293,7 +293,9 @@ class DreamBoothConfig(TrainConfig):
             raise ConfigError(f"text_encoder_lr must be > 0 (or null for learning_rate), got {self.text_encoder_lr!r}")
 
 
-VALIDATION_SCHEDULERS = ("dpm++", "ddim")
+# the samplers validation can draw with (ControlConfig.validation_scheduler; DreamBooth always uses DPM-Solver++),
+# each with its name in `hra-diffusion generate --scheduler` (hra_diffusion.generate.SCHEDULERS has the classes)
+VALIDATION_SCHEDULERS = {"dpm++": "dpm-solver", "ddim": "ddim"}
 
 
 @dataclass

@@ -43,7 +43,7 @@ from .run_guard import resume_notes
 from .runner import run_task
 from .sd_task import StableDiffusionTask
 from .trainer import TrainResult
-from .validation import eval_mode, generate_images
+from .validation import eval_mode, generate_images, sampler_for
 
 # ControlConfig and VALIDATION_SCHEDULERS live in .config with the other task configs (re-exported here)
 __all__ = ["ControlConfig", "ControlTask", "train_control", "VALIDATION_SCHEDULERS"]
@@ -183,10 +183,7 @@ class ControlTask(StableDiffusionTask):
         cfg = self.cfg
         unet, encoder = modules["unet"], modules["condition_encoder"]
         pipe = self._pipeline(unet)
-        if scheduler == "ddim":
-            from diffusers import DDIMScheduler
-
-            pipe.scheduler = DDIMScheduler.from_config(self.sd.noise_scheduler.config)
+        pipe.scheduler = sampler_for(self.sd.noise_scheduler, scheduler)
         rows = []
         self.handle.encoder = encoder
         with eval_mode(unet, encoder):

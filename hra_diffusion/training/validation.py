@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
 
-__all__ = ["VALIDATION_SAMPLERS", "validation_sampler", "sampler_for", "build_pipeline", "pipeline_for", "generate_images", "image_grid", "save_and_log_grid", "eval_mode"]
+__all__ = ["validation_sampler", "sampler_for", "build_pipeline", "pipeline_for", "generate_images", "image_grid", "save_and_log_grid", "eval_mode"]
 
 
 class eval_mode:
@@ -47,22 +47,26 @@ class eval_mode:
                 m.train(was)
 
 
-# a run's validation sampler (ControlConfig.validation_scheduler; DreamBooth always validates with DPM-Solver++):
-# generate's --scheduler name and the diffusers class, both built with from_config from the base's schedule
-VALIDATION_SAMPLERS = {"dpm++": ("dpm-solver", "DPMSolverMultistepScheduler"), "ddim": ("ddim", "DDIMScheduler")}
-
-
 def validation_sampler(cfg) -> tuple[str, str]:
-    """(generate's ``--scheduler`` name, diffusers class name) of the sampler the run validated with."""
-    return VALIDATION_SAMPLERS[getattr(cfg, "validation_scheduler", "dpm++")]
+    """(generate's ``--scheduler`` name, diffusers class name) of the sampler the run validated with
+    (``cfg.validation_scheduler``; DPM-Solver++ where the config has none)."""
+    from ..generate import SCHEDULERS
+    from .config import VALIDATION_SCHEDULERS
+
+    name = VALIDATION_SCHEDULERS[getattr(cfg, "validation_scheduler", "dpm++")]
+    return name, SCHEDULERS[name]
 
 
-def sampler_for(noise_scheduler):
-    """The sampler the trainers validate with: DPM-Solver++ made from the base's noise schedule (its
-    ``algorithm_type`` etc. come from that config; the tiny world's asks for the SDE variant)."""
-    from diffusers import DPMSolverMultistepScheduler
+def sampler_for(noise_scheduler, validation_scheduler: str = "dpm++"):
+    """The sampler the trainers validate with, made with ``from_config`` from the base's noise schedule (its
+    ``algorithm_type`` etc. come from that config; the tiny world's asks for DPM-Solver++'s SDE variant):
+    DPM-Solver++ by default, or another of config.VALIDATION_SCHEDULERS."""
+    import diffusers
 
-    return DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
+    from ..generate import SCHEDULERS
+    from .config import VALIDATION_SCHEDULERS
+
+    return getattr(diffusers, SCHEDULERS[VALIDATION_SCHEDULERS[validation_scheduler]]).from_config(noise_scheduler.config)
 
 
 def build_pipeline(unet: nn.Module, text_encoder: nn.Module, vae: nn.Module, tokenizer, noise_scheduler,
