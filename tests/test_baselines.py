@@ -460,6 +460,31 @@ def test_peak_rss_is_the_processs_own_not_its_parents(tmp_path):
     del ballast
 
 
+def _without_peft(monkeypatch) -> None:
+    """Make ``import peft`` raise ImportError, as when it is not installed."""
+    for name in [n for n in sys.modules if n == "peft" or n.startswith("peft.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(ImportError):
+        import peft  # noqa: F401
+
+
+def test_baselines_without_peft_say_to_install_it(monkeypatch, tmp_path):
+    """The PEFT baselines need peft (optional); without it, choosing one fails at once, saying what to install,
+    in the config (before any model loads), when injecting and when loading a PEFT adapter folder."""
+    import torch.nn as nn
+
+    _without_peft(monkeypatch)
+    with pytest.raises(ConfigError, match=r"adapter 'lora' uses PEFT's own layers, and peft is not installed: "
+                                          r"pip install 'peft>=0\.13'.*or train adapter 'hra'"):
+        dreambooth_hra.parse_args(["--adapter", "lora"])
+    with pytest.raises(ImportError, match=r"adapter 'oft' uses PEFT's own layers.*pip install 'peft>=0\.13'"):
+        inject_baseline(nn.Sequential(nn.Linear(8, 8)), BaselineSpec("oft", target_modules=["0"]))
+    with pytest.raises(ImportError, match=r"the PEFT adapter .* uses PEFT's own layers.*pip install"):
+        load_peft_adapter(nn.Sequential(nn.Linear(8, 8)), tmp_path)
+    assert dreambooth_hra.parse_args([]).adapter == "hra"  # HRA needs none
+
+
 def test_hra_sampling_works_without_peft_installed(monkeypatch):
     """peft is an optional dependency (the README's main command installs without it): HRA validation's
     eval_mode looks for PEFT layers to fold in, and without peft there are none, not an ImportError."""
@@ -469,11 +494,7 @@ def test_hra_sampling_works_without_peft_installed(monkeypatch):
     from hra_diffusion.adapters.peft_baselines import peft_layers
     from hra_diffusion.training.validation import eval_mode
 
-    for name in [n for n in sys.modules if n == "peft" or n.startswith("peft.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError, as when not installed
-    with pytest.raises(ImportError):
-        import peft  # noqa: F401
+    _without_peft(monkeypatch)
     model = nn.Sequential(nn.Linear(8, 8))
     inject_hra(model, HRAConfig(r=2, target_modules=["0"]))
     model.train()

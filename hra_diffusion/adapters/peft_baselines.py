@@ -42,6 +42,8 @@ __all__ = [
     "peft_config",
     "inject_baseline",
     "peft_layers",
+    "peft_missing",
+    "require_peft",
     "count_trainable",
     "save_peft_adapter",
     "load_peft_adapter",
@@ -106,8 +108,30 @@ class BaselineSpec:
         return f"PEFT BOFT block {self.block_size}, 1 butterfly factor"
 
 
+PEFT_INSTALL = "pip install 'peft>=0.13'"
+
+
+def peft_missing(what: str) -> str | None:
+    """None when peft (an optional dependency: the baselines only) imports; else a message naming ``what``
+    needed it and how to install it."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return (f"{what} uses PEFT's own layers, and peft is not installed: {PEFT_INSTALL} "
+                "(HRA, this library's adapter, needs no peft)")
+    return None
+
+
+def require_peft(what: str) -> None:
+    """Raise an ImportError with :func:`peft_missing`'s message when peft is not installed."""
+    message = peft_missing(what)
+    if message:
+        raise ImportError(message)
+
+
 def peft_config(spec: BaselineSpec):
     """The PEFT config for ``spec`` (identity initialisation: the adapted model equals the base at step 0)."""
+    require_peft(f"adapter {spec.kind!r}")
     from peft import BOFTConfig, LoraConfig, OFTConfig
 
     targets = list(spec.target_modules)
@@ -159,6 +183,7 @@ def inject_baseline(model: nn.Module, spec: BaselineSpec) -> list[str]:
     The adapter tensors are fp32 whatever the base dtype; the init is drawn from ``spec.seed``, so every
     rank and every resumed run starts alike. Returns the adapted module names.
     """
+    require_peft(f"adapter {spec.kind!r}")
     from peft import inject_adapter_in_model
 
     if peft_layers(model):
@@ -270,6 +295,7 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
 
     Returns the adapted module names. A file that does not fit the model names the first offending key.
     """
+    require_peft(f"the PEFT adapter {str(path)!r}")
     from peft import PeftConfig
     from peft.utils import set_peft_model_state_dict
 

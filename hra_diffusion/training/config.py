@@ -171,6 +171,12 @@ class TrainConfig:
 
         if self.adapter not in ADAPTERS:
             raise ConfigError(f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}")
+        if self.adapter != "hra":
+            from ..adapters.peft_baselines import peft_missing
+
+            missing = peft_missing(f"adapter {self.adapter!r}")
+            if missing:
+                raise ConfigError(f"{missing}; or train adapter 'hra'")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         # set away from its default for an adapter it is not for (train_text_encoder: DreamBoothConfig's own message)
         wrong = [k for k, kinds in _ADAPTER_ONLY.items()
