@@ -261,6 +261,10 @@ def test_own_class_images_train_with_their_captions_and_a_share_unconditioned(tm
         subject / "../reg_masks")
     assert apply_subject_file(DreamBoothConfig(**own, class_data_dir=str(tmp_path / "other"))).class_mask_dir is None
     assert apply_subject_file(DreamBoothConfig(**{**own, "mask_loss_weight": 0}, class_data_dir=str(cls))).class_mask_dir is None
+    # an empty class_mask_dir (--class_mask_dir '') turns subject.json's off; null (unset) takes them
+    assert apply_subject_file(DreamBoothConfig(**own, class_data_dir=str(cls), class_mask_dir="")).class_mask_dir == ""
+    assert dreambooth_hra.parse_args(["--class_mask_dir", ""]).class_mask_dir == ""
+    assert dreambooth_hra.parse_args(["--class_mask_dir", "null"]).class_mask_dir is None
     # too few own class images: the base would draw the rest, unmasked (refused before any model loads)
     with pytest.raises(ConfigError, match="holds fewer than num_class_images=5, so the base would draw the rest"):
         train(fast_args(tiny_random_sd_dir, subject, tmp_path / "few", "--with_prior_preservation", "true",

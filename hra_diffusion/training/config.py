@@ -233,7 +233,8 @@ class DreamBoothConfig(TrainConfig):
     # masks for your own class images (NAME.png per class image NAME.*, white = object), used with mask_loss_weight:
     # the prior loss then weights the class object's pixels as the instance loss weights the subject's. Without
     # them a masked instance loss puts 1 + mask_loss_weight times more pull on the subject's pixels than the prior
-    # puts on the class object's, which mostly sits on background
+    # puts on the class object's, which mostly sits on background. null: subject.json's class_mask_dir where it has
+    # one for these class images; '' (empty): none
     class_mask_dir: str | None = None
     num_class_images: int = 100
     # share of the class-image samples trained with the empty prompt (a fixed, seeded choice per sample). The adapter
