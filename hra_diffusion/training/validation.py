@@ -47,14 +47,18 @@ class eval_mode:
                 m.train(was)
 
 
-def validation_sampler(cfg) -> tuple[str, str]:
-    """(generate's ``--scheduler`` name, diffusers class name) of the sampler the run validated with
-    (``cfg.validation_scheduler``; DPM-Solver++ where the config has none)."""
+def _sampler_names(validation_scheduler: str) -> tuple[str, str]:
     from ..generate import SCHEDULERS
     from .config import VALIDATION_SCHEDULERS
 
-    name = VALIDATION_SCHEDULERS[getattr(cfg, "validation_scheduler", "dpm++")]
+    name = VALIDATION_SCHEDULERS[validation_scheduler]
     return name, SCHEDULERS[name]
+
+
+def validation_sampler(cfg) -> tuple[str, str]:
+    """(generate's ``--scheduler`` name, diffusers class name) of the sampler the run validated with
+    (``cfg.validation_scheduler``; DPM-Solver++ where the config has none)."""
+    return _sampler_names(getattr(cfg, "validation_scheduler", "dpm++"))
 
 
 def sampler_for(noise_scheduler, validation_scheduler: str = "dpm++"):
@@ -63,10 +67,7 @@ def sampler_for(noise_scheduler, validation_scheduler: str = "dpm++"):
     DPM-Solver++ by default, or another of config.VALIDATION_SCHEDULERS."""
     import diffusers
 
-    from ..generate import SCHEDULERS
-    from .config import VALIDATION_SCHEDULERS
-
-    return getattr(diffusers, SCHEDULERS[VALIDATION_SCHEDULERS[validation_scheduler]]).from_config(noise_scheduler.config)
+    return getattr(diffusers, _sampler_names(validation_scheduler)[1]).from_config(noise_scheduler.config)
 
 
 def build_pipeline(unet: nn.Module, text_encoder: nn.Module, vae: nn.Module, tokenizer, noise_scheduler,
