@@ -35,7 +35,7 @@ def edge_consistency(generated: Image.Image, condition: Image.Image, low: int = 
 def control_consistency(
     pipe, pairs: Sequence[tuple[Image.Image, str]], handle: ConditionHandle | None, resolution: int,
     seed: int = 0, steps: int = 20, guidance_scale: float = 4.0, condition_order: Sequence[int] | None = None,
-    tolerances: Sequence[int] = (0,),
+    tolerances: Sequence[int] = (0,), images: list[Image.Image] | None = None,
 ) -> list[float] | dict[int, list[float]]:
     """Per-pair F1 of one image generated per (condition, prompt); image i uses seed ``seed + i``.
 
@@ -44,6 +44,7 @@ def control_consistency(
 
     ``handle`` None: the pipeline as is (the base model). ``condition_order``: feed the encoder the
     condition of pair ``condition_order[i]`` while scoring against pair i's own (a broken controller).
+    ``images``: a list the generated images are appended to (for other checks of the same samples).
     """
     device = pipe.unet.device
     scores: dict[int, list[float]] = {}
@@ -56,6 +57,8 @@ def control_consistency(
         finally:
             if handle is not None:
                 handle.set_condition(None)
+        if images is not None:
+            images.append(image)
         for k in tolerances:
             scores.setdefault(k, []).append(edge_consistency(image, cond, tolerance=k))
     return scores[tolerances[0]] if len(tolerances) == 1 else scores

@@ -194,7 +194,8 @@ def prompt_matches(reading: Reading, prompt: str) -> dict[str, bool | None]:
 
 
 def subject_rates(images: list, prompts: list[str], stripe_colours: tuple[str, str] = scenes.SUBJECT.stripes,
-                  identifier: str = scenes.SUBJECT.identifier) -> dict[str, Any]:
+                  identifier: str = scenes.SUBJECT.identifier,
+                  context: tuple[str, ...] = ("background", "position")) -> dict[str, Any]:
     """The DreamBooth showroom rates of generated images, one per prompt (deterministic, nothing learned).
 
     Prompts with the identifier ("a qwe star on a blue background", "a small qwe star in the top left of a
@@ -202,7 +203,8 @@ def subject_rates(images: list, prompts: list[str], stripe_colours: tuple[str, s
     subject colours); ``context_rate`` = share of those whose asked background and position (if asked) are
     right. Prompts without it ("a star on a blue background", with the adapter loaded): ``class_plain_rate`` =
     share drawing a plain one-colour object (>= 80% one colour, no stripes) with the background right,
-    ``class_striped_rate`` = share where the stripes leak. Also the per-image rows.
+    ``class_striped_rate`` = share where the stripes leak. Also the per-image rows. ``context``: which asked
+    attributes count as the context (of "background", "position", "size"; those the prompt does not ask are skipped).
     """
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
@@ -211,18 +213,18 @@ def subject_rates(images: list, prompts: list[str], stripe_colours: tuple[str, s
     for image, prompt in zip(images, prompts, strict=True):
         r = read_image(image)
         m = prompt_matches(r, prompt)
-        context = all(v for k, v in m.items() if k in ("background", "position") and v is not None)
+        context_ok = all(v for k, v in m.items() if k in context and v is not None)
         row = {"prompt": prompt, "background": r.background, "colour": r.colour, "striped": r.striped is not None,
-               "shape": r.shape, "position": r.position if r.has_object else None, "context_ok": context}
+               "shape": r.shape, "position": r.position if r.has_object else None, "context_ok": context_ok}
         if parse_prompt(prompt)["word"] == identifier:
             n_subj += 1
             ok = r.striped == want
             subj += ok
-            ctx += ok and context
+            ctx += ok and context_ok
             row["subject_ok"] = bool(ok)
         else:
             n_cls += 1
-            plain = r.plain and context
+            plain = r.plain and context_ok
             cls_plain += plain
             cls_striped += r.striped is not None
             row["plain_ok"] = bool(plain)

@@ -11,7 +11,8 @@ import numpy as np
 from . import scenes
 
 __all__ = ["write_subject", "subject_caption", "class_caption", "write_control", "write_all", "subject_scenes", "SUBJECT_BACKGROUNDS", "SUBJECT_LAYOUTS",
-           "heldout_subject_prompts", "class_check_prompts", "sweep_subject_prompts", "sweep_class_prompts"]
+           "heldout_subject_prompts", "class_check_prompts", "sweep_subject_prompts", "sweep_class_prompts",
+           "frontier_prompts"]
 
 SUBJECT_BACKGROUNDS = ("green", "blue", "white", "black")  # never the stripe colours
 
@@ -80,6 +81,31 @@ def sweep_class_prompts() -> list[str]:
     """The prior check of the validation split: class prompts with a place, none of them a test prompt."""
     noun = scenes.SUBJECT.shape
     return [f"a {noun} in the bottom left of a white background", f"a {noun} in the left of a blue background"]
+
+
+def frontier_prompts() -> dict[str, dict[str, list[str]]]:
+    """The comparison's prompt sets (eval/compare.py): {"val" | "test": {"context", "position", "class"}}.
+
+    context: the subject on backgrounds and at sizes its photos never showed together (DreamBooth's new
+    contexts); position: at places it was never shown (the tiny base ignores position words, so these are
+    reported on their own); class: the class prompt with the adapter loaded. "val" (choosing settings) and
+    "test" share no prompt, and "val" shares none with the showroom's held-out prompts."""
+    ident, noun = scenes.SUBJECT.identifier, scenes.SUBJECT.shape
+
+    def subject(size: str, bg: str) -> str:
+        return f"a {size + ' ' if size else ''}{ident} {noun} on a {bg} background"
+
+    return {
+        "val": {"context": [subject("small", "white"), subject("small", "black"), subject("large", "black"),
+                            subject("large", "blue")],
+                "position": sweep_subject_prompts()[:2],
+                "class": [f"a small {noun} on a blue background", f"a large {noun} on a white background",
+                          f"a small {noun} on a green background", f"a large {noun} on a black background"]},
+        "test": {"context": [*(subject("", bg) for bg in SUBJECT_BACKGROUNDS), subject("small", "green"),
+                             subject("small", "blue"), subject("large", "white")],
+                 "position": heldout_subject_prompts()[4:8],
+                 "class": class_check_prompts()},
+    }
 
 
 def subject_caption(scene: scenes.Scene) -> str:

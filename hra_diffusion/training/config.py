@@ -111,6 +111,9 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None
     resume_allow_changes: bool = False  # resume although the run's data, prompts, base model or adapter changed
     overwrite_output_dir: bool = False  # replace a previous run in output_dir (says what it removes)
+    # also save the adapter every N steps, as <output_dir>/snapshots/step-<N>/adapter (loadable as the final one);
+    # null: the final adapter only
+    adapter_snapshot_steps: int | None = None
     # validation
     # None: from the subject file, if any; []: no validation. On the command line: one prompt, or a YAML list
     validation_prompts: list[str] | None = field(default=None, metadata={"whole": True})
@@ -144,6 +147,8 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if self.adapter_snapshot_steps is not None and self.adapter_snapshot_steps < 1:
+            raise ConfigError(f"adapter_snapshot_steps must be >= 1 (or null for none), got {self.adapter_snapshot_steps!r}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ConfigError(
                 f"checkpoints_total_limit must be >= 1 (or null for no limit), got {self.checkpoints_total_limit!r}"

@@ -86,7 +86,7 @@ OPTIMISATION_KEYS = (
     "prior_loss_weight", "mask_loss_weight",
 )
 # what a training run writes into its output folder (removed by overwrite_output_dir); caches are kept
-RUN_OUTPUTS = ("adapter", "README.md", RESOLVED_CONFIG_NAME, "checkpoints", "logs", "validation")
+RUN_OUTPUTS = ("adapter", "README.md", RESOLVED_CONFIG_NAME, "checkpoints", "logs", "validation", "snapshots")
 KEPT_CACHES = ("class_images", "condition_cache")
 CONTENT_HASH_BUDGET = 256 * 2**20  # data folders up to this size are hashed whole; larger: names and sizes
 

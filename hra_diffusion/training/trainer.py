@@ -320,6 +320,12 @@ def _after_step(run: _Run, result: TrainResult, step_logs: list[dict[str, float]
     if step % cfg.checkpointing_steps == 0 and step < cfg.max_train_steps:
         path = run.guard.save(step)
         progress.write(f"saved checkpoint {path}")
+    every = cfg.adapter_snapshot_steps
+    if every and step % every == 0 and step < cfg.max_train_steps:
+        if accelerator.is_main_process:
+            paths = run.task.save(run.unwrapped, run.out / "snapshots" / f"step-{step:06d}")
+            progress.write(f"saved adapter snapshot {paths[0]}")
+        accelerator.wait_for_everyone()
     if step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
         grid = _validate(run.task, accelerator, run.unwrapped, step, run.out)
         if grid is not None:
