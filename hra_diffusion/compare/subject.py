@@ -117,9 +117,9 @@ def evaluate_subject(cfg: CompareConfig, setup: SubjectSetup, adapter: str | Non
     """One adapter (None: the base) on a split's prompts: the checker's rates and the subject metrics.
 
     subject_rate / subject_in_context_rate: over the context prompts, the striped subject / with the asked
-    background and size; position_subject_rate / position_rate: the same over the position prompts (position
-    asked); class_plain_rate / class_striped_rate: the class prompts drawn plain with the asked background and
-    size / with the stripes leaking."""
+    background and size; position_subject_rate / position_rate: the same over the position prompts (background and
+    position); class_plain_rate / class_striped_rate: the class prompts drawn as a plain object on the asked
+    background / with the stripes leaking."""
     prompts = setup.prompts[split]
     n = cfg.val_images if split == "val" else cfg.test_images
     n_class = n if split == "val" else max(n, CLASS_TEST_IMAGES)
@@ -137,9 +137,13 @@ def evaluate_subject(cfg: CompareConfig, setup: SubjectSetup, adapter: str | Non
     metrics.update(subject_rate=got["subject_rate"], subject_in_context_rate=got["subject_in_context_rate"])
     extra = [(p, POSITION_IMAGES) for p in prompts["position"]] if adapter is not None else []
     images, used = _images(_generate(cfg, setup, adapter, folder / "more", [*extra, *((p, n_class) for p in prompts["class"])]))
-    got = _rates(images, used, ("background", "size", "position"))
+    is_class = [setup.identifier not in p.split() for p in used]
+    got = _rates([im for im, c in zip(images, is_class, strict=True) if c], [p for p, c in zip(used, is_class, strict=True) if c],
+                 ("background",))  # the prior kept: a plain object on the asked background
     metrics.update(class_plain_rate=got["class_plain_rate"], class_striped_rate=got["class_striped_rate"])
     if extra:
+        got = _rates([im for im, c in zip(images, is_class, strict=True) if not c],
+                     [p for p, c in zip(used, is_class, strict=True) if not c], ("background", "position"))
         metrics.update(position_subject_rate=got["subject_rate"], position_rate=got["subject_in_context_rate"])
     return {"metrics": {k: float(v) for k, v in metrics.items() if v is not None}}
 
