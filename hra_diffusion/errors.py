@@ -54,7 +54,8 @@ __all__ = [
     "run_guarded",
     "add_debug_flag",
     "pop_debug_flag",
-    "read_image",
+    "DataError",
+    "MissingDataError",
 ]
 
 DEBUG_ENV = "HRA_DIFFUSION_DEBUG"
@@ -82,7 +83,15 @@ class UserError(ValueError):
     hra_user_error = True
 
 
-class ImageFileError(UserError):
+class DataError(UserError):
+    """Bad input data: a missing/empty folder, an unreadable image or row (the message names it)."""
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A data file or folder that does not exist."""
+
+
+class ImageFileError(DataError):
     """An image file that cannot be decoded (truncated, or not an image at all)."""
 
 
@@ -218,23 +227,3 @@ def pop_debug_flag(argv: list[str]) -> bool:
     found = "--debug" in argv
     argv[:] = [a for a in argv if a != "--debug"]
     return found
-
-
-def read_image(path: str | os.PathLike, what: str = "image", mode: str | None = "RGB"):
-    """Open and fully decode an image file (a loaded PIL image, converted to ``mode`` unless None).
-
-    A file that is not an image, or is truncated, raises :class:`ImageFileError` naming it.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert(mode) if mode is not None else img.copy()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        reason = "is not an image file" if isinstance(err, UnidentifiedImageError) else \
-            f"cannot be decoded ({' '.join(str(err).split()) or type(err).__name__})"
-        raise ImageFileError(f"{what} {str(path)!r} {reason}: it may be truncated or mislabelled; replace or "
-                             "remove it") from None

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapters.io import ADAPTER_CONFIG, TEXT_ENCODER_SUBDIR
-from .errors import read_image
+from .images import CONDITION_BACKGROUND, open_image
 from .sample_dir import (
     CONDITIONS_DIR,
     MANIFEST,
@@ -113,7 +113,7 @@ def default_base_model(adapter_doc: dict[str, Any] | None) -> str:
     recorded = (adapter_doc or {}).get("base_model") or (adapter_doc or {}).get("base_model_name_or_path")
     if recorded and Path(str(recorded)).is_dir():
         return str(recorded)
-    from .tiny.paths import TINY_MODEL_DIR
+    from .paths import TINY_MODEL_DIR
 
     if (Path(TINY_MODEL_DIR) / "model_index.json").is_file():
         return str(TINY_MODEL_DIR)
@@ -219,7 +219,7 @@ def _entries(cfg: GenerateConfig) -> list[PromptEntry]:
             if p is not None and not p.is_file():
                 raise FileNotFoundError(f"{key.replace('_', ' ')} image {str(p)!r} (prompt {e.prompt!r}) does not exist")
         if e.condition is not None and e.condition not in checked:  # decodable, before any model is loaded
-            read_image(e.condition, "condition image")
+            open_image(e.condition, "condition image", background=CONDITION_BACKGROUND)
             checked.add(e.condition)
         if e.reference_dir is not None and not e.reference_dir.is_dir():
             raise FileNotFoundError(f"reference folder {str(e.reference_dir)!r} does not exist")
@@ -333,7 +333,7 @@ def _sample(cfg: GenerateConfig, loaded: _Loaded, entries: list[PromptEntry], ba
 
     height, width = loaded.common["height"], loaded.common["width"]
     if loaded.handle is not None:
-        images = [read_image(entries[pi].condition, "condition image") for pi, _, _ in batch]
+        images = [open_image(entries[pi].condition, "condition image", background=CONDITION_BACKGROUND) for pi, _, _ in batch]
         loaded.handle.set_condition(prepare_condition(images, height, width).to(loaded.device))
     generators = [torch.Generator("cpu").manual_seed(int(s)) for _, _, s in batch]
     with torch.inference_mode():

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import HRAWarning, UserError, read_image
+from .errors import DataError, HRAWarning, MissingDataError
+from .images import open_image
 
 __all__ = [
     "MANIFEST",
@@ -39,14 +40,6 @@ __all__ = [
 
 MANIFEST = "manifest.jsonl"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-class DataError(UserError):
-    """Bad input data: a missing/empty folder, an unreadable image or row (the message names it)."""
-
-
-class MissingDataError(DataError, FileNotFoundError):
-    """A data file or folder that does not exist."""
 
 
 @dataclass
@@ -75,7 +68,7 @@ class SampleRow:
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
     """An image file -> (3, H, W) float in [0, 1], RGB (an undecodable file: ImageFileError naming it)."""
-    arr = np.asarray(read_image(path), dtype=np.float32) / 255.0
+    arr = np.asarray(open_image(path), dtype=np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 

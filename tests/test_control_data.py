@@ -104,7 +104,7 @@ def test_bad_input_messages(tmp_path):
     root = make_control_dir(tmp_path / "f", n=3)
     (root / "cond_1.png").write_bytes(b"not a png")
     rows = rows_from_folder(root, ColumnNames(), True)
-    with pytest.raises(DataError, match=r"1 unreadable file\(s\): cannot read image '.*cond_1.png'.*row 2 of"):
+    with pytest.raises(DataError, match=r"1 unreadable file\(s\): condition image '.*cond_1.png' is not an image file.*row 2 of"):
         check_rows(rows)
     # missing folder / no layout
     with pytest.raises(DataError, match="does not exist"):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from hra_diffusion.conditions import ConditionError
 from hra_diffusion.control import ENCODER_PREFIX, load_control_adapter
-from hra_diffusion.tiny.paths import TINY_CONTROL_DIR, TINY_MODEL_DIR
+from hra_diffusion.paths import TINY_CONTROL_DIR, TINY_MODEL_DIR
 from hra_diffusion.training import latest_checkpoint, list_checkpoints, make_accelerator
 from hra_diffusion.training.config import ConfigError
 from hra_diffusion.training.control_task import ControlTask

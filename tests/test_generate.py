@@ -21,7 +21,7 @@ MANIFEST_KEYS = {"file", "prompt", "seed", "steps", "guidance", "scheduler", "he
 
 def _tiny_world_dir() -> Path | None:
     try:
-        from hra_diffusion.tiny.paths import TINY_MODEL_DIR
+        from hra_diffusion.paths import TINY_MODEL_DIR
     except ImportError:
         return None
     return Path(TINY_MODEL_DIR) if (Path(TINY_MODEL_DIR) / "model_index.json").is_file() else None

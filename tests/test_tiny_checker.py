@@ -81,8 +81,8 @@ def test_subject_rates_on_drawn_positives_and_negatives():
 
 
 def test_showroom_prompts_come_from_the_subject_file(tmp_path):
+    from hra_diffusion.paths import TINY_SUBJECT_DIR
     from hra_diffusion.tiny import measure
-    from hra_diffusion.tiny.paths import TINY_SUBJECT_DIR
 
     held, cls = measure.showroom_prompts(TINY_SUBJECT_DIR / "subject.json")
     assert held == data.heldout_subject_prompts() and cls == data.class_check_prompts()
@@ -98,8 +98,8 @@ def test_showroom_prompts_come_from_the_subject_file(tmp_path):
 def test_showroom_draws_more_class_samples_and_keeps_the_subject_samples():
     """Each class check prompt is drawn class_images times per seed (48 class samples by default, not 12), in a
     second batch: the subject samples stay the ones drawn with class_images=1, each seed's in one figure row."""
+    from hra_diffusion.paths import TINY_MODEL_DIR
     from hra_diffusion.tiny import measure
-    from hra_diffusion.tiny.paths import TINY_MODEL_DIR
 
     pipe = measure.load_with_adapter(TINY_MODEL_DIR, None)
     held, cls = measure.showroom_prompts()

@@ -8,15 +8,14 @@ import torch
 from PIL import Image
 
 from hra_diffusion.conditioning import SizeCondition
+from hra_diffusion.images import check_images, load_rgb
 from hra_diffusion.training.data import (
     CachedLatent,
     DataError,
     ImageFolderDataset,
     ImageTransform,
     StreamSampler,
-    check_images,
     list_images,
-    load_rgb,
 )
 
 

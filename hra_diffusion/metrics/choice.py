@@ -28,7 +28,7 @@ _TINY_BUILD_KEYS = {"pool_size", "unet_steps", "vae_steps", "resolution"}
 
 def is_tiny_world_base(base: str | None) -> bool:
     """True if ``base`` (a manifest's ``base``) is the tiny world: assets/tiny-sd, or a folder written by its build."""
-    from ..tiny.paths import TINY_MODEL_DIR
+    from ..paths import TINY_MODEL_DIR
 
     if not base or not Path(base).is_dir():
         return False

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..conditions import canny
-from ..errors import read_image
+from ..images import open_image
 from ..samples import SampleRow, read_samples
 from .control_models import (
     DEFAULT_WEIGHTS,
@@ -60,7 +60,7 @@ __all__ = [
 
 def _uint8(path_or_image: str | os.PathLike | Image.Image, size: tuple[int, int] | None = None) -> np.ndarray:
     """An image as (H, W, 3) uint8 RGB, optionally resized to size=(W, H)."""
-    img = path_or_image.convert("RGB") if isinstance(path_or_image, Image.Image) else read_image(path_or_image)
+    img = path_or_image.convert("RGB") if isinstance(path_or_image, Image.Image) else open_image(path_or_image)
     if size is not None and img.size != size:
         img = img.resize(size, Image.BICUBIC)
     return np.asarray(img, dtype=np.uint8).copy()
@@ -206,7 +206,7 @@ class SegmentationMap(MapExtractor):
 
     def reference(self, row: SampleRow, size: tuple[int, int]) -> torch.Tensor:
         if row.label is not None:
-            label = torch.from_numpy(np.asarray(read_image(row.label, "label map", mode=None).resize(size, Image.NEAREST)).astype(np.int64))
+            label = torch.from_numpy(np.asarray(open_image(row.label, "label map", mode=None).resize(size, Image.NEAREST)).astype(np.int64))
             if label.ndim == 3:
                 raise ValueError(f"label map {row.label} must be single-channel class ids, not RGB")
             return label

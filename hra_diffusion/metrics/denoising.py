@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..training.data import ImageTransform, load_rgb, stream_seed
+from ..images import load_rgb
+from ..training.data import ImageTransform, stream_seed
 from ..training.loss import add_noise
 
 __all__ = ["fixed_noise_loss", "DEFAULT_EVAL_TIMESTEPS"]

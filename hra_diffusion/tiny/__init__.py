@@ -1,6 +1,6 @@
 """The tiny world: procedural scenes, a tiny pretrained text-to-image pipeline and synthetic data (offline, CPU)."""
 
-from .paths import (
+from ..paths import (
     TINY_CONTROL_DIR,
     TINY_DATA_DIR,
     TINY_EXTRACTORS_DIR,

@@ -9,7 +9,7 @@ import os
 from dataclasses import fields
 from pathlib import Path
 
-from .paths import TINY_DATA_DIR, TINY_EXTRACTORS_DIR, TINY_MODEL_DIR
+from ..paths import TINY_DATA_DIR, TINY_EXTRACTORS_DIR, TINY_MODEL_DIR
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -122,9 +122,9 @@ def main(args: argparse.Namespace) -> None:
                   verbose=not args.quiet)
         return
     if args.command == "figure":
+        from ..paths import require_tiny
         from .build import load_pipeline
         from .figure import samples_figure
-        from .paths import require_tiny
 
         path = samples_figure(load_pipeline(require_tiny(args.model) if args.model == TINY_MODEL_DIR else args.model), args.out)
         print(f"wrote {path}")
@@ -146,8 +146,8 @@ def main(args: argparse.Namespace) -> None:
     if args.command == "measure":
         import json
 
+        from ..paths import require_tiny
         from .build import BuildConfig, measure_quality
-        from .paths import require_tiny
 
         path = require_tiny(args.model) if args.model == TINY_MODEL_DIR else args.model
         report_path = path / "build_report.json"

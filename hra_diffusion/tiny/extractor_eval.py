@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..paths import TINY_CONTROL_DIR, TINY_EXTRACTORS_DIR, TINY_SUBJECT_DIR
 from . import scenes
 from .data import subject_scenes
 from .extractor_data import Item, images_to_tensor, render_item
-from .paths import TINY_CONTROL_DIR, TINY_EXTRACTORS_DIR, TINY_SUBJECT_DIR
 
 __all__ = [
     "EVAL_SEED",

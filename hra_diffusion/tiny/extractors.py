@@ -35,9 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..paths import TINY_EXTRACTORS_DIR
 from ..utils import atomic_directory
 from . import extractor_data as xd
-from .paths import TINY_EXTRACTORS_DIR
 
 __all__ = [
     "ExtractorConfig",

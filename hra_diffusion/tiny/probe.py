@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..paths import TINY_MODEL_DIR
 from . import scenes
 from .build import (
     BuildConfig,
@@ -36,7 +37,6 @@ from .build import (
     train_unet,
     word_use,
 )
-from .paths import TINY_MODEL_DIR
 
 UNET_KINDS = ("default", "three-level")
 

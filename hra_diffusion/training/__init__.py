@@ -2,6 +2,7 @@
 validation, model card, the training loop, the Stable Diffusion task base the DreamBooth and control tasks
 share, and the runner that parses a task's config and runs it."""
 
+from ..images import load_rgb
 from .checkpoint import latest_checkpoint, list_checkpoints, prune_checkpoints, save_checkpoint
 from .config import (
     ConfigError,
@@ -11,7 +12,7 @@ from .config import (
     parse_config,
     save_resolved_config,
 )
-from .data import DataError, ImageFolderDataset, ImageTransform, StreamSampler, list_images, load_rgb
+from .data import DataError, ImageFolderDataset, ImageTransform, StreamSampler, list_images
 from .models import BaseModelError, SDComponents, add_hra, load_sd_components, weight_dtype_for
 from .runner import TASKS, parse_task_config, run_script, run_task
 from .sd_task import StableDiffusionTask

@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 
 from ..conditions import ConditionCache
+from ..images import CONDITION_BACKGROUND, PHOTO_BACKGROUND, open_image
 from ..samples import read_jsonl
-from .data import IMAGE_EXTENSIONS, DataError, ImageTransform, StreamSampler, load_rgb, stream_seed
+from .data import IMAGE_EXTENSIONS, DataError, ImageTransform, StreamSampler, stream_seed
 
 __all__ = [
     "ControlRow",
@@ -68,9 +69,13 @@ class ControlRow:
         return _load(self.condition, self.where, "condition image")
 
 
+def _background(what: str) -> tuple[int, int, int]:
+    return CONDITION_BACKGROUND if what == "condition image" else PHOTO_BACKGROUND
+
+
 def _load(ref: Path | Callable[[], Image.Image], where: str, what: str) -> Image.Image:
     if isinstance(ref, Path):
-        return load_rgb(ref)
+        return open_image(ref, what, background=_background(what))
     try:
         return ref()
     except DataError:
@@ -179,10 +184,10 @@ def check_rows(rows: Sequence[ControlRow]) -> None:
     """Open every image and condition file once, so unreadable files fail before training (all named)."""
     bad = []
     for row in rows:
-        for ref in (row.image, row.condition):
+        for ref, what in ((row.image, "image"), (row.condition, "condition image")):
             if isinstance(ref, Path):
                 try:
-                    load_rgb(ref)
+                    open_image(ref, what, background=_background(what))
                 except DataError as err:
                     bad.append(f"{err} [{row.where}]")
     if bad:
@@ -199,9 +204,9 @@ def _dataset_image(value: Any) -> Image.Image:
     if isinstance(value, dict) and value.get("bytes"):
         return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
     if isinstance(value, dict) and value.get("path"):
-        return load_rgb(value["path"])
+        return open_image(value["path"])
     if isinstance(value, (str, os.PathLike)):
-        return load_rgb(value)
+        return open_image(value)
     raise DataError(f"cannot read an image from a value of type {type(value).__name__}")
 
 

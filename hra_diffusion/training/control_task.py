@@ -26,6 +26,7 @@ from ..control import (
     prepare_condition,
     save_control_adapter,
 )
+from ..images import CONDITION_BACKGROUND, open_image
 from .card import adapter_facts, write_model_card
 from .config import VALIDATION_SCHEDULERS, ConfigError, ControlConfig
 from .control_data import (
@@ -37,7 +38,7 @@ from .control_data import (
     rows_from_dataset,
     rows_from_folder,
 )
-from .data import ImageTransform, load_rgb
+from .data import ImageTransform
 from .loss import denoising_loss, with_orthogonality
 from .run_guard import resume_notes
 from .runner import run_task
@@ -136,7 +137,7 @@ class ControlTask(StableDiffusionTask):
         if cfg.validation_prompts == []:
             return []
         if cfg.validation_conditions:
-            conds = [load_rgb(p) for p in cfg.validation_conditions]
+            conds = [open_image(p, "validation condition", background=CONDITION_BACKGROUND) for p in cfg.validation_conditions]
             prompts = cfg.validation_prompts * len(conds) if len(cfg.validation_prompts) == 1 else cfg.validation_prompts
             return list(zip(conds, prompts, strict=True))
         rows = train_rows
@@ -216,7 +217,7 @@ class ControlTask(StableDiffusionTask):
         tolerant, and the same with each pair fed another pair's condition (a controller that ignores its
         condition scores alike). Saved to ``logs/heldout_f1.json``, printed, and put in the model card."""
         from ..metrics.control_eval import control_consistency
-        from ..tiny.paths import TINY_CONTROL_DIR
+        from ..paths import TINY_CONTROL_DIR
 
         cfg = self.cfg
         held = (TINY_CONTROL_DIR / "heldout").resolve()

@@ -23,57 +23,26 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..conditioning import SizeCondition
+from ..images import check_images, load_rgb
 from ..samples import IMAGE_EXTENSIONS, DataError, list_images
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DataError",
     "list_images",
-    "load_rgb",
-    "check_images",
     "ImageTransform",
     "StreamSampler",
     "stream_seed",
     "ImageFolderDataset",
     "CachedLatent",
     "load_masks",
-]  # IMAGE_EXTENSIONS, DataError and list_images live in hra_diffusion.samples
+]  # IMAGE_EXTENSIONS, DataError and list_images live in hra_diffusion.samples; images in hra_diffusion.images
 
 
 def stream_seed(*parts: int | str) -> int:
     """A 63-bit seed derived from ``parts`` (stable across runs, processes and Python versions)."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image as RGB: greyscale, palette and alpha images are converted (alpha over white)."""
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")
-            if img.mode in ("RGBA", "LA", "PA"):
-                rgba = img.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"cannot read image {str(path)!r} ({type(err).__name__}: {err}); fix or remove the file") from None
-
-
-def check_images(files: Sequence[Path]) -> None:
-    """Open every file once so a corrupt image fails before training, naming all bad files."""
-    bad = []
-    for f in files:
-        try:
-            load_rgb(f)
-        except DataError as err:
-            bad.append(str(err))
-    if bad:
-        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise DataError(f"{len(bad)} unreadable image(s): " + "; ".join(bad[:3]) + more)
 
 
 @dataclass
@@ -252,8 +221,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                  what: str = "image", check: bool = True, caption_extension: str | None = None,
                  mask_dir: str | os.PathLike | None = None) -> None:
         self.files = list_images(folder, what)
+        self.what = what
         if check:
-            check_images(self.files)
+            check_images(self.files, what)
         self.masks = load_masks(self.files, mask_dir) if mask_dir else None
         self.prompt = prompt
         # per-image captions (kohya's convention): NAME.png's prompt is the text of NAME<caption_extension>
@@ -281,7 +251,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             if self.masks is not None:  # cached latents are centre crops (seed 0) with the key's flip
                 item["mask"] = self.transform.mask(self.masks[index], 0, flip=flip)
         else:
-            image = load_rgb(self.files[index])
+            image = load_rgb(self.files[index], self.what)
             item["pixel_values"] = self.transform(image, seed)
             item["size"] = self.transform.size_condition(image.size, seed)
             if self.masks is not None:
@@ -295,5 +265,5 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def cache_pixels(self, key: tuple[int, bool]) -> tuple[torch.Tensor, SizeCondition]:
         """The pixels to cache under ``key`` (centre crop, the key's flip) and their size condition."""
         index, flip = key
-        image = load_rgb(self.files[index])
+        image = load_rgb(self.files[index], self.what)
         return self.transform(image, 0, flip=flip), self.transform.size_condition(image.size, 0, flip=flip)

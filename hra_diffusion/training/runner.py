@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import error_boundary, pop_debug_flag
-from ..tiny.paths import REPO_ROOT
+from ..paths import REPO_ROOT
 from .config import (
     ConfigError,
     ControlConfig,

@@ -1,4 +1,5 @@
-"""Absolute paths of the tiny world's committed assets (resolved from the repository root)."""
+"""Where the repository keeps its committed assets (resolved from the repository root): the tiny world's model, data
+and stand-in extractors, which the default recipes and the offline fallbacks use."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 __all__ = ["REPO_ROOT", "ASSETS_DIR", "TINY_MODEL_DIR", "TINY_DATA_DIR", "TINY_SUBJECT_DIR", "TINY_CONTROL_DIR", "TINY_EXTRACTORS_DIR",
            "require_tiny"]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS_DIR = REPO_ROOT / "assets"
 TINY_MODEL_DIR = ASSETS_DIR / "tiny-sd"
 TINY_DATA_DIR = ASSETS_DIR / "tiny-data"
