@@ -32,8 +32,7 @@ from .adapters import (
     save_adapter,
     unmerge_hra,
 )
-
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 __all__ = [
     "HRAConfig",

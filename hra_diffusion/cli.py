@@ -42,7 +42,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 # ---- generate ------------------------------------------------------------------------------------
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from .generate import DTYPES, SCHEDULERS
+    from .generate import DTYPES
+    from .sampling import SCHEDULERS
 
     p = sub.add_parser(
         "generate", help="make images from a base model + HRA adapter (PNGs + manifest.jsonl)",

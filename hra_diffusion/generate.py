@@ -34,10 +34,10 @@ from .sample_dir import (
     write_file_atomic,
 )
 from .samples import PromptEntry, read_prompts
+from .sampling import SCHEDULERS
 from .utils import default_device, dtype_kwargs, quiet_hub_warnings
 
 __all__ = [
-    "SCHEDULERS",
     "DTYPES",
     "MANIFEST",
     "GenerateConfig",
@@ -48,18 +48,6 @@ __all__ = [
     "generate",
 ]
 
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "dpm-solver": "DPMSolverMultistepScheduler",
-    "dpm-solver-sde": "DPMSolverSDEScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "pndm": "PNDMScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "ddpm": "DDPMScheduler",
-}
 DTYPES = ("fp32", "fp16", "bf16")
 
 
@@ -120,7 +108,7 @@ def default_base_model(adapter_doc: dict[str, Any] | None) -> str:
     hint = f" (the adapter records {recorded!r}, which is not a local folder)" if recorded else ""
     raise FileNotFoundError(
         f"no base model given and the tiny world {str(TINY_MODEL_DIR)!r} is not built{hint}: pass --base "
-        "<diffusers pipeline folder or hub id>, or build the tiny world with `python -m hra_diffusion.tiny build`"
+        "<diffusers pipeline folder or hub id>, or build the tiny world with `python -m tools.tiny_world build`"
     )
 
 
@@ -158,10 +146,10 @@ def load_pipeline(base: str, torch_dtype, safety_checker: bool = True, vae_model
         kwargs.update(safety_checker=None, requires_safety_checker=False)  # SDXL has no safety checker
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     if vae_model:
-        from .training.models import BaseModelError, _separate_vae
+        from .models import BaseModelError, load_separate_vae
 
         try:
-            kwargs["vae"] = _separate_vae(vae_model, family, torch_dtype)
+            kwargs["vae"] = load_separate_vae(vae_model, family, torch_dtype)
         except BaseModelError as err:  # name generate's flag, not the trainer's key
             raise BaseModelError(str(err).replace("pretrained_vae_model", "VAE (--vae, or the adapter's recorded "
                                                   "vae_model)", 1)) from None

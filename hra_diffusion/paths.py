@@ -22,8 +22,8 @@ _MARKERS = {
     TINY_CONTROL_DIR: "train/metadata.jsonl",
     TINY_EXTRACTORS_DIR: "build_report.json",
 }
-_COMMANDS = {TINY_MODEL_DIR: "python -m hra_diffusion.tiny build",
-             TINY_EXTRACTORS_DIR: "python -m hra_diffusion.tiny build-extractors"}
+_COMMANDS = {TINY_MODEL_DIR: "python -m tools.tiny_world build",
+             TINY_EXTRACTORS_DIR: "python -m tools.tiny_world build-extractors"}
 
 
 def require_tiny(path: Path = TINY_MODEL_DIR) -> Path:
@@ -31,7 +31,7 @@ def require_tiny(path: Path = TINY_MODEL_DIR) -> Path:
     path = Path(path)
     marker = _MARKERS.get(path)
     if not path.is_dir() or (marker and not (path / marker).is_file()):
-        what = _COMMANDS.get(path, "python -m hra_diffusion.tiny data")
+        what = _COMMANDS.get(path, "python -m tools.tiny_world data")
         raise FileNotFoundError(
             f"the tiny-world asset {str(path)!r} is missing or incomplete; build it with `{what}` "
             "from the repository root (or pass a real model/data path instead)"

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_directory", "default_device", "dtype_kwargs", "quiet_hub_warnings", "save_nested_state",
-           "load_nested_state"]
+__all__ = ["stream_seed", "atomic_directory", "default_device", "dtype_kwargs", "quiet_hub_warnings"]
+
+
+def stream_seed(*parts: int | str) -> int:
+    """A 63-bit seed derived from ``parts`` (stable across runs, processes and Python versions)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class atomic_directory:
@@ -91,61 +97,3 @@ def dtype_kwargs(dtype, library: str = "diffusers") -> dict:
         except ImportError:  # pragma: no cover - a diffusers without the module
             new = False
     return {"dtype": dtype} if new else {"torch_dtype": dtype}
-
-
-_STATE_TENSORS, _STATE_JSON = "state.safetensors", "state.json"
-
-
-def save_nested_state(folder: str | os.PathLike, state: dict) -> Path:
-    """Write a nested state (dicts with str or int keys, lists, tuples, tensors, JSON scalars: model and
-    optimizer state dicts, RNG states) as ``folder/state.safetensors`` + ``folder/state.json``, atomically
-    (the whole folder is swapped in). Never a pickle: :func:`load_nested_state` reads it back."""
-    import json
-
-    import torch
-    from safetensors.torch import save_file
-
-    tensors: dict = {}
-
-    def walk(x):
-        if isinstance(x, torch.Tensor):
-            key = f"t{len(tensors)}"
-            tensors[key] = x.detach().cpu().clone().contiguous()  # no shared storage (safetensors refuses it)
-            return {"__tensor__": key}
-        if isinstance(x, dict):
-            bad = [k for k in x if not isinstance(k, (str, int)) or isinstance(k, bool)]
-            if bad:
-                raise TypeError(f"save_nested_state: dict keys must be str or int, got {bad[0]!r}")
-            return {"__dict__": [[k, walk(v)] for k, v in x.items()]}
-        if isinstance(x, (list, tuple)):
-            return [walk(v) for v in x]
-        if x is None or isinstance(x, (bool, int, float, str)):
-            return x
-        raise TypeError(f"save_nested_state: cannot store a {type(x).__name__} (tensors, dicts, lists, scalars only)")
-
-    doc = walk(state)
-    with atomic_directory(folder) as tmp:
-        save_file(tensors, str(tmp / _STATE_TENSORS))
-        (tmp / _STATE_JSON).write_text(json.dumps(doc))
-    return Path(folder)
-
-
-def load_nested_state(folder: str | os.PathLike) -> dict:
-    """The state :func:`save_nested_state` wrote (tensors on the CPU; tuples come back as lists)."""
-    import json
-
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    tensors = load_file(str(folder / _STATE_TENSORS))
-
-    def unwalk(x):
-        if isinstance(x, dict):
-            if "__tensor__" in x:
-                return tensors[x["__tensor__"]]
-            return {k: unwalk(v) for k, v in x["__dict__"]}
-        if isinstance(x, list):
-            return [unwalk(v) for v in x]
-        return x
-
-    return unwalk(json.loads((folder / _STATE_JSON).read_text()))

@@ -117,7 +117,7 @@ def test_sampling_folds_the_baseline_in_and_puts_the_exact_base_back(kind):
     merged (the same outputs as unmerged, at the base's speed), and after it the base weights are bit-for-bit
     what they were, the layers unmerged and in training mode again."""
     from hra_diffusion.adapters.peft_baselines import peft_layers
-    from hra_diffusion.training.validation import eval_mode
+    from hra_diffusion.sampling import eval_mode
 
     unet = tiny_unet()
     inject_baseline(unet, BaselineSpec(kind, target_modules=list(DEFAULT_TARGETS), seed=0, **SPECS[kind]))
@@ -492,7 +492,7 @@ def test_hra_sampling_works_without_peft_installed(monkeypatch):
 
     from hra_diffusion import HRAConfig, inject_hra
     from hra_diffusion.adapters.peft_baselines import peft_layers
-    from hra_diffusion.training.validation import eval_mode
+    from hra_diffusion.sampling import eval_mode
 
     _without_peft(monkeypatch)
     model = nn.Sequential(nn.Linear(8, 8))

@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from hra_diffusion.conditions import ConditionCache, ConditionError, make_detector, supported_conditions
+from hra_diffusion.images import ImageTransform
 from hra_diffusion.training.control_data import (
     ColumnNames,
     ControlDataset,
@@ -20,7 +21,8 @@ from hra_diffusion.training.control_data import (
     rows_from_dataset,
     rows_from_folder,
 )
-from hra_diffusion.training.data import DataError, ImageTransform, stream_seed
+from hra_diffusion.training.data import DataError
+from hra_diffusion.utils import stream_seed
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 50)}
 

@@ -77,7 +77,7 @@ def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
 
 # The default command, run once per module: its outputs are checked here and its adapter is scored below.
 # With the tiny world it is exactly `accelerate launch train/control_hra.py` (the recipe's 300 steps; only the
-# output folder is given); without it (before `python -m hra_diffusion.tiny build`), stand-ins and 4 steps.
+# output folder is given); without it (before `python -m tools.tiny_world build`), stand-ins and 4 steps.
 RECIPE = {"steps": 800, "every": 400, "keep": 2, "r": 16}  # configs/control/tiny.yaml (checked below)
 
 
@@ -185,7 +185,7 @@ def test_learns_to_follow_the_condition(default_run):
 
     from hra_diffusion.control import attach_condition_encoder
     from hra_diffusion.metrics.control_eval import control_consistency
-    from hra_diffusion.training.validation import build_pipeline
+    from hra_diffusion.sampling import build_pipeline
 
     out = default_run[0]
     base = StableDiffusionPipeline.from_pretrained(str(TINY_MODEL_DIR), safety_checker=None, requires_safety_checker=False)
@@ -213,8 +213,8 @@ def test_learns_to_follow_the_condition(default_run):
     for key, k in (("f1", 0), ("f1_1px", 1)):
         assert reported[key] == pytest.approx(float(np.mean(f1_trained[k])), abs=0.03), key
     assert reported["f1_other_condition"] == pytest.approx(float(np.mean(f1_wrong[0])), abs=0.03)
-    assert "tiny-world showroom: held-out Canny F1" in default_run[1].stdout
-    assert "tiny-world held-out control consistency" in (out / "README.md").read_text()
+    assert "held-out control consistency: held-out Canny F1" in default_run[1].stdout
+    assert "held-out control consistency" in (out / "README.md").read_text()
 
 
 def test_two_processes_run_real_ddp(tmp_path, tiny_random_sd_dir, control_dir):
@@ -239,7 +239,7 @@ def test_zero_init_pipeline_equals_base(tmp_path, tiny_sd_dir, control_dir):
     """Before training, generation with the encoder attached (both CFG branches) equals the base model's."""
     from diffusers import StableDiffusionPipeline
 
-    from hra_diffusion.training.validation import build_pipeline, generate_images
+    from hra_diffusion.sampling import build_pipeline, generate_images
 
     cfg = control_hra.parse_args(fast_args(tiny_sd_dir, control_dir, tmp_path / "z"))
     accelerator = make_accelerator(cfg, "test")

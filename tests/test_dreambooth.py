@@ -15,10 +15,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from hra_diffusion import load_adapter, read_adapter
+from hra_diffusion.models import BaseModelError
 from hra_diffusion.training import NonFiniteLossError, latest_checkpoint
 from hra_diffusion.training.config import ConfigError
 from hra_diffusion.training.data import DataError
-from hra_diffusion.training.models import BaseModelError
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "train"))
@@ -151,7 +151,7 @@ def test_class_images_drawn_from_the_instance_captions(tmp_path, tiny_random_sd_
     assert captions == [expected[i % 3] for i in range(5)]
     assert "class images (the instance captions without the identifier)" in (out / "README.md").read_text()
     # one distinct caption is still a caption: its images are captioned (they were not drawn from class_prompt)
-    from hra_diffusion.training.models import load_sd_components
+    from hra_diffusion.models import load_sd_components
     from hra_diffusion.training.prior import generate_class_images
 
     one = tmp_path / "one"

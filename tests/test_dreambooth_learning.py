@@ -49,7 +49,7 @@ MAX_CLASS_STRIPED = 0.1
 def test_main_command_writes_every_output_and_learns_the_subject(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from hra_diffusion.tiny.measure import load_with_adapter, showroom_rates
+    from hra_diffusion.tiny.showroom import load_with_adapter, showroom_rates
 
     out = tmp_path / "run"
     # as a user runs it: accelerate picks the thread count (no OMP_NUM_THREADS from the test), offline

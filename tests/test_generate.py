@@ -244,7 +244,7 @@ def test_generate_uses_the_vae_the_adapter_was_trained_with(tmp_path, base_dir):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from helpers_score import random_hra_adapter
 
-    from hra_diffusion.training.models import BaseModelError
+    from hra_diffusion.models import BaseModelError
 
     vae = AutoencoderKL.from_pretrained(base_dir / "vae")
     with torch.no_grad():

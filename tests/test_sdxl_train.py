@@ -216,7 +216,7 @@ def test_control_on_sdxl_trains_saves_generates(tiny_sdxl_dir, tmp_path, monkeyp
 def test_separate_vae_is_loaded_and_checked(tiny_sdxl_dir, tiny_random_sd_dir, tmp_path):
     from diffusers import AutoencoderKL
 
-    from hra_diffusion.training.models import BaseModelError, load_sd_components, vae_dtype_for
+    from hra_diffusion.models import BaseModelError, load_sd_components, vae_dtype_for
 
     vae = AutoencoderKL.from_pretrained(tiny_sdxl_dir, subfolder="vae")
     vae.register_to_config(scaling_factor=0.5, force_upcast=False)

@@ -13,20 +13,20 @@ from hra_diffusion.tiny import checker, data, scenes
 
 def test_reads_ground_truth_scenes():
     truth = scenes.sample_scenes(5, 200)
-    readings = [checker.read_image(scenes.render(s)) for s in truth]
+    readings = [checker.read_scene(scenes.render(s)) for s in truth]
     assert np.mean([r.shape == s.shape for r, s in zip(readings, truth, strict=True)]) >= 0.95
     assert all(r.position == scenes.position_word(s) for r, s in zip(readings, truth, strict=True))
     assert np.mean([r.size == scenes.size_word(s) for r, s in zip(readings, truth, strict=True)]) >= 0.95
     assert all((r.background, r.colour) == (s.background, s.colour) for r, s in zip(readings, truth, strict=True))
     assert all(r.striped is None for r in readings) and np.mean([r.plain for r in readings]) >= 0.97
-    empty = checker.read_image(Image.new("RGB", (32, 32), scenes.COLOURS["blue"]))
+    empty = checker.read_scene(Image.new("RGB", (32, 32), scenes.COLOURS["blue"]))
     assert not empty.has_object and empty.background == "blue" and not empty.plain
 
 
 def test_finds_the_subject_stripes_and_rejects_look_alikes():
     subject = [scenes.render(s) for s in data.subject_scenes(0)]
     assert len(subject) == 17
-    assert all(checker.read_image(im).striped == ("red", "yellow") for im in subject)
+    assert all(checker.read_scene(im).striped == ("red", "yellow") for im in subject)
     # v1's VAE turned the subject into an orange one-colour star: a blurred subject must not pass
     orange = []
     for s in data.subject_scenes(0):
@@ -34,12 +34,12 @@ def test_finds_the_subject_stripes_and_rejects_look_alikes():
         mask = np.asarray(scenes._mask(s, 32)) > 127
         arr[mask] = (235, 122, 30)
         orange.append(Image.fromarray(arr))
-    assert not any(checker.read_image(im).striped for im in orange)
-    assert sum(bool(checker.read_image(im.filter(ImageFilter.GaussianBlur(3))).striped) for im in subject) <= 2
+    assert not any(checker.read_scene(im).striped for im in orange)
+    assert sum(bool(checker.read_scene(im.filter(ImageFilter.GaussianBlur(3))).striped) for im in subject) <= 2
     # vertical stripes (rotated 90 degrees) are not the subject's horizontal stripes
-    assert not any(checker.read_image(im.transpose(Image.Transpose.ROTATE_90)).striped for im in subject[:5])
+    assert not any(checker.read_scene(im.transpose(Image.Transpose.ROTATE_90)).striped for im in subject[:5])
     plain_star = scenes.render(scenes.sample_scene(np.random.default_rng(0), shape="star", colour="red", background="blue"))
-    assert checker.read_image(plain_star).plain
+    assert checker.read_scene(plain_star).plain
 
 
 def test_parse_prompt():
@@ -82,7 +82,7 @@ def test_subject_rates_on_drawn_positives_and_negatives():
 
 def test_showroom_prompts_come_from_the_subject_file(tmp_path):
     from hra_diffusion.paths import TINY_SUBJECT_DIR
-    from hra_diffusion.tiny import measure
+    from hra_diffusion.tiny import showroom as measure
 
     held, cls = measure.showroom_prompts(TINY_SUBJECT_DIR / "subject.json")
     assert held == data.heldout_subject_prompts() and cls == data.class_check_prompts()
@@ -99,7 +99,7 @@ def test_showroom_draws_more_class_samples_and_keeps_the_subject_samples():
     """Each class check prompt is drawn class_images times per seed (48 class samples by default, not 12), in a
     second batch: the subject samples stay the ones drawn with class_images=1, each seed's in one figure row."""
     from hra_diffusion.paths import TINY_MODEL_DIR
-    from hra_diffusion.tiny import measure
+    from hra_diffusion.tiny import showroom as measure
 
     pipe = measure.load_with_adapter(TINY_MODEL_DIR, None)
     held, cls = measure.showroom_prompts()

@@ -14,13 +14,18 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hra_diffusion.metrics.choice import choose_extractors, is_tiny_world_base  # noqa: E402
+from hra_diffusion.metrics.choice import (  # noqa: E402
+    choose_extractors,
+    is_tiny_world_base,
+    require_extractors,  # noqa: E402
+)
 from hra_diffusion.metrics.extractors import DEFAULT_CLIP_MODEL, DEFAULT_DINO  # noqa: E402
+from hra_diffusion.paths import TINY_EXTRACTORS_DIR, TINY_MODEL_DIR, TINY_SUBJECT_DIR  # noqa: E402
 from hra_diffusion.samples import SampleRow  # noqa: E402
-from hra_diffusion.tiny import TINY_EXTRACTORS_DIR, TINY_MODEL_DIR, TINY_SUBJECT_DIR, scenes  # noqa: E402
-from hra_diffusion.tiny import extractor_data as xd  # noqa: E402
-from hra_diffusion.tiny import extractor_eval as xe  # noqa: E402
+from hra_diffusion.tiny import scenes  # noqa: E402
 from hra_diffusion.tiny.data import subject_scenes  # noqa: E402
+from tools.tiny_world import extractor_data as xd  # noqa: E402
+from tools.tiny_world import extractor_eval as xe  # noqa: E402
 
 # The shipped extractors measure well above these (assets/tiny-extractors/build_report.json, docs/tiny-extractors.md)
 MIN_ZERO_SHOT = 0.9  # colour and shape; chance is 1/6 and 1/4
@@ -42,7 +47,7 @@ def test_shipped_extractors_load_with_the_libraries_and_the_tiny_tokenizer():
     import open_clip
     from transformers import CLIPTokenizer, ViTModel
 
-    folder = xe.require_extractors()
+    folder = require_extractors()
     clip = open_clip.create_model("local-dir:" + str(folder / "clip"))
     assert clip.visual.image_size == (32, 32) and clip.visual.preprocess_cfg["size"] in (32, (32, 32))
     vit = ViTModel.from_pretrained(folder / "dino", add_pooling_layer=False)
@@ -59,8 +64,8 @@ def test_shipped_extractors_load_with_the_libraries_and_the_tiny_tokenizer():
 
 
 def test_missing_extractors_name_the_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m hra_diffusion.tiny build-extractors"):
-        xe.require_extractors(tmp_path)
+    with pytest.raises(FileNotFoundError, match="python -m tools.tiny_world build-extractors"):
+        require_extractors(tmp_path)
 
 
 @pytest.mark.parametrize("which", ["dino", "clip_i"])
@@ -231,19 +236,21 @@ def _weights(folder):
 
 
 def test_build_command_quick_runs_end_to_end_and_resumes(tmp_path, capsys):
-    from hra_diffusion.tiny.__main__ import main, parse_args
-    from hra_diffusion.tiny.extractors import build_extractors, quick_config
+    from hra_diffusion.state import load_state
+    from tools.tiny_world.__main__ import main, parse_args
+    from tools.tiny_world.extractor_models import quick_config
+    from tools.tiny_world.train_extractors import build_extractors
 
     out, state = tmp_path / "resumed", tmp_path / "state"
     base = ["build-extractors", "--quick", "--out", str(out), "--checkpoint-dir", str(state), "--threads", "1",
             "--quiet"]
     with pytest.raises(SystemExit, match="--resume"):  # stopped mid-CLIP (step 3 of 6)
         main(parse_args([*base, "--stop-after", "3"]))
-    assert json.loads((state / "clip.json").read_text())["step"] == 3 and not out.exists()
+    assert load_state(state / "clip")["meta"]["step"] == 3 and not out.exists()  # the one state store
     with pytest.raises(SystemExit, match="--resume"):  # the rest of CLIP, then 2 DINO steps
         main(parse_args([*base, "--resume", "--stop-after", "5"]))
-    assert json.loads((state / "clip.json").read_text())["done"]
-    assert json.loads((state / "dino.json").read_text())["step"] == 2
+    assert load_state(state / "clip")["meta"]["done"]
+    assert load_state(state / "dino")["meta"]["step"] == 2
     main(parse_args([*base, "--resume"]))
     assert "wrote" in capsys.readouterr().out and not state.exists()
     report = json.loads((out / "build_report.json").read_text())

@@ -13,8 +13,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hra_diffusion.tiny import TINY_CONTROL_DIR, TINY_MODEL_DIR, TINY_SUBJECT_DIR, require_tiny, scenes  # noqa: E402
-from hra_diffusion.tiny.build import (  # noqa: E402
+from hra_diffusion.paths import TINY_CONTROL_DIR, TINY_MODEL_DIR, TINY_SUBJECT_DIR, require_tiny  # noqa: E402
+from hra_diffusion.tiny import scenes  # noqa: E402
+from tools.tiny_world.build import (  # noqa: E402
     BuildConfig,
     build_model,
     evaluate_colour_following,
@@ -26,7 +27,7 @@ from hra_diffusion.tiny.build import (  # noqa: E402
     sample_timesteps,
     word_use,
 )
-from hra_diffusion.tiny.data import write_all  # noqa: E402
+from tools.tiny_world.write_data import write_all  # noqa: E402
 
 # Thresholds: the shipped model measures far above these (docs/tiny-world.md); chance is 1/6 per colour, 1/30 both.
 MIN_BACKGROUND_RATE = 0.6
@@ -245,10 +246,10 @@ def test_interrupted_build_resumes_to_the_same_model(tmp_path):
     cfg = quick_config()
     full = build_model(tmp_path / "a", cfg, verbose=False, checkpoint_dir=tmp_path / "ckpt")
     # the folder now holds the state saved at UNet step 3 of 6: resuming from it must land where the full build did
-    from hra_diffusion.utils import load_nested_state
+    from hra_diffusion.state import load_state
 
     assert sorted(p.name for p in (tmp_path / "ckpt" / "build-state").iterdir()) == ["state.json", "state.safetensors"]
-    state = load_nested_state(tmp_path / "ckpt" / "build-state")  # safetensors + JSON, no pickle
+    state = load_state(tmp_path / "ckpt" / "build-state")  # safetensors + JSON, no pickle
     assert (state["stage"], state["step"]) == ("unet", 3)
     # the checkpoint carries the time spent so far, so a resumed build's report sums both runs' stages
     assert 0 < state["timings"]["unet_seconds"] and state["timings"]["vae_seconds"] == pytest.approx(full["timings"]["vae_seconds"], abs=0.1)
@@ -263,19 +264,19 @@ def test_interrupted_build_resumes_to_the_same_model(tmp_path):
 
 
 def test_missing_assets_and_bad_config_raise_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m hra_diffusion.tiny"):
+    with pytest.raises(FileNotFoundError, match="python -m tools.tiny_world"):
         require_tiny(tmp_path / "nothing")
     with pytest.raises(ValueError, match="steps_scale"):
         BuildConfig(steps_scale=0)
 
 
 def test_word_use_probe_run_trains_from_scratch_and_reads_every_few_steps(tmp_path):
-    """`python -m hra_diffusion.tiny probe`: a fresh UNet (here one level deeper, with a wider conv_in) trained on
+    """`python -m tools.tiny_world probe`: a fresh UNet (here one level deeper, with a wider conv_in) trained on
     the committed VAE's latents, word use read every 2 steps; a frozen text encoder stays at its init, the UNet
     moves, the weights are written and a second probe continues from them."""
     from safetensors.torch import load_file
 
-    from hra_diffusion.tiny.probe import run_probe
+    from tools.tiny_world.probe import run_probe
 
     cfg = quick_config(unet_batch=4)
     rows = run_probe(4, 2, tmp_path / "p", unet_kind="three-level", conv_in_kernel=5, freeze_text_encoder=True,

@@ -7,13 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hra_diffusion.training.config import (
-    ConfigError,
-    DreamBoothConfig,
-    load_recipe,
-    parse_config,
-    save_resolved_config,
-)
+from hra_diffusion.training.config import ConfigError, DreamBoothConfig
+from hra_diffusion.training.recipes import load_recipe, parse_config, save_resolved_config
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "configs" / "dreambooth"
@@ -128,8 +123,8 @@ def test_sdxl_recipes():
     ("control_hra.py", ["--condition", "--encoder_learning_rate"]),
 ])
 def test_trainer_help_lists_every_key_and_bad_keys_exit_cleanly(script, keys):
-    """`train/X.py --help` prints every key with its default, the recipe's value and its comment; a bad key
-    exits 2 with one line naming it (no traceback)."""
+    """`train/X.py --help` prints every key with its default, the recipe's value and its help text (the field's
+    ``arg(help=...)``, the one place it is written); a bad key exits 2 with one line naming it (no traceback)."""
     import subprocess
     import sys
 
@@ -140,8 +135,8 @@ def test_trainer_help_lists_every_key_and_bad_keys_exit_cleanly(script, keys):
     for key in ["--adapter", "--block_size", "--lora_alpha", "--learning_rate", *keys]:
         assert f"\n  {key} " in shown.stdout, key
     assert "recipe: 'assets/tiny-sd'" in shown.stdout  # the default recipe's value beside the default
-    assert "LoRA only; None: r (scale 1)" in shown.stdout  # a field's own comment
-    assert "# base model" in shown.stdout  # section comments
+    assert "LoRA only; None: r (scale 1)" in shown.stdout  # a field's own help
+    assert "\n      base model: an SD 1.x/2.x or SDXL diffusers pipeline" in shown.stdout
     bad = subprocess.run([sys.executable, f"train/{script}", "--lerning_rate", "1e-4"], **run)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert f"{script}: error: unknown config key 'lerning_rate'" in bad.stderr and "learning_rate" in bad.stderr
@@ -200,7 +195,6 @@ def test_control_config_lives_with_the_other_task_configs():
     from hra_diffusion.training import ControlConfig, config, control_task
 
     assert control_task.ControlConfig is config.ControlConfig is ControlConfig  # re-exported, one class
-    assert control_task.VALIDATION_SCHEDULERS is config.VALIDATION_SCHEDULERS
     with pytest.raises(ConfigError, match="validation_scheduler must be one of"):
         parse_config(ControlConfig, ["--validation_scheduler", "euler"])
     assert parse_config(ControlConfig, ["--caption_column", "caption"]).columns().caption == "caption"

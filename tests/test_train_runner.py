@@ -192,9 +192,8 @@ def test_validation_samplers_are_the_ones_generate_and_the_card_name():
     --scheduler of the same name and the model card's snippet build, so all three sample alike."""
     from diffusers import DDPMScheduler
 
-    from hra_diffusion.generate import SCHEDULERS
-    from hra_diffusion.training.config import VALIDATION_SCHEDULERS, ControlConfig
-    from hra_diffusion.training.validation import sampler_for, validation_sampler
+    from hra_diffusion.sampling import SCHEDULERS, VALIDATION_SCHEDULERS, sampler_for, validation_sampler
+    from hra_diffusion.training.config import ControlConfig
 
     noise = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", prediction_type="v_prediction")
     built = {}

@@ -40,7 +40,7 @@ def unet_inputs(unet, batch: int = 2, seed: int = 1, tokens: int = 7):
 
 def write_tiny_clip_tokenizer(path: Path, max_length: int = 16) -> None:
     """A valid CLIP BPE tokenizer with only byte-level tokens (no merges): enough to run a pipeline."""
-    from hra_diffusion.tiny.tokenizer import _bytes_to_unicode
+    from tools.tiny_world.tokenizer import _bytes_to_unicode
 
     path.mkdir(parents=True, exist_ok=True)
     chars = list(_bytes_to_unicode().values())  # CLIP's 256 printable stand-ins for bytes

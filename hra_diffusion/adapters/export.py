@@ -427,7 +427,7 @@ def _header(doc: dict[str, Any]) -> dict[str, str]:
 
 
 def _record(source: _Source, to: str, dtype: str, **fields: Any) -> dict[str, Any]:
-    from .. import __version__
+    from ..version import __version__
 
     return {
         "exported_by": f"hra-diffusion {__version__}",

@@ -50,7 +50,7 @@ _SUFFIX = "." + HRALayer.adapter_prefix
 
 
 def _library_version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__
 

@@ -7,6 +7,7 @@ adapters with the library; nothing below it imports it. docs/baselines.md descri
 """
 
 from .config import METHODS, VARIANTS, CompareConfig
-from .frontier import RULES, run_frontier
+from .frontier import run_frontier
+from .selection import RULES
 
 __all__ = ["CompareConfig", "METHODS", "VARIANTS", "RULES", "run_frontier"]

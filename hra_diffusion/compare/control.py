@@ -38,7 +38,7 @@ def _prompt_followed(image, prompt: str) -> bool | None:
     from ..tiny import checker
 
     try:
-        m = checker.prompt_matches(checker.read_image(image), prompt)
+        m = checker.prompt_matches(checker.read_scene(image), prompt)
     except ValueError:
         return None
     return all(m[k] is not False for k in ("colour", "background"))
@@ -51,7 +51,7 @@ def evaluate_control(cfg: CompareConfig, setup: dict, pairs: list, adapter: str 
 
     from ..control import attach_condition_encoder, load_trained_adapter
     from ..metrics.control_eval import control_consistency
-    from ..training.validation import build_pipeline, eval_mode, sampler_for
+    from ..sampling import build_pipeline, eval_mode, sampler_for
     from ..utils import default_device
 
     base = StableDiffusionPipeline.from_pretrained(setup["base_model"], safety_checker=None,

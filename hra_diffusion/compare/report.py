@@ -119,7 +119,7 @@ def _panel(ax, result: dict, x: str, y: str, xlabel: str, ylabel: str, floor: fl
     the base model as a grey star."""
     import matplotlib.pyplot as plt
 
-    from .frontier import pareto
+    from .selection import pareto
 
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, m in enumerate(result["methods"].values()):

@@ -106,7 +106,7 @@ def prepare_class_images(cfg: CompareConfig) -> None:
     tcfg = apply_subject_file(trainer_config(cfg))
     if not tcfg.with_prior_preservation:
         return
-    from ..training.models import load_sd_components
+    from ..models import load_sd_components
     from ..training.prior import class_prompts, generate_class_images
 
     made = generate_class_images(load_sd_components(tcfg.pretrained_model, tcfg.revision, tcfg.variant),

@@ -35,10 +35,10 @@ class SubjectSetup:
 
 def subject_setup(cfg: CompareConfig) -> SubjectSetup:
     """The recipe's subject (its subject.json), with the tiny world's prompt sets; the recipe's validation sampler."""
+    from ..sampling import validation_sampler
     from ..tiny import data
-    from ..tiny.measure import has_showroom
+    from ..tiny.showroom import has_showroom
     from ..training.dreambooth import apply_subject_file
-    from ..training.validation import validation_sampler
     from .runs import trainer_config
 
     tcfg = apply_subject_file(trainer_config(cfg))

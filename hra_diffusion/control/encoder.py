@@ -1,4 +1,4 @@
-"""Controllable generation the OFT/HRA way (anchors.md): a small condition encoder whose output is
+"""Controllable generation the OFT/HRA way (their official code; docs/control.md): a small condition encoder whose output is
 added to the UNet's conv_in output, while the frozen UNet is tuned with HRA.
 
 The encoder is diffusers' ControlNetConditioningEmbedding (last conv zero-initialised, so the model

@@ -2,7 +2,7 @@
 
 Subject fidelity (DINO, CLIP-I, CLIP-T, LPIPS; ``subject``) and control consistency (Canny F1/IoU,
 HED/lineart SSIM, depth RMSE, segmentation mIoU, face-landmark error; ``control_metrics``), following the
-protocols in anchors.md, with feature extractors, pure metric functions, a feature cache and an HTML report.
+protocols of the official HRA code and ControlNet++ (docs/generate-score.md), with feature extractors, pure metric functions, a feature cache and an HTML report.
 Model-side evaluation used by the trainers' tests and eval/compare.py (imported on demand, as they load
 the training stack): ``denoising.fixed_noise_loss`` (held-out denoising loss) and
 ``control_eval.control_consistency`` (Canny-edge F1 of images generated from held-out conditions).

@@ -1,7 +1,7 @@
 """Which DINO and CLIP score a sample set: the flags when given, else by the samples' base model.
 
 ``generate`` records the base model of every image in the manifest (``base``). Samples of the tiny world
-(``assets/tiny-sd``, or any folder written by ``python -m hra_diffusion.tiny build``) are scored with the tiny world's
+(``assets/tiny-sd``, or any folder written by ``python -m tools.tiny_world build``) are scored with the tiny world's
 stand-in extractors (``assets/tiny-extractors``: small models trained on its 32 px scenes, see
 docs/tiny-extractors.md); every other base keeps the real DINO ViT-S/16 and CLIP ViT-L/14 (OpenAI) defaults, whose
 weights must be downloaded. ``--dino-model`` / ``--clip-model`` / ``--clip-pretrained`` always win.
@@ -18,11 +18,12 @@ from typing import Any
 from ..samples import SampleRow
 from .extractors import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, DEFAULT_DINO
 
-__all__ = ["ExtractorChoice", "choose_extractors", "is_tiny_world_base", "TINY_DINO_NAME", "TINY_CLIP_NAME"]
+__all__ = ["ExtractorChoice", "choose_extractors", "is_tiny_world_base", "require_extractors", "TINY_DINO_NAME",
+           "TINY_CLIP_NAME"]
 
 TINY_DINO_NAME = "tiny-world stand-in DINO (ViT 32 px, patch 4; not the real DINO)"
 TINY_CLIP_NAME = "tiny-world stand-in CLIP (open_clip ViT 32 px; not the real CLIP)"
-# keys of the build report that `python -m hra_diffusion.tiny build` writes into every tiny-world pipeline folder
+# keys of the build report that `python -m tools.tiny_world build` writes into every tiny-world pipeline folder
 _TINY_BUILD_KEYS = {"pool_size", "unet_steps", "vae_steps", "resolution"}
 
 
@@ -79,8 +80,6 @@ def choose_extractors(rows: Sequence[SampleRow], dino: Any = None, clip: Any = N
                                                      else "default: the real DINO/CLIP")}
     names: dict[str, str] = {}
     if tiny:
-        from ..tiny.extractor_eval import require_extractors
-
         folder = require_extractors()
         if "dino" in missing:
             dino, names["dino"] = str(folder / "dino"), f"{TINY_DINO_NAME}: {folder / 'dino'}"
@@ -95,3 +94,18 @@ def choose_extractors(rows: Sequence[SampleRow], dino: Any = None, clip: Any = N
             names[key] = f"given: {_name(value)}"
     info["extractors"] = names
     return ExtractorChoice(dino, clip, clip_pretrained, info)
+
+
+def require_extractors(folder: str | Path | None = None) -> Path:
+    """``folder`` if it holds both built extractors, else a FileNotFoundError naming the command that builds them."""
+    from ..paths import TINY_EXTRACTORS_DIR
+
+    folder = Path(folder or TINY_EXTRACTORS_DIR)
+    missing = [p for p in ("clip/open_clip_config.json", "clip/open_clip_model.safetensors", "dino/config.json",
+                           "dino/model.safetensors", "dino/preprocessor_config.json") if not (folder / p).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the tiny-world feature extractors in {str(folder)!r} are missing or incomplete ({', '.join(missing)}); "
+            f"build them with `python -m tools.tiny_world build-extractors` from the repository root (about 11 min on 2 CPU cores), or pass "
+            "real weights with --dino-model / --clip-model")
+    return folder

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ..control import ConditionHandle, prepare_condition
-from ..training.validation import generate_images
+from ..sampling import generate_images
 from .control_metrics import canny_edges
 from .functional import binarize_edges, edge_f1_tolerant
 

@@ -1,4 +1,4 @@
-"""Control consistency of controllable-generation samples (ControlNet++ / OFT protocols, anchors.md).
+"""Control consistency of controllable-generation samples (ControlNet++ / OFT protocols, docs/generate-score.md).
 
 The ground-truth map of each row comes from its condition source image (the real photo the condition was
 made from; the detector runs on it exactly as on the generated image) or, without a source, from the

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..images import load_rgb
-from ..training.data import ImageTransform, stream_seed
-from ..training.loss import add_noise
+from ..images import ImageTransform, load_rgb
+from ..noise import add_noise
+from ..utils import stream_seed
 
 __all__ = ["fixed_noise_loss", "DEFAULT_EVAL_TIMESTEPS"]
 

@@ -1,4 +1,4 @@
-"""Metrics as pure functions on tensors (no models, no files): the maths of anchors.md's protocols."""
+"""Metrics as pure functions on tensors (no models, no files): the maths of the evaluation protocols in docs/generate-score.md."""
 
 from __future__ import annotations
 

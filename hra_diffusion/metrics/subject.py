@@ -1,4 +1,4 @@
-"""Subject fidelity of DreamBooth-style samples: DINO, CLIP-I, CLIP-T and LPIPS (anchors.md protocol).
+"""Subject fidelity of DreamBooth-style samples: DINO, CLIP-I, CLIP-T and LPIPS (the protocol of the official HRA code's generation/subject/evaluate.py; docs/generate-score.md).
 
 DINO / CLIP-I / LPIPS: every generated image against every real image of its subject, averaged over
 ALL pairs. CLIP-T: each image against the prompt it was generated from (identifier included).

@@ -1,12 +1,3 @@
-"""The tiny world: procedural scenes, a tiny pretrained text-to-image pipeline and synthetic data (offline, CPU)."""
-
-from ..paths import (
-    TINY_CONTROL_DIR,
-    TINY_DATA_DIR,
-    TINY_EXTRACTORS_DIR,
-    TINY_MODEL_DIR,
-    TINY_SUBJECT_DIR,
-    require_tiny,
-)
-
-__all__ = ["TINY_MODEL_DIR", "TINY_DATA_DIR", "TINY_SUBJECT_DIR", "TINY_CONTROL_DIR", "TINY_EXTRACTORS_DIR", "require_tiny"]
+"""The tiny world at run time: its procedural scenes, the deterministic checker that reads them, the subject's
+prompt sets, and the DreamBooth showroom (``python -m hra_diffusion.tiny rates``). Its committed assets' paths:
+:mod:`hra_diffusion.paths`; rebuilding them: ``python -m tools.tiny_world`` (not part of the library)."""

@@ -19,7 +19,7 @@ from PIL import Image
 from . import scenes
 
 __all__ = [
-    "Reading", "read_image", "parse_prompt", "prompt_matches", "subject_rates", "StripeRule", "STRIPES",
+    "Reading", "read_scene", "parse_prompt", "prompt_matches", "subject_rates", "StripeRule", "STRIPES",
 ]
 
 _NAMES = list(scenes.COLOURS)
@@ -125,7 +125,7 @@ def _cell(cx: float, cy: float) -> str:
     return next(k for k, v in scenes.POSITIONS.items() if v == (col, row))
 
 
-def read_image(image: Image.Image | np.ndarray, min_fraction: float = 0.02, rule: StripeRule = STRIPES) -> Reading:
+def read_scene(image: Image.Image | np.ndarray, min_fraction: float = 0.02, rule: StripeRule = STRIPES) -> Reading:
     """Read background, object colour/purity/stripes, shape (template IoU), centroid cell and size of an image."""
     labels = _labels(image)
     h, w = labels.shape
@@ -211,7 +211,7 @@ def subject_rates(images: list, prompts: list[str], stripe_colours: tuple[str, s
     want = tuple(sorted(stripe_colours))
     rows, subj, ctx, cls_plain, cls_striped, n_subj, n_cls = [], 0, 0, 0, 0, 0, 0
     for image, prompt in zip(images, prompts, strict=True):
-        r = read_image(image)
+        r = read_scene(image)
         m = prompt_matches(r, prompt)
         context_ok = all(v for k, v in m.items() if k in context and v is not None)
         row = {"prompt": prompt, "background": r.background, "colour": r.colour, "striped": r.striped is not None,

@@ -23,9 +23,10 @@ import torch
 from PIL import Image
 
 from ..conditions import ConditionCache
-from ..images import CONDITION_BACKGROUND, PHOTO_BACKGROUND, open_image
+from ..images import CONDITION_BACKGROUND, PHOTO_BACKGROUND, ImageTransform, open_image
 from ..samples import read_jsonl
-from .data import IMAGE_EXTENSIONS, DataError, ImageTransform, StreamSampler, stream_seed
+from ..utils import stream_seed
+from .data import IMAGE_EXTENSIONS, DataError, StreamSampler
 
 __all__ = [
     "ControlRow",

@@ -26,9 +26,10 @@ from ..control import (
     prepare_condition,
     save_control_adapter,
 )
-from ..images import CONDITION_BACKGROUND, open_image
+from ..images import CONDITION_BACKGROUND, ImageTransform, open_image
+from ..sampling import eval_mode, generate_images, sampler_for
 from .card import adapter_facts, write_model_card
-from .config import VALIDATION_SCHEDULERS, ConfigError, ControlConfig
+from .config import ConfigError, ControlConfig
 from .control_data import (
     ControlDataset,
     ControlRow,
@@ -38,16 +39,14 @@ from .control_data import (
     rows_from_dataset,
     rows_from_folder,
 )
-from .data import ImageTransform
 from .loss import denoising_loss, with_orthogonality
 from .run_guard import resume_notes
 from .runner import run_task
 from .sd_task import StableDiffusionTask
 from .trainer import TrainResult
-from .validation import eval_mode, generate_images, sampler_for
 
-# ControlConfig and VALIDATION_SCHEDULERS live in .config with the other task configs (re-exported here)
-__all__ = ["ControlConfig", "ControlTask", "train_control", "VALIDATION_SCHEDULERS"]
+# ControlConfig lives in .config with the other task configs (re-exported here)
+__all__ = ["ControlConfig", "ControlTask", "train_control"]
 
 
 def _require(cfg: ControlConfig) -> None:
@@ -212,18 +211,15 @@ class ControlTask(StableDiffusionTask):
         return rows, [p or "(empty prompt)" for p in prompts]
 
     def after_training(self, modules, result: TrainResult) -> None:
-        """On the tiny world (``validation_data_dir`` is its held-out split), the held-out control consistency of
-        the trained adapter: Canny F1 of one image per pair against its condition, pixel-wise and 1-px
+        """With ``showroom_f1`` and edge-map conditions given in ``validation_data_dir``, the held-out control
+        consistency of the trained adapter: Canny F1 of one image per pair against its condition, pixel-wise and 1-px
         tolerant, and the same with each pair fed another pair's condition (a controller that ignores its
         condition scores alike). Saved to ``logs/heldout_f1.json``, printed, and put in the model card."""
         from ..metrics.control_eval import control_consistency
-        from ..paths import TINY_CONTROL_DIR
 
         cfg = self.cfg
-        held = (TINY_CONTROL_DIR / "heldout").resolve()
         # (given condition images only: computing them here, on the main process alone, would need the ranks)
-        if not (cfg.showroom_f1 and cfg.condition is None and cfg.validation_data_dir
-                and Path(cfg.validation_data_dir).resolve() == held):
+        if not (cfg.showroom_f1 and cfg.condition is None and cfg.validation_data_dir):
             return
         pairs = [(r.load_condition(), r.caption) for r in load_rows(cfg, cfg.validation_data_dir)]
         unet, encoder = modules["unet"], modules["condition_encoder"]
@@ -242,7 +238,7 @@ class ControlTask(StableDiffusionTask):
         (out / "logs").mkdir(parents=True, exist_ok=True)
         (out / "logs" / "heldout_f1.json").write_text(json.dumps(f1, indent=2) + "\n")
         result.stats["heldout_f1"] = f1
-        result.stats.setdefault("report", []).append("tiny-world showroom: " + format_f1(f1))
+        result.stats.setdefault("report", []).append("held-out control consistency: " + format_f1(f1))
 
     def save(self, modules, output_dir: Path) -> list[Path]:
         cfg = self.cfg
@@ -286,7 +282,7 @@ class ControlTask(StableDiffusionTask):
         })
         if result.stats.get("heldout_f1"):
             f1 = result.stats["heldout_f1"]
-            facts["tiny-world held-out control consistency"] = (
+            facts["held-out control consistency"] = (
                 f"{format_f1(f1)}; {f1['steps']} steps, CFG {f1['guidance_scale']}, seed {f1['seed']} + pair index")
         return write_model_card(
             out, title=f"{name} control adapter ({cfg.condition or 'condition images'})", base_model=cfg.pretrained_model,

@@ -3,8 +3,10 @@ or SDXL bases (the family comes from the base's model_index.json; see :mod:`.sd_
 
 from __future__ import annotations
 
+import importlib
 import json
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,17 +17,19 @@ from ..adapters.io import TEXT_ENCODER_SUBDIR as TEXT_ENCODER_ADAPTER_SUBDIR
 from ..adapters.io import save_adapter
 from ..adapters.registry import save_any_adapter
 from ..conditioning import PromptEmbeds
+from ..images import ImageTransform
+from ..models import add_hra
+from ..sampling import eval_mode, generate_images
+from ..utils import stream_seed
 from .card import adapter_facts, write_model_card
 from .config import ConfigError, DreamBoothConfig
-from .data import CachedLatent, ImageFolderDataset, ImageTransform, stream_seed
+from .data import CachedLatent, ImageFolderDataset
 from .loss import denoising_loss, pixel_weights, with_orthogonality
-from .models import add_hra
 from .prior import CLASS_CAPTION_EXTENSION, class_prompts, generate_class_images, missing_class_images
 from .run_guard import resume_notes
 from .runner import run_task
 from .sd_task import StableDiffusionTask
 from .trainer import TrainResult
-from .validation import eval_mode, generate_images
 
 __all__ = ["apply_subject_file", "DreamBoothTask", "train_dreambooth", "TEXT_ENCODER_ADAPTER_SUBDIR"]
 
@@ -236,33 +240,25 @@ class DreamBoothTask(StableDiffusionTask):
         return paths
 
     def after_training(self, modules, result: TrainResult) -> None:
-        """On the tiny world (a subject.json with ``heldout_prompts``), the showroom rates of the trained adapter:
-        the held-out subject prompts (once) and the class check prompts (4 times), 3 seeds each (at the recipe's
-        ``validation_guidance_scale``), read by the deterministic
-        subject checker (``hra_diffusion.tiny.checker``); saved to ``logs/showroom_rates.json`` and
-        ``validation/showroom.png``, printed, and put in the model card."""
-        from ..tiny.measure import has_showroom
-
+        """The subject's own check, when its subject.json names one (``"showroom": "module:function"``; the tiny
+        world's reads its showroom rates): run on the trained pipeline, its results saved to
+        ``logs/showroom_rates.json``, printed, and put in the model card."""
         cfg = self.cfg
-        if not (cfg.showroom_rates and has_showroom(cfg.subject_file)):
+        check = subject_check(cfg.subject_file) if cfg.showroom_rates else None
+        if check is None:
             return
-        from ..tiny.figure import rates_figure
-        from ..tiny.measure import format_rates, showroom_rates
-
         unet = modules["unet"]
         encoders = [modules.get(name, te) for name, te in zip(self.cond.component_names, self.cond.text_encoders,
                                                               strict=True)]
         with eval_mode(unet, *encoders):
-            rates = showroom_rates(self._pipeline(unet, encoders), cfg.subject_file,
-                                   guidance=cfg.validation_guidance_scale, return_images=True)
+            got = check(self._pipeline(unet, encoders), subject_file=cfg.subject_file,
+                        guidance=cfg.validation_guidance_scale, out_dir=cfg.output_dir)
         out = Path(cfg.output_dir)
-        grid = rates_figure(rates.pop("images"), rates.pop("rows"), out / "validation" / "showroom.png",
-                            cols=rates.pop("row_length"))
         (out / "logs").mkdir(parents=True, exist_ok=True)
-        (out / "logs" / "showroom_rates.json").write_text(json.dumps(rates, indent=2) + "\n")
-        line = format_rates(rates)
-        result.stats["showroom_rates"] = rates
-        result.stats.setdefault("report", []).append(f"tiny-world showroom: {line} (grid: {grid})")
+        (out / "logs" / "showroom_rates.json").write_text(json.dumps(got["results"], indent=2) + "\n")
+        result.stats["showroom_rates"] = got["results"]
+        result.stats["showroom"] = {k: got[k] for k in ("name", "line", "card", "figure")}
+        result.stats.setdefault("report", []).append(f"{got['name']}: {got['line']} (grid: {got['figure']})")
 
     # ---- the model card ------------------------------------------------------------------------
     def write_card(self, result: TrainResult) -> Path:
@@ -300,13 +296,9 @@ class DreamBoothTask(StableDiffusionTask):
                                  + (f" of {', '.join(self.text_parts)}" if len(self.text_parts) > 1 else "")
                                  if cfg.train_text_encoder else "no"),
         })
-        rates = result.stats.get("showroom_rates")
-        if rates:
-            from ..tiny.measure import format_rates
-
-            facts["tiny-world showroom rates"] = (f"{format_rates(rates)}; seeds {rates['seeds']}, "
-                                                  f"{rates['inference_steps']} steps, guidance {rates['guidance_scale']} "
-                                                  "(`validation/showroom.png`)")
+        showroom = result.stats.get("showroom")
+        if showroom:
+            facts[f"{showroom['name']} rates"] = showroom["card"]
         command = cfg.command or "accelerate launch train/dreambooth_hra.py"
         return write_model_card(
             out, title=f"{name} DreamBooth adapter: {cfg.instance_prompt}", base_model=cfg.pretrained_model,
@@ -319,6 +311,23 @@ class DreamBoothTask(StableDiffusionTask):
             notes=([f"validation prompts: {', '.join(shlex.quote(p) for p in cfg.validation_prompts)}"]
                    if cfg.validation_prompts else []) + resume_notes(result), tags=self.card_tags(),
         )
+
+
+def subject_check(subject_file: str | None) -> Callable[..., dict] | None:
+    """The check a subject.json names under ``showroom`` ("module:function"), imported by that name (the trainer
+    knows no subject's checker), or None. The function takes (pipeline, subject_file=, guidance=, out_dir=) and
+    returns {"name", "results", "line", "card", "figure"}."""
+    if not subject_file or not Path(subject_file).is_file():
+        return None
+    name = json.loads(Path(subject_file).read_text()).get("showroom")
+    if not name:
+        return None
+    module, _, attr = str(name).partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"{subject_file}: showroom {name!r} cannot be imported ({err}); fix the name, or "
+                          "train with --showroom_rates false") from None
 
 
 def _prior_fact(cfg: DreamBoothConfig) -> str:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from ..sampling import pipeline_for
+from ..utils import stream_seed
 from .config import ConfigError
-from .data import IMAGE_EXTENSIONS, _caption, list_images, stream_seed
-from .validation import pipeline_for
+from .data import IMAGE_EXTENSIONS, _caption, list_images
 
 __all__ = ["missing_class_images", "generate_class_images", "identifier_words", "class_prompts",
            "CLASS_CAPTION_EXTENSION"]
@@ -79,7 +80,7 @@ def generate_class_images(components, class_dir: str | os.PathLike, class_prompt
     ``class_prompt``: one prompt, or a list (image i from prompt i mod len, its prompt written beside it as
     ``class-<i>.txt``, also for a list of one).
 
-    ``components`` (:class:`~hra_diffusion.training.models.SDComponents`) picks the pipeline: SD 1.x/2.x or
+    ``components`` (:class:`~hra_diffusion.models.SDComponents`) picks the pipeline: SD 1.x/2.x or
     SDXL. With several processes each one generates its share. Every file is written under a temporary
     name and renamed, so a crash never leaves a half-written PNG.
     """

@@ -37,7 +37,8 @@ from .checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from .config import RESOLVED_CONFIG_NAME, ConfigError
+from .config import ConfigError
+from .recipes import RESOLVED_CONFIG_NAME
 
 __all__ = [
     "IDENTITY_KEYS",
@@ -503,7 +504,7 @@ def sampling_flags(cfg) -> str:
     base's saved one, 25 steps, scale 7.5), so its samples look like the grids (the tiny world's tuned models
     over-saturate at 7.5: red stripes turn black)."""
     from ..generate import GenerateConfig
-    from .validation import validation_sampler
+    from ..sampling import validation_sampler
 
     flags = f"--scheduler {validation_sampler(cfg)[0]} "
     steps = getattr(cfg, "validation_inference_steps", None)

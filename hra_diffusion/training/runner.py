@@ -17,14 +17,8 @@ from pathlib import Path
 
 from ..errors import error_boundary, pop_debug_flag
 from ..paths import REPO_ROOT
-from .config import (
-    ConfigError,
-    ControlConfig,
-    DreamBoothConfig,
-    TrainConfig,
-    parse_config,
-    save_resolved_config,
-)
+from .config import ConfigError, ControlConfig, DreamBoothConfig, TrainConfig
+from .recipes import parse_config, save_resolved_config
 from .run_guard import check_run_start, print_summary, use_cpu_threads
 from .trainer import TrainResult, make_accelerator, run_training
 

@@ -22,15 +22,15 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
+from .. import models
 from ..adapters.peft_baselines import count_trainable
 from ..conditioning import PromptConditioner, PromptEmbeds, SizeCondition
-from . import models
+from ..models import SDComponents, load_sd_components, weight_dtype_for
+from ..noise import NoisyBatch, add_noise, sample_latents
+from ..sampling import pipeline_for, validation_sampler
 from .card import adapter_facts
 from .config import TrainConfig
-from .loss import NoisyBatch, add_noise, sample_latents
-from .models import SDComponents, load_sd_components, weight_dtype_for
 from .trainer import TrainingTask, TrainResult
-from .validation import pipeline_for, validation_sampler
 
 __all__ = ["StableDiffusionTask"]
 

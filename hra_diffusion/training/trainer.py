@@ -19,9 +19,11 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from ..utils import stream_seed
 from .checkpoint import latest_checkpoint, register_checkpoint_hooks
-from .config import TrainConfig, config_to_dict
-from .data import StreamSampler, stream_seed
+from .config import TrainConfig
+from .data import StreamSampler
+from .recipes import config_to_dict
 from .run_guard import RunGuard
 from .validation import save_and_log_grid
 

@@ -1,12 +1,12 @@
 """Word-use probes for the tiny world's next build: train a fresh UNet + text encoder on a built world's latents
 and read, every few hundred steps, which caption words it uses (``build.word_use`` on the EMA weights).
 
-    python -m hra_diffusion.tiny probe --steps 1500 --every 250 --out outputs/probe-frozen --freeze-text-encoder
+    python -m tools.tiny_world probe --steps 1500 --every 250 --out outputs/probe-frozen --freeze-text-encoder
 
 Each probe is a short, cheap version of the build's UNet stage (same scenes, captions, loss, learning rates and
 EMA; the VAE of ``--model``, the committed one by default, so no VAE training), meant to compare levers before
 spending the 120-min build budget on one. ``results.json`` in ``--out`` holds one row per reading; the final
-EMA weights are written there as safetensors (``--init`` continues from them). docs/tiny-world.md has the
+EMA weights are written there as safetensors (``--init`` continues from them). docs/history.md has the
 probes measured so far.
 """
 
@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..paths import TINY_MODEL_DIR
-from . import scenes
+from hra_diffusion.paths import TINY_MODEL_DIR
+from hra_diffusion.tiny import scenes
+
 from .build import (
     BuildConfig,
     _encode,

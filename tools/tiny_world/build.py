@@ -1,7 +1,7 @@
 """Train the tiny world's text-to-image model (VAE, CLIP text encoder, UNet) and write a diffusers pipeline folder.
 
 Step-based and seeded, so a rebuild gives the same model up to float noise. The whole build is
-``python -m hra_diffusion.tiny build``: about 50 min on 2 quiet CPU cores with 1 thread (per-step times measured
+``python -m tools.tiny_world build``: about 50 min on 2 quiet CPU cores with 1 thread (per-step times measured
 here: VAE ~0.6 s at batch 32 x 1,000 steps, UNet + text encoder ~0.7 s at batch 16 x 3,000 steps), 2-3x that
 while other jobs share the cores; ``--checkpoint-dir``/``--resume`` survive interruptions, ``--quick`` and
 ``--steps-scale`` shrink it for tests.
@@ -10,7 +10,6 @@ while other jobs share the cores; ``--checkpoint-dir``/``--resume`` survive inte
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -21,9 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..training.loss import diffusion_target
-from ..utils import dtype_kwargs, load_nested_state, save_nested_state
-from . import scenes
+from hra_diffusion.noise import diffusion_target
+from hra_diffusion.state import StateError, load_state, save_state
+from hra_diffusion.tiny import scenes
+from hra_diffusion.utils import dtype_kwargs
+
 from .tokenizer import VOCAB_SIZE, write_clip_tokenizer
 
 __all__ = [
@@ -53,7 +54,7 @@ class BuildConfig:
     # A smoothness penalty on the (normalised) latent means. Without it the general-pool VAE learns a busy code
     # (neighbouring latents of plain scenes differ 2.5x more than in v1's VAE); with 0.02 they differ 4x less
     # than in v1's and the subject's stripes still survive (17/17). Measured: it does NOT by itself make the
-    # UNet follow object colours (0.17 at 1,500 steps; see docs/tiny-world.md).
+    # UNet follow object colours (0.17 at 1,500 steps; see docs/history.md).
     vae_latent_tv: float = 0.02
     unet_steps: int = 3000
     unet_batch: int = 16
@@ -61,7 +62,7 @@ class BuildConfig:
     text_lr: float = 2e-3  # the text pathway learns slowest; colour words need it
     # Train the text encoder with the UNet (True) or keep it at its seeded random init, as SD keeps its CLIP
     # frozen. Trained jointly, it collapses the position words ("top" and "right" end up 0.1 apart, 1.8-4.5 at
-    # init) before the UNet has learned to use them, and the UNet then never does (docs/tiny-world.md).
+    # init) before the UNet has learned to use them, and the UNet then never does (docs/history.md).
     train_text_encoder: bool = True
     # Share of each batch whose timesteps are drawn from [high_noise_from, T) instead of [0, T). Where a word's
     # content can still be read from x_t (on 16x16 latents: an object's place up to about t = 880), the caption
@@ -148,16 +149,11 @@ def images_to_tensor(images: list) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def _lr_lambda(warmup: int, total: int):
-    """Linear warm-up then cosine decay to 10% of the peak."""
+def _schedule(opt, warmup: int, total: int):
+    """Linear warm-up then cosine decay to 10% of the peak (transformers' schedule)."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        p = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
-
-    return f
+    return get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=0.1)
 
 
 def _log(msg: str, log_every: bool = True) -> None:
@@ -170,6 +166,9 @@ _LATER_SETTINGS = {"max_length", "object_loss_weight", "unet_steps", "unet_batch
                    "train_text_encoder", "high_noise_share", "high_noise_from",
                    "pseudo_word_rate", "zero_terminal_snr", "prediction_type", "eval_images", "eval_inference_steps",
                    "eval_guidance", "save_fp16"}
+
+
+_SPEED_ONLY = {"threads", "checkpoint_every"}  # settings a resumed build may change
 
 
 class _Checkpointer:
@@ -186,32 +185,21 @@ class _Checkpointer:
         return None if self.path is None else self.path.with_name("build-state-vae-done")
 
     def load(self) -> dict[str, Any] | None:
-        if self.path is None or not (self.path / "state.json").is_file():
+        if self.path is None:
             return None
         try:
-            return self._load(self.path)
-        except ValueError:
+            return load_state(self.path, asdict(self.cfg), ignore=_SPEED_ONLY)
+        except StateError:
             # the UNet settings changed since: the end-of-VAE state still resumes (the UNet starts over)
             if self.vae_path is not None and (self.vae_path / "state.json").is_file():
-                return self._load(self.vae_path)
+                return load_state(self.vae_path, asdict(self.cfg), ignore=_SPEED_ONLY | _LATER_SETTINGS)
             raise
-
-    def _load(self, path: Path) -> dict[str, Any]:
-        state = load_nested_state(path)
-        # a state saved at the end of the VAE stage also resumes a build that changed only later settings
-        skip = {"threads", "checkpoint_every"} | (_LATER_SETTINGS if state.get("stage") == "vae_done" else set())
-        mine = {k: v for k, v in json.loads(json.dumps(asdict(self.cfg))).items() if k not in skip}
-        theirs = {k: v for k, v in state["config"].items() if k not in skip}
-        if mine != theirs:
-            diff = sorted(k for k in mine if mine.get(k) != theirs.get(k))
-            raise ValueError(f"{path} was written by a build with other settings ({diff}); remove it or match them")
-        return state
 
     def save(self, state: dict[str, Any]) -> None:
         if self.path is None:
             return
         for path in (self.path, self.vae_path) if state.get("stage") == "vae_done" else (self.path,):
-            save_nested_state(path, {**state, "config": asdict(self.cfg)})
+            save_state(path, state, asdict(self.cfg))
 
 
 def _progress(total: int, initial: int, desc: str, verbose: bool):
@@ -228,7 +216,7 @@ def train_vae(vae, pixels: torch.Tensor, cfg: BuildConfig, rng: np.random.Genera
     steps = cfg.steps(cfg.vae_steps)
     t0, seconds0 = time.time(), float((state or {}).get("timings", {}).get("vae_seconds", 0.0))
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(cfg.warmup_steps, steps), steps))
+    sched = _schedule(opt, min(cfg.warmup_steps, steps), steps)
     start, mse = 0, float("nan")
     if state is not None:
         vae.load_state_dict(state["vae"])
@@ -346,7 +334,7 @@ def train_unet(
     else:
         text_encoder.requires_grad_(False)
     opt = torch.optim.AdamW(groups, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(cfg.warmup_steps, steps), steps))
+    sched = _schedule(opt, min(cfg.warmup_steps, steps), steps)
     models = {"unet": unet, "text_encoder": text_encoder}
     ema_w = {k: {n: p.detach().clone() for n, p in m.named_parameters()} for k, m in models.items()}
     trained = models if cfg.train_text_encoder else {"unet": unet}  # a frozen encoder's average is its weights
@@ -637,7 +625,7 @@ def load_pipeline(path: Path):
 def vae_figures(vae, seed: int = EVAL_SEED, n: int = 256) -> dict[str, Any]:
     """Reconstruction MSE (in [-1, 1] units) on held-out scenes, held-out general images and the 17 subject images,
     and how many subject reconstructions still read as striped in the subject's two colours (checker)."""
-    from . import checker, data
+    from hra_diffusion.tiny import checker, data
 
     def recon(images: list) -> tuple[float, torch.Tensor]:
         x = images_to_tensor(images).to(vae.dtype)
@@ -648,8 +636,8 @@ def vae_figures(vae, seed: int = EVAL_SEED, n: int = 256) -> dict[str, Any]:
     mse_s, rec = recon(subject)
     pil = [_to_pil(r) for r in rec]
     want = tuple(sorted(scenes.SUBJECT.stripes))
-    kept = sum(checker.read_image(im).striped == want for im in pil)
-    orig = sum(checker.read_image(im).striped == want for im in subject)
+    kept = sum(checker.read_scene(im).striped == want for im in pil)
+    orig = sum(checker.read_scene(im).striped == want for im in subject)
     held = [scenes.render(s) for s in scenes.sample_scenes(seed, n)]
     return {
         # how busy the code of plain scenes is (v1's VAE: 0.21; the first v2 VAE without the penalty: 0.54)
@@ -697,7 +685,7 @@ def evaluate_prompts(pipe, prompts: list[str], steps: int = 20, guidance: float 
                      batch: int = 16) -> dict[str, Any]:
     """Generate one image per prompt (seeded) and read it with the checker: the share of prompts whose asked
     background / colour / shape / position / size is right, and the share with any object drawn."""
-    from . import checker
+    from hra_diffusion.tiny import checker
 
     keys = ("background", "colour", "shape", "position", "size")
     hits = {k: [] for k in keys}
@@ -707,7 +695,7 @@ def evaluate_prompts(pipe, prompts: list[str], steps: int = 20, guidance: float 
         gen = torch.Generator().manual_seed(seed + i)
         for prompt, im in zip(chunk, pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gen).images,
                               strict=True):
-            r = checker.read_image(im)
+            r = checker.read_scene(im)
             m = checker.prompt_matches(r, prompt)
             if m["shape"] is None:  # no object: the asked shape is wrong
                 m["shape"] = False

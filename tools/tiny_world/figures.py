@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from . import scenes
+from hra_diffusion.tiny import scenes
+
 from .build import colour_prompts
 
-__all__ = ["samples_figure", "rates_figure"]
+__all__ = ["samples_figure"]
 
 
 @torch.no_grad()
@@ -34,26 +35,6 @@ def samples_figure(pipe, out: Path, n: int = 16, cols: int = 8, scale: int = 4, 
         ok = "ok" if (got_b, got_c) == (b, c) else "x"
         draw.text((x + 2, y + tile + 2), f"{c} {s}/{b}", fill=(0, 0, 0))
         draw.text((x + 2, y + tile + 15), f"read {got_c}/{got_b} {ok}", fill=(90, 90, 90))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
-    return out
-
-
-def rates_figure(images: list, rows: list[dict], out: Path, cols: int = 14, scale: int = 3) -> Path:
-    """A grid of showroom samples, each with a short label: S = striped subject, P = plain (class prompt),
-    and c = context (background/position) right."""
-    tile, label_h = 32 * scale, 14
-    n = len(images)
-    nrows = (n + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * tile, nrows * (tile + label_h)), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for i, (im, row) in enumerate(zip(images, rows, strict=True)):
-        x, y = (i % cols) * tile, (i // cols) * (tile + label_h)
-        sheet.paste(im.resize((tile, tile), Image.NEAREST), (x, y))
-        ok = row.get("subject_ok", row.get("plain_ok"))
-        kind = "S" if "subject_ok" in row else "P"
-        draw.text((x + 2, y + tile + 1), f"{kind}{'+' if ok else '-'} {'c' if row['context_ok'] else 'x'}", fill=(0, 0, 0))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)

@@ -11,13 +11,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..adapters.config import HRAConfig
-from ..adapters.model import inject_hra
-from ..conditioning import PromptConditioner, load_conditioner, pipeline_family, read_model_index
-from ..utils import dtype_kwargs
+from .adapters.config import HRAConfig
+from .adapters.model import inject_hra
+from .conditioning import PromptConditioner, load_conditioner, pipeline_family, read_model_index
+from .utils import dtype_kwargs
 
-__all__ = ["BaseModelError", "SDComponents", "load_sd_components", "weight_dtype_for", "vae_dtype_for", "add_hra",
-           "add_unet_adapter", "is_offline"]
+__all__ = ["BaseModelError", "SDComponents", "load_sd_components", "load_separate_vae", "weight_dtype_for",
+           "vae_dtype_for", "add_hra", "add_unet_adapter", "is_offline"]
 
 
 class BaseModelError(OSError):
@@ -126,7 +126,7 @@ def load_sd_components(
     except (OSError, ValueError) as err:
         raise _describe_failure(name, err) from None
     if vae_model:
-        vae = _separate_vae(vae_model, family, weight_dtype)
+        vae = load_separate_vae(vae_model, family, weight_dtype)
     for module in (vae, unet):
         module.requires_grad_(False)
         module.eval()
@@ -159,7 +159,7 @@ def _load_vae(source: str, subfolder: str | None, variant: str | None, family: s
     return vae
 
 
-def _separate_vae(vae_model: str, family: str, weight_dtype: torch.dtype) -> nn.Module:
+def load_separate_vae(vae_model: str, family: str, weight_dtype: torch.dtype) -> nn.Module:
     """``--pretrained_vae_model``: an AutoencoderKL folder or hub id (a pipeline folder's ``vae/`` also works)."""
     local = Path(vae_model).expanduser()
     subfolder = "vae" if local.is_dir() and (local / "vae" / "config.json").is_file() else None
@@ -211,7 +211,7 @@ def add_unet_adapter(unet: nn.Module, cfg, what: str = "UNet") -> HRAConfig | No
                         orth_lambda=cfg.orth_lambda, seed=cfg.seed)
         add_hra(unet, hra, what)
         return hra
-    from ..adapters.peft_baselines import inject_baseline
+    from .adapters.peft_baselines import inject_baseline
 
     try:
         inject_baseline(unet, cfg.baseline_spec())

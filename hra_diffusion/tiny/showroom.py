@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image, ImageDraw
 
 from . import checker, data
 
-__all__ = ["has_showroom", "showroom_prompts", "showroom_rates", "load_with_adapter", "format_rates"]
+__all__ = ["has_showroom", "showroom_prompts", "showroom_rates", "load_with_adapter", "format_rates", "rates_figure",
+           "measure"]
 
 SEEDS = (0, 1, 2)
 CLASS_IMAGES = 4  # images of each class check prompt per seed
@@ -81,11 +83,13 @@ def showroom_rates(pipe, subject_file: str | Path | None = None, seeds: tuple[in
 def load_with_adapter(base: str | Path, adapter: str | Path | None):
     """The tiny pipeline (fp32, CPU) with a DreamBooth adapter (UNet, and text encoder if saved) loaded, sampling
     with the trainer's validation sampler, so the rates here are the ones the trainer reported."""
-    from ..adapters.io import load_adapter
-    from ..training.validation import sampler_for
-    from .build import load_pipeline
+    from diffusers import StableDiffusionPipeline
 
-    pipe = load_pipeline(Path(base))
+    from ..adapters.io import load_adapter
+    from ..sampling import sampler_for
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(base), torch_dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = sampler_for(pipe.scheduler)
     if adapter is not None:
         load_adapter(pipe.unet, adapter)
@@ -104,3 +108,36 @@ def format_rates(rates: dict[str, Any]) -> str:
             f"asked background/position right in {pct(rates['context_rate'])} of those; "
             f"class prompt plain one-colour {pct(rates['class_plain_rate'])} of {rates['n_class']} "
             f"(stripes leaking {pct(rates['class_striped_rate'])})")
+
+
+def rates_figure(images: list, rows: list[dict], out: Path, cols: int = 14, scale: int = 3) -> Path:
+    """A grid of showroom samples, each with a short label: S = striped subject, P = plain (class prompt),
+    and c = context (background/position) right."""
+    tile, label_h = 32 * scale, 14
+    n = len(images)
+    nrows = (n + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * tile, nrows * (tile + label_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, (im, row) in enumerate(zip(images, rows, strict=True)):
+        x, y = (i % cols) * tile, (i // cols) * (tile + label_h)
+        sheet.paste(im.resize((tile, tile), Image.NEAREST), (x, y))
+        ok = row.get("subject_ok", row.get("plain_ok"))
+        kind = "S" if "subject_ok" in row else "P"
+        draw.text((x + 2, y + tile + 1), f"{kind}{'+' if ok else '-'} {'c' if row['context_ok'] else 'x'}", fill=(0, 0, 0))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
+
+
+def measure(pipe, subject_file: str | Path, guidance: float, out_dir: str | Path) -> dict[str, Any]:
+    """The check a tiny-world subject.json names (``"showroom": "hra_diffusion.tiny.showroom:measure"``), which the
+    DreamBooth trainer runs on the trained pipeline: the showroom rates, their grid in
+    ``<out_dir>/validation/showroom.png``, and the lines for the summary and the model card."""
+    rates = showroom_rates(pipe, subject_file, guidance=guidance, return_images=True)
+    grid = rates_figure(rates.pop("images"), rates.pop("rows"), Path(out_dir) / "validation" / "showroom.png",
+                        cols=rates.pop("row_length"))
+    line = format_rates(rates)
+    return {"name": "tiny-world showroom", "results": rates, "line": line, "figure": str(grid),
+            "card": f"{line}; seeds {rates['seeds']}, {rates['inference_steps']} steps, guidance "
+                    f"{rates['guidance_scale']} (`validation/showroom.png`)"}

@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..paths import TINY_CONTROL_DIR, TINY_EXTRACTORS_DIR, TINY_SUBJECT_DIR
-from . import scenes
-from .data import subject_scenes
+from hra_diffusion.paths import TINY_CONTROL_DIR, TINY_EXTRACTORS_DIR, TINY_SUBJECT_DIR
+from hra_diffusion.tiny import scenes
+from hra_diffusion.tiny.data import subject_scenes
+
 from .extractor_data import Item, images_to_tensor, render_item
 
 __all__ = [
     "EVAL_SEED",
-    "require_extractors",
     "load_tiny_extractors",
     "subject_images",
     "plain_stars",
@@ -45,31 +45,17 @@ __all__ = [
 EVAL_SEED = 4321  # rendered held-out scenes (the extractors train on other seeds)
 
 
-def require_extractors(folder: str | Path = TINY_EXTRACTORS_DIR) -> Path:
-    """``folder`` if it holds both built extractors, else a FileNotFoundError naming the command that builds them."""
-    from .extractors import BUILD_COMMAND
-
-    folder = Path(folder)
-    missing = [p for p in ("clip/open_clip_config.json", "clip/open_clip_model.safetensors", "dino/config.json",
-                           "dino/model.safetensors", "dino/preprocessor_config.json") if not (folder / p).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"the tiny-world feature extractors in {str(folder)!r} are missing or incomplete ({', '.join(missing)}); "
-            f"build them with `{BUILD_COMMAND}` from the repository root (about 11 min on 2 CPU cores), or pass "
-            "real weights with --dino-model / --clip-model")
-    return folder
-
-
 def load_tiny_extractors(folder: str | Path = TINY_EXTRACTORS_DIR, device: str = "cpu"):
     """(DINOExtractor, CLIPExtractor) of the tiny world, loaded the way the scorer loads local weights."""
-    from ..metrics.extractors import load_clip, load_dino
+    from hra_diffusion.metrics.choice import require_extractors
+    from hra_diffusion.metrics.extractors import load_clip, load_dino
 
     folder = require_extractors(folder)
     return load_dino(str(folder / "dino"), device=device), load_clip(str(folder / "clip"), None, device=device)
 
 
 def _load(files: list[Path]) -> torch.Tensor:
-    from ..samples import load_image
+    from hra_diffusion.samples import load_image
 
     return torch.stack([load_image(f) for f in files])
 
@@ -235,8 +221,9 @@ def _untrained(cfg) -> tuple[Any, Any]:
     """The same architectures with fresh weights, as scorer extractors: what the training adds shows against it."""
     from open_clip.tokenizer import SimpleTokenizer
 
-    from ..metrics.extractors import CLIPExtractor, DINOExtractor
-    from .extractors import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD, make_clip, make_dino
+    from hra_diffusion.metrics.extractors import CLIPExtractor, DINOExtractor
+
+    from .extractor_models import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD, make_clip, make_dino
 
     torch.manual_seed(cfg.seed + 99)
     vit, _ = make_dino(cfg)

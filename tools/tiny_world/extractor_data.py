@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import scenes
+from hra_diffusion.tiny import scenes
 
 __all__ = [
     "FILLS",
