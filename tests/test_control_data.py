@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from hra_diffusion.conditions import ConditionCache, ConditionError, make_detector, supported_conditions
+from hra_diffusion.detectors import ConditionCache, ConditionError, make_detector, supported_conditions
 from hra_diffusion.images import ImageTransform
 from hra_diffusion.training.control_data import (
     ColumnNames,

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from hra_diffusion.conditions import ConditionError
 from hra_diffusion.control import ENCODER_PREFIX, load_control_adapter
+from hra_diffusion.detectors import ConditionError
 from hra_diffusion.paths import TINY_CONTROL_DIR, TINY_MODEL_DIR
 from hra_diffusion.training import latest_checkpoint, list_checkpoints, make_accelerator
 from hra_diffusion.training.config import ConfigError
@@ -184,7 +184,7 @@ def test_learns_to_follow_the_condition(default_run):
     from diffusers import StableDiffusionPipeline
 
     from hra_diffusion.control import attach_condition_encoder
-    from hra_diffusion.metrics.control_eval import control_consistency
+    from hra_diffusion.metrics.edge_consistency import control_consistency
     from hra_diffusion.sampling import build_pipeline
 
     out = default_run[0]

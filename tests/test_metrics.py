@@ -341,7 +341,7 @@ def test_control_missing_weights_message_or_skip(tmp_path):
 
 
 def test_conditions_and_the_canny_metric_share_one_edge_detector():
-    from hra_diffusion.conditions import make_detector
+    from hra_diffusion.detectors import make_detector
 
     detect = make_detector("canny")
     for size in (64, 48):  # a multiple of 64 (controlnet-aux's CannyDetector) and not (cv2.Canny at that size)

@@ -138,3 +138,30 @@ def test_an_adapter_with_nan_values_is_not_checkpointed(tmp_path, accelerator):
         save_checkpoint(accelerator, tmp_path, 2)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
     assert not (tmp_path / "checkpoints" / ".checkpoint-2.tmp").exists()
+
+
+def test_optimizer_state_reads_the_current_and_the_format_2_layout(tmp_path):
+    """Checkpoints store the optimizer through the one state store (hra_diffusion.state.pack); those written
+    before it (format 2: tensors keyed "<param>.<name>", the rest as JSON) still resume."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from hra_diffusion.training.checkpoint import _optimizer_payload, _optimizer_state
+
+    w = torch.nn.Parameter(torch.randn(3, 2))
+    opt = torch.optim.AdamW([w], lr=1e-3, betas=(0.9, 0.99))
+    w.grad = torch.ones_like(w)
+    opt.step()
+    tensors, meta = _optimizer_payload(opt)
+    save_file(tensors, str(tmp_path / "new.safetensors"), metadata=meta)
+    old = {f"{i}.{k}": v for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
+    save_file(old, str(tmp_path / "old.safetensors"),
+              metadata={"param_groups": json.dumps(opt.state_dict()["param_groups"]), "scalars": "{}"})
+    for name in ("new", "old"):
+        sd = _optimizer_state(tmp_path / f"{name}.safetensors")
+        assert sd["param_groups"][0]["betas"] == (0.9, 0.99) and sd["param_groups"][0]["lr"] == 1e-3
+        torch.testing.assert_close(sd["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+        again = torch.optim.AdamW([torch.nn.Parameter(w.detach().clone())], lr=1e-3)
+        again.load_state_dict(sd)  # loads as a live optimizer's own

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
 
 from hra_diffusion.training import NonFiniteLossError
 from hra_diffusion.training.checkpoint import (
@@ -28,13 +27,8 @@ from hra_diffusion.training.checkpoint import (
     verify_checkpoint,
 )
 from hra_diffusion.training.config import ConfigError
-from hra_diffusion.training.run_guard import (
-    _physical_cores,
-    accelerate_default_threads,
-    identity_changes,
-    resume_command,
-    run_identity,
-)
+from hra_diffusion.training.run_guard import identity_changes, resume_command, run_identity
+from hra_diffusion.training.threads import _physical_cores, accelerate_default_threads
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "train"))
@@ -95,8 +89,9 @@ def run_copy(finished_run, tmp_path) -> Path:
 
 
 def _optimizer_lrs(ckpt: Path) -> list[float]:
-    with safe_open(str(ckpt / OPTIMIZER_FILE), framework="pt") as f:
-        return [g["lr"] for g in json.loads(f.metadata()["param_groups"])]
+    from hra_diffusion.training.checkpoint import _optimizer_state
+
+    return [g["lr"] for g in _optimizer_state(ckpt / OPTIMIZER_FILE)["param_groups"]]
 
 
 # ---- resume: identity and optimisation settings ------------------------------------------------------

@@ -166,7 +166,7 @@ def test_card_facts_put_the_tasks_own_rows_in_place():
 def test_summary_names_a_hub_base_for_generate(tmp_path, capsys):
     """generate finds a local base from the adapter's record, not a hub id: the suggested command passes it."""
     from hra_diffusion.training.config import ControlConfig
-    from hra_diffusion.training.run_guard import print_summary
+    from hra_diffusion.training.summary import print_summary
 
     result = TrainResult(global_step=3, seconds=1.0)
     hub = print_summary(TrainConfig(pretrained_model="stabilityai/stable-diffusion-xl-base-1.0",

@@ -3,6 +3,7 @@ hra_diffusion, checked against the layer table below, and the layer diagram of d
 
     python -m tools.architecture            # print the diagram (docs/architecture.md holds it between its markers)
     python -m tools.architecture --check    # exit 1 listing each import that points up a layer, and each circle
+    python -m tools.architecture --write    # refresh the diagram in docs/architecture.md
 
 A module may import its own layer and the layers below it. tests/test_architecture.py runs the check.
 """
@@ -18,10 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "hra_diffusion"
 # lowest first; a module belongs to the first entry that is its name or a parent package of it
 LAYERS: list[tuple[str, list[str]]] = [
-    ("core", ["hra_diffusion.utils", "hra_diffusion.errors", "hra_diffusion.paths", "hra_diffusion.version",
+    ("core", ["hra_diffusion.utils", "hra_diffusion.errors", "hra_diffusion.paths", "hra_diffusion.version", "hra_diffusion.state",
               "hra_diffusion.adapters"]),
     ("building blocks", ["hra_diffusion.conditioning", "hra_diffusion.images", "hra_diffusion.samples",
-                         "hra_diffusion.sample_dir", "hra_diffusion.conditions", "hra_diffusion.control",
+                         "hra_diffusion.sample_dir", "hra_diffusion.detectors", "hra_diffusion.control",
                          "hra_diffusion.models", "hra_diffusion.sampling", "hra_diffusion.noise"]),
     ("generation, metrics, the tiny world", ["hra_diffusion.generate", "hra_diffusion.metrics", "hra_diffusion.tiny"]),
     ("training", ["hra_diffusion.training"]),
@@ -76,7 +77,8 @@ def layer_of(module: str) -> int:
     best = None
     for i, (_, prefixes) in enumerate(LAYERS):
         for p in prefixes:
-            if (module == p or module.startswith(p + ".")) and (best is None or len(p) > best[1]):
+            inside = module.startswith(p + ".") and p != PACKAGE  # the package itself: its __init__ only
+            if (module == p or inside) and (best is None or len(p) > best[1]):
                 best = (i, len(p))
     if best is None:
         raise KeyError(f"{module} is in no layer of tools/architecture.py's LAYERS: add it")
@@ -153,6 +155,12 @@ def main(argv: list[str]) -> int:
         for loop in loops:
             print("circle:", " -> ".join(loop))
         return 1 if bad or loops else 0
+    if "--write" in argv:  # refresh docs/architecture.md's copy
+        doc = ROOT / "docs" / "architecture.md"
+        text = doc.read_text()
+        start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+        doc.write_text(text[:start] + "\n" + diagram() + "\n" + text[end:])
+        return 0
     print(diagram())
     return 0
 

@@ -50,7 +50,7 @@ def evaluate_control(cfg: CompareConfig, setup: dict, pairs: list, adapter: str 
     from diffusers import StableDiffusionPipeline
 
     from ..control import attach_condition_encoder, load_trained_adapter
-    from ..metrics.control_eval import control_consistency
+    from ..metrics.edge_consistency import control_consistency
     from ..sampling import build_pipeline, eval_mode, sampler_for
     from ..utils import default_device
 
@@ -87,7 +87,7 @@ def evaluate_control_references(cfg: CompareConfig, setup: dict, pairs: dict[str
     import numpy as np
     from PIL import Image
 
-    from ..metrics.control_eval import edge_consistency
+    from ..metrics.edge_consistency import edge_consistency
     from .runs import cached
 
     refs = {f"base_{split}": cached(cfg, cfg.out / "reference" / split / "base" / "eval.json",

@@ -3,7 +3,7 @@
 
 ``encoder``: the encoder, the ``conv_in`` hook (both classifier-free-guidance branches get the control),
 ``ControlledUNet``, ``prepare_condition``. ``io``: the control adapter folder (any adapter kind + encoder).
-``conditions`` (``hra_diffusion.conditions``) computes condition images (Canny, HED, ...).
+``hra_diffusion.detectors`` computes condition images (Canny, HED, ...).
 """
 
 from .encoder import (

@@ -5,7 +5,7 @@ HED/lineart SSIM, depth RMSE, segmentation mIoU, face-landmark error; ``control_
 protocols of the official HRA code and ControlNet++ (docs/generate-score.md), with feature extractors, pure metric functions, a feature cache and an HTML report.
 Model-side evaluation used by the trainers' tests and eval/compare.py (imported on demand, as they load
 the training stack): ``denoising.fixed_noise_loss`` (held-out denoising loss) and
-``control_eval.control_consistency`` (Canny-edge F1 of images generated from held-out conditions).
+``edge_consistency.control_consistency`` (Canny-edge F1 of images generated from held-out conditions).
 Sample folders, manifests and image listing are read by ``hra_diffusion.samples``.
 """
 

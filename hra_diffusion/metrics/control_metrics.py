@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..conditions import canny
+from ..detectors import canny
 from ..images import open_image
 from ..samples import SampleRow, read_samples
 from .control_models import (

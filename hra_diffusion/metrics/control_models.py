@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..conditions import load_annotator
+from ..detectors import load_annotator
 from .extractors import IMAGENET_MEAN, IMAGENET_STD, WeightsUnavailableError, weights_error
 
 __all__ = [

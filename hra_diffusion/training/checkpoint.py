@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from ..state import pack, unpack
 
 __all__ = [
     "MARKER",
@@ -54,7 +55,8 @@ __all__ = [
 ]
 
 MARKER = "checkpoint.json"
-FORMAT = "hra-diffusion-checkpoint/2"
+FORMAT = "hra-diffusion-checkpoint/3"
+READABLE = ("hra-diffusion-checkpoint/2", FORMAT)  # 2: the optimizer state in its own layout
 OPTIMIZER_FILE = "optimizer.safetensors"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _NAMES_ATTR = "_hra_checkpoint_names"
@@ -137,7 +139,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     doc = _read_marker(path)
-    if doc.get("format") != FORMAT or not isinstance(doc.get("files"), dict):
+    if doc.get("format") not in READABLE or not isinstance(doc.get("files"), dict):
         raise _damaged(path, "written by an older hra-diffusion (no checksums; its optimizer state is a pickle, "
                              "which is never read): it cannot be resumed; start a new run or use a newer checkpoint")
     for name, meta in doc["files"].items():
@@ -242,38 +244,33 @@ def _jsonable(value: Any) -> Any:
 
 
 def _optimizer_payload(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """An optimizer state_dict as (tensors, metadata): state tensors keyed ``<param index>.<name>``."""
-    sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[key] = _jsonable(value)
-    meta = {"param_groups": json.dumps(_jsonable(sd["param_groups"])), "scalars": json.dumps(scalars)}
-    return tensors, meta
+    """An optimizer state_dict as (tensors, metadata) through the one state store's :func:`~hra_diffusion.state.pack`."""
+    tensors, doc = pack(optimizer.state_dict())
+    return tensors, {"state": json.dumps(doc)}
 
 
 def _optimizer_state(path: Path) -> dict[str, Any]:
-    """Rebuild an optimizer state_dict from :func:`_optimizer_payload`'s file."""
+    """Rebuild an optimizer state_dict from :func:`_optimizer_payload`'s file (or a format-2 checkpoint's)."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    if "param_groups" not in meta:
-        raise CheckpointError(f"{path} holds no optimizer parameter groups (not written by hra-diffusion)")
     tensors = load_file(str(path))
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    for idx, values in json.loads(meta.get("scalars", "{}")).items():
-        state.setdefault(int(idx), {}).update(values)
-    groups = json.loads(meta["param_groups"])
-    for g in groups:
+    if "state" in meta:
+        sd = unpack(tensors, json.loads(meta["state"]))
+        sd["state"] = {int(k): v for k, v in sd["state"].items()}
+    elif "param_groups" in meta:  # format 2: tensors keyed "<param index>.<name>", the rest as JSON
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            idx, name = key.split(".", 1)
+            state.setdefault(int(idx), {})[name] = value
+        for idx, values in json.loads(meta.get("scalars", "{}")).items():
+            state.setdefault(int(idx), {}).update(values)
+        sd = {"state": state, "param_groups": json.loads(meta["param_groups"])}
+    else:
+        raise CheckpointError(f"{path} holds no optimizer state (not written by hra-diffusion)")
+    for g in sd["param_groups"]:
         if isinstance(g.get("betas"), list):
             g["betas"] = tuple(g["betas"])
-    return {"state": state, "param_groups": groups}
+    return sd
 
 
 def _check_finite(models: list[tuple[str, nn.Module]], step: int) -> None:

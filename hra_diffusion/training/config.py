@@ -348,7 +348,7 @@ class ControlConfig(TrainConfig):
         if self.validation_scheduler not in VALIDATION_SCHEDULERS:
             raise ConfigError(f"validation_scheduler must be one of {list(VALIDATION_SCHEDULERS)}, got {self.validation_scheduler!r}")
         if self.condition is not None:
-            from ..conditions import detector_key, supported_conditions
+            from ..detectors import detector_key, supported_conditions
 
             if self.condition not in supported_conditions():
                 detector_key(self.condition)  # raises ConditionError listing the supported types

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..conditions import ConditionCache
+from ..detectors import ConditionCache
 from ..images import CONDITION_BACKGROUND, PHOTO_BACKGROUND, ImageTransform, open_image
 from ..samples import read_jsonl
 from ..utils import stream_seed

@@ -19,13 +19,13 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from ..conditions import ConditionCache, detector_key, make_detector
 from ..control import (
     attach_condition_encoder,
     build_condition_encoder,
     prepare_condition,
     save_control_adapter,
 )
+from ..detectors import ConditionCache, detector_key, make_detector
 from ..images import CONDITION_BACKGROUND, ImageTransform, open_image
 from ..sampling import eval_mode, generate_images, sampler_for
 from .card import adapter_facts, write_model_card
@@ -40,9 +40,9 @@ from .control_data import (
     rows_from_folder,
 )
 from .loss import denoising_loss, with_orthogonality
-from .run_guard import resume_notes
 from .runner import run_task
 from .sd_task import StableDiffusionTask
+from .summary import resume_notes
 from .trainer import TrainResult
 
 # ControlConfig lives in .config with the other task configs (re-exported here)
@@ -215,7 +215,7 @@ class ControlTask(StableDiffusionTask):
         consistency of the trained adapter: Canny F1 of one image per pair against its condition, pixel-wise and 1-px
         tolerant, and the same with each pair fed another pair's condition (a controller that ignores its
         condition scores alike). Saved to ``logs/heldout_f1.json``, printed, and put in the model card."""
-        from ..metrics.control_eval import control_consistency
+        from ..metrics.edge_consistency import control_consistency
 
         cfg = self.cfg
         # (given condition images only: computing them here, on the main process alone, would need the ranks)

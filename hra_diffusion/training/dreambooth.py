@@ -26,9 +26,9 @@ from .config import ConfigError, DreamBoothConfig
 from .data import CachedLatent, ImageFolderDataset
 from .loss import denoising_loss, pixel_weights, with_orthogonality
 from .prior import CLASS_CAPTION_EXTENSION, class_prompts, generate_class_images, missing_class_images
-from .run_guard import resume_notes
 from .runner import run_task
 from .sd_task import StableDiffusionTask
+from .summary import resume_notes
 from .trainer import TrainResult
 
 __all__ = ["apply_subject_file", "DreamBoothTask", "train_dreambooth", "TEXT_ENCODER_ADAPTER_SUBDIR"]

@@ -10,9 +10,6 @@
 - :class:`RunGuard`: the training loop's side of it: resume (newest intact checkpoint), checkpoints with
   the run's identity, a stop on Ctrl-C (SIGINT) or SIGTERM at the next step boundary that saves a
   checkpoint first, and the words for NaN stops.
-- :func:`use_cpu_threads`: ``accelerate launch`` without ``--cpu`` on a machine without a GPU sets
-  ``OMP_NUM_THREADS=1``; training on CPU then uses the physical cores unless the user chose a count.
-- :func:`print_summary`: the end-of-run summary (where things are, key figures, next commands).
 """
 
 from __future__ import annotations
@@ -51,11 +48,7 @@ __all__ = [
     "optimisation_settings",
     "identity_changes",
     "folder_fingerprint",
-    "accelerate_default_threads",
-    "use_cpu_threads",
     "resume_command",
-    "print_summary",
-    "resume_notes",
 ]
 
 # a change to any of these makes a resumed run continue another run's checkpoint (refused unless
@@ -419,131 +412,3 @@ class RunGuard:
                    f"Resume with: {resume_command(self.cfg)}")
         self.say(message)
         raise TrainingInterrupted(message)
-
-
-# ---- threads ----------------------------------------------------------------------------------------
-
-def accelerate_default_threads(env: dict[str, str], parent_env: dict[str, str] | None,
-                               parent_cmdline: list[str] | None) -> bool:
-    """True when OMP_NUM_THREADS=1 is accelerate launch's default rather than the user's choice.
-
-    accelerate launch (without --cpu, without --num_cpu_threads_per_process) sets OMP_NUM_THREADS=1 in
-    the training process when the launcher's own environment has no OMP_NUM_THREADS. So: the value is 1,
-    the process was started by accelerate launch (its ACCELERATE_* variables), the launcher (the parent
-    process) had no OMP_NUM_THREADS and was not given --num_cpu_threads_per_process. When the parent
-    cannot be read, the value is treated as the user's.
-    """
-    if env.get("OMP_NUM_THREADS") != "1":
-        return False
-    if not any(k in env for k in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND")):
-        return False
-    if parent_env is None or parent_cmdline is None:
-        return False
-    if "OMP_NUM_THREADS" in parent_env:
-        return False
-    return not any(a.replace("-", "_").startswith("__num_cpu_threads_per_process") for a in parent_cmdline)
-
-
-def _physical_cores() -> int:
-    try:
-        import psutil
-
-        physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:  # pragma: no cover - psutil comes with accelerate
-        physical = os.cpu_count() or 1
-    try:
-        physical = min(physical, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        pass
-    return max(1, physical)
-
-
-def use_cpu_threads(accelerator) -> int | None:
-    """On CPU, replace accelerate launch's default of one thread by the physical cores (shared between
-    the processes on this machine); a count the user set (OMP_NUM_THREADS, --num_cpu_threads_per_process)
-    is kept. Returns the thread count set, or None when nothing changed."""
-    if accelerator.device.type != "cpu":
-        return None
-    parent_env = parent_cmdline = None
-    try:
-        import psutil
-
-        parent = psutil.Process(os.getppid())
-        parent_env, parent_cmdline = parent.environ(), parent.cmdline()
-    except Exception:  # noqa: BLE001 - no access to the parent: keep the setting
-        pass
-    if not accelerate_default_threads(dict(os.environ), parent_env, parent_cmdline):
-        return None
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    threads = max(1, _physical_cores() // max(1, local))
-    if threads <= 1:
-        return None
-    import torch
-
-    torch.set_num_threads(threads)
-    if accelerator.is_local_main_process:
-        _say(f"training on CPU with {threads} threads per process (accelerate launch set OMP_NUM_THREADS=1, its "
-             "default without --cpu; set OMP_NUM_THREADS or --num_cpu_threads_per_process to choose)")
-    return threads
-
-
-# ---- the end of a run --------------------------------------------------------------------------------
-
-def resume_notes(result) -> list[str]:
-    """Model-card notes for optimisation settings changed on resume (the card's table shows the new ones)."""
-    if not getattr(result, "resume_changes", None) or result.resumed_from is None:
-        return []
-    listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in result.resume_changes.items())
-    return [f"resumed from `{Path(result.resumed_from).name}` with changed optimisation settings ({listed}); "
-            "the earlier values were used before it"]
-
-
-def sampling_flags(cfg) -> str:
-    """``--scheduler S [--steps N] [--guidance G] `` for the suggested generate command: the sampler, steps and
-    scale the run's validation grids were drawn with, where generate's defaults differ (its scheduler is the
-    base's saved one, 25 steps, scale 7.5), so its samples look like the grids (the tiny world's tuned models
-    over-saturate at 7.5: red stripes turn black)."""
-    from ..generate import GenerateConfig
-    from ..sampling import validation_sampler
-
-    flags = f"--scheduler {validation_sampler(cfg)[0]} "
-    steps = getattr(cfg, "validation_inference_steps", None)
-    if steps is not None and steps != GenerateConfig.steps:
-        flags += f"--steps {steps} "
-    scale = getattr(cfg, "validation_guidance_scale", None)
-    if scale is not None and scale != GenerateConfig.guidance_scale:
-        flags += f"--guidance {scale:g} "
-    return flags
-
-
-def print_summary(cfg, result, kind: str, generate_hint: str = "") -> str:
-    """Print (and return) the end-of-run summary: files, key figures, next commands."""
-    out = Path(cfg.output_dir)
-    adapter = out / "adapter"
-    stats = result.stats or {}
-    trainable = stats.get("trainable_parameters") or {}
-    loss = stats.get("final_loss")
-    figures = [f"{result.global_step} steps", f"{result.seconds:.0f} s"]
-    if result.resumed_from is not None:
-        figures.append(f"resumed from {Path(result.resumed_from).name}")
-    if loss is not None:
-        figures.append(f"final loss {loss:.4f}")
-    if trainable:
-        figures.append("trainable values " + ", ".join(f"{n} {v:,}" for n, v in trainable.items()))
-    q = shlex.quote
-    # generate finds a local base from the adapter, but falls back to the tiny world for a hub id: name it
-    base = "" if Path(cfg.pretrained_model).expanduser().is_dir() else f"--base {q(cfg.pretrained_model)} "
-    generate_hint += sampling_flags(cfg)
-    lines = [
-        f"{kind} training finished: {'; '.join(figures)}",
-        *[f"  {line}" for line in stats.get("report", [])],
-        f"  adapter:    {adapter}",
-        f"  model card: {out / 'README.md'}",
-        f"  config:     {out / RESOLVED_CONFIG_NAME}",
-        "next:",
-        f"  hra-diffusion generate {base}--adapter {q(str(adapter))} {generate_hint}--out {q(str(out / 'samples'))}",
-        f"  hra-diffusion export --adapter {q(str(adapter))} --to lora --out {q(str(out / 'adapter-lora'))}",
-    ]
-    text = "\n".join(lines)
-    print(text, flush=True)
-    return text

@@ -19,7 +19,9 @@ from ..errors import error_boundary, pop_debug_flag
 from ..paths import REPO_ROOT
 from .config import ConfigError, ControlConfig, DreamBoothConfig, TrainConfig
 from .recipes import parse_config, save_resolved_config
-from .run_guard import check_run_start, print_summary, use_cpu_threads
+from .run_guard import check_run_start
+from .summary import print_summary
+from .threads import use_cpu_threads
 from .trainer import TrainResult, make_accelerator, run_training
 
 __all__ = ["TaskSpec", "TASKS", "task_spec", "parse_task_config", "run_task", "run_script"]

@@ -1,0 +1,71 @@
+"""The end of a run: the summary it prints (where things are, key figures, the next commands, which run as printed)
+and the model card's notes on settings changed at a resume."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from .recipes import RESOLVED_CONFIG_NAME
+
+__all__ = ["print_summary", "sampling_flags", "resume_notes"]
+
+
+def resume_notes(result) -> list[str]:
+    """Model-card notes for optimisation settings changed on resume (the card's table shows the new ones)."""
+    if not getattr(result, "resume_changes", None) or result.resumed_from is None:
+        return []
+    listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in result.resume_changes.items())
+    return [f"resumed from `{Path(result.resumed_from).name}` with changed optimisation settings ({listed}); "
+            "the earlier values were used before it"]
+
+
+def sampling_flags(cfg) -> str:
+    """``--scheduler S [--steps N] [--guidance G] `` for the suggested generate command: the sampler, steps and
+    scale the run's validation grids were drawn with, where generate's defaults differ (its scheduler is the
+    base's saved one, 25 steps, scale 7.5), so its samples look like the grids (the tiny world's tuned models
+    over-saturate at 7.5: red stripes turn black)."""
+    from ..generate import GenerateConfig
+    from ..sampling import validation_sampler
+
+    flags = f"--scheduler {validation_sampler(cfg)[0]} "
+    steps = getattr(cfg, "validation_inference_steps", None)
+    if steps is not None and steps != GenerateConfig.steps:
+        flags += f"--steps {steps} "
+    scale = getattr(cfg, "validation_guidance_scale", None)
+    if scale is not None and scale != GenerateConfig.guidance_scale:
+        flags += f"--guidance {scale:g} "
+    return flags
+
+
+def print_summary(cfg, result, kind: str, generate_hint: str = "") -> str:
+    """Print (and return) the end-of-run summary: files, key figures, next commands."""
+    out = Path(cfg.output_dir)
+    adapter = out / "adapter"
+    stats = result.stats or {}
+    trainable = stats.get("trainable_parameters") or {}
+    loss = stats.get("final_loss")
+    figures = [f"{result.global_step} steps", f"{result.seconds:.0f} s"]
+    if result.resumed_from is not None:
+        figures.append(f"resumed from {Path(result.resumed_from).name}")
+    if loss is not None:
+        figures.append(f"final loss {loss:.4f}")
+    if trainable:
+        figures.append("trainable values " + ", ".join(f"{n} {v:,}" for n, v in trainable.items()))
+    q = shlex.quote
+    # generate finds a local base from the adapter, but falls back to the tiny world for a hub id: name it
+    base = "" if Path(cfg.pretrained_model).expanduser().is_dir() else f"--base {q(cfg.pretrained_model)} "
+    generate_hint += sampling_flags(cfg)
+    lines = [
+        f"{kind} training finished: {'; '.join(figures)}",
+        *[f"  {line}" for line in stats.get("report", [])],
+        f"  adapter:    {adapter}",
+        f"  model card: {out / 'README.md'}",
+        f"  config:     {out / RESOLVED_CONFIG_NAME}",
+        "next:",
+        f"  hra-diffusion generate {base}--adapter {q(str(adapter))} {generate_hint}--out {q(str(out / 'samples'))}",
+        f"  hra-diffusion export --adapter {q(str(adapter))} --to lora --out {q(str(out / 'adapter-lora'))}",
+    ]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
