@@ -7,7 +7,6 @@ build tools (:func:`save_state` / :func:`load_state`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -16,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .utils import atomic_directory
+from .utils import atomic_directory, sha256_file
 
 __all__ = ["pack", "unpack", "save_state", "load_state", "StateError"]
 
@@ -67,14 +66,6 @@ def unpack(tensors: dict[str, torch.Tensor], doc: Any) -> Any:
     return unwalk(doc)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_state(folder: str | os.PathLike, state: dict, settings: dict | None = None) -> Path:
     """Write ``state`` to ``folder`` (``state.safetensors`` + ``state.json``, the folder swapped in whole), with
     the ``settings`` it belongs to and the tensors file's checksum."""
@@ -84,7 +75,7 @@ def save_state(folder: str | os.PathLike, state: dict, settings: dict | None = N
     with atomic_directory(folder) as tmp:
         save_file(tensors, str(tmp / TENSORS))
         (tmp / DOC).write_text(json.dumps({"state": doc, "settings": json.loads(json.dumps(settings or {})),
-                                           "sha256": _sha256(tmp / TENSORS)}))
+                                           "sha256": sha256_file(tmp / TENSORS)}))
     return Path(folder)
 
 
@@ -97,7 +88,7 @@ def load_state(folder: str | os.PathLike, settings: dict | None = None, ignore: 
     if not (folder / DOC).is_file():
         return None
     saved = json.loads((folder / DOC).read_text())
-    if not (folder / TENSORS).is_file() or _sha256(folder / TENSORS) != saved["sha256"]:
+    if not (folder / TENSORS).is_file() or sha256_file(folder / TENSORS) != saved["sha256"]:
         raise StateError(f"the state in {folder} is damaged ({TENSORS} is missing or does not match its checksum); "
                          "remove the folder and start again")
     if settings is not None:

@@ -9,13 +9,22 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["stream_seed", "atomic_directory", "default_device", "dtype_kwargs", "quiet_hub_warnings"]
+__all__ = ["stream_seed", "sha256_file", "atomic_directory", "default_device", "dtype_kwargs", "quiet_hub_warnings"]
 
 
 def stream_seed(*parts: int | str) -> int:
     """A 63-bit seed derived from ``parts`` (stable across runs, processes and Python versions)."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class atomic_directory:

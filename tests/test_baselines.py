@@ -1,7 +1,7 @@
 """PEFT baselines (LoRA, OFT, BOFT) in the same trainers: parameter counts equal PEFT's own, each trains a few
 steps through the real trainer, saves in PEFT's format, reloads (ours, PEFT's, diffusers' for LoRA) and
 generates; the control trainer keeps its encoder beside the adapter; resume is exact; bad options are refused;
-eval/compare.py prints its table."""
+the benchmark uses the trainers' baselines."""
 
 from __future__ import annotations
 
@@ -36,11 +36,11 @@ sys.path.insert(0, str(REPO / "train"))
 sys.path.insert(0, str(REPO / "eval"))
 import control_hra  # noqa: E402
 import dreambooth_hra  # noqa: E402
-from conftest import GENERATED_CLASS_ARGS, PLAIN_DREAMBOOTH_ARGS  # noqa: E402
+from conftest import PLAIN_DREAMBOOTH_ARGS  # noqa: E402
 from test_control_data import make_control_dir  # noqa: E402
 from tiny_models import tiny_unet, unet_inputs  # noqa: E402
 
-# the comparison's budgets (eval/compare.py METHODS)
+# the comparison's fixed sizes (hra_diffusion.compare.METHODS)
 SPECS = {"lora": dict(r=4), "oft": dict(block_size=16), "boft": dict(block_size=8)}
 KIND_ARGS = {"lora": ["--adapter", "lora", "--r", "4"], "oft": ["--adapter", "oft", "--block_size", "16"],
              "boft": ["--adapter", "boft", "--block_size", "8"]}
@@ -147,6 +147,7 @@ def test_sampling_folds_the_baseline_in_and_puts_the_exact_base_back(kind):
 
 # ---- trainer -> save -> reload -> generate --------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(SPECS))
 def test_baseline_trains_saves_reloads_and_generates(kind, tmp_path, tiny_random_sd_dir, generated_subject_dir):
     from diffusers import UNet2DConditionModel
@@ -205,6 +206,7 @@ def test_baseline_trains_saves_reloads_and_generates(kind, tmp_path, tiny_random
         assert np.abs(a - b).max() <= 2  # merged == live within uint8 rounding
 
 
+@pytest.mark.slow
 def test_control_baseline_keeps_its_encoder_and_generates(tmp_path, tiny_random_sd_dir):
     from diffusers import UNet2DConditionModel
 
@@ -233,6 +235,7 @@ def test_control_baseline_keeps_its_encoder_and_generates(tmp_path, tiny_random_
     assert row["adapter_kind"] == "control" and row["adapter_type"] == "oft" and (samples / row["file"]).is_file()
 
 
+@pytest.mark.slow
 def test_baseline_resume_is_exact(tmp_path, tiny_random_sd_dir, generated_subject_dir):
     """4 steps straight == 2 steps, stop, resume from the checkpoint, 2 more (LoRA; torch.equal)."""
     extra = [*KIND_ARGS["lora"], "--max_train_steps", "4", "--checkpointing_steps", "2", "--lr_scheduler", "cosine"]
@@ -306,49 +309,9 @@ def test_block_size_that_does_not_divide_a_layer_names_it(tmp_path, tiny_random_
     assert not (tmp_path / "out" / "adapter").exists()
 
 
-# ---- the comparison script ------------------------------------------------------------------------------
-
-def test_compare_script_prints_the_table(tmp_path, tiny_random_sd_dir, generated_subject_dir):
-    """One seed, no sweep, a subject without the tiny world's checker and extractors that cannot load: the table
-    still comes out, with the missing metrics reported as n/a and why."""
-    import compare
-
-    out = tmp_path / "cmp"
-    cfg = compare.parse_args([
-        "--methods", "hra,lora", "--seeds", "0", "--lr_factors", "1", "--max_train_steps", "1", "--output_dir", str(out),
-        "--num_images", "1", "--eval_steps", "2", "--dino_model", str(tmp_path / "no-dino"),
-        "--clip_model", "local-dir:" + str(tmp_path / "no-clip"),
-        "--train_args", f"--pretrained_model {tiny_random_sd_dir} --subject_file {generated_subject_dir / 'subject.json'} "
-                        "--train_batch_size 1 --num_class_images 2 --class_inference_steps 2 --validation_prompts [] "
-                        "--mask_loss_weight 0 --target_modules [\"to_q\",\"to_k\",\"to_v\",\"to_out.0\"] "
-                        + " ".join(GENERATED_CLASS_ARGS)])
-    result = compare.main(cfg)
-    table = (out / "compare.md").read_text()
-    assert result["table_markdown"] in table
-    for label in ("HRA r=8 (ours)", "LoRA r=4 (PEFT)", "*base model, class prompt*", "*real held-out photos*"):
-        assert label in table
-    for method in ("hra", "lora"):
-        saved = load_file(str(out / method / "lr1-seed0" / "train" / "adapter" / "adapter_model.safetensors"))
-        n = sum(t.numel() for t in saved.values())
-        assert result["rows"][method]["trainable"]["unet"] == n and f"{n:,}" in table
-        argv = result["rows"][method]["train_stats"][0]["argv"]
-        assert argv[argv.index("--seed") + 1] == "0" and "--learning_rate" not in argv  # x1: the recipe's own
-    assert "n/a" in table and "- dino: n/a" in table  # missing weights are reported, not hidden
-    assert result["sweep"]["hra"] == {"chosen": 1.0, "scores": {}}
-    assert json.loads((out / "compare.json").read_text())["config"]["methods"] == ["hra", "lora"]
-    with pytest.raises(ValueError, match="lr_factors 1"):  # a sweep needs the tiny world's checker
-        compare.subject_setup(compare.parse_args([*cfg_argv(cfg), "--lr_factors", "1,2"]))
-
-
-def cfg_argv(cfg) -> list[str]:
-    """A CompareConfig's command line again (for a variant of it)."""
-    import shlex
-
-    return ["--output_dir", str(cfg.out), "--train_args", shlex.join(cfg.train_args)]
-
-
 # ---- the benchmark's variants ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_benchmark_variants_are_the_trainers_baselines():
     """bench_hra.py's whole-UNet variants: the trainers' injection and budgets; its ratio table (no timings)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -380,126 +343,3 @@ def test_benchmark_variants_are_the_trainers_baselines():
     row = next(line for line in report.splitlines() if line.startswith("| ours"))
     assert "| 1.50x | 2.00x | 2.00x |" in row  # time vs LoRA r, vs LoRA r/2, peak vs LoRA r/2
     assert "| 4.00x |" in next(line for line in report.splitlines() if line.startswith("| PEFT OFT"))
-
-
-def test_compare_matches_each_baselines_budget_to_hra(tmp_path, tiny_random_sd_dir, generated_subject_dir):
-    """--budget match picks, per baseline, the size whose count is closest to HRA r=8's on the task's targets
-    (with the GEGLU projection, d -> 8d, LoRA r=4 would be far over HRA's budget); --budget fixed keeps
-    METHODS' sizes."""
-    import compare
-    from diffusers import UNet2DConditionModel
-
-    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"]
-    args = ["--output_dir", str(tmp_path), "--train_args",
-            f"--pretrained_model {tiny_random_sd_dir} --subject_file {generated_subject_dir / 'subject.json'} "
-            f"--target_modules [{','.join(targets)}]"]
-    matched = compare.match_budgets(compare.parse_args(args))
-    fixed = compare.match_budgets(compare.parse_args([*args, "--budget", "fixed"]))
-    layers = [m for n, m in UNet2DConditionModel.from_pretrained(tiny_random_sd_dir, subfolder="unet").named_modules()
-              if any(n.endswith("." + t) for t in targets)]
-    hra = matched["hra"]["trainable"]
-    assert hra == sum(8 * m.in_features for m in layers)
-    per_rank = sum(m.in_features + m.out_features for m in layers)
-    r = int(matched["lora"]["args"][-1])
-    assert matched["lora"]["trainable"] == r * per_rank
-    assert all(abs(r * per_rank - hra) <= abs(k * per_rank - hra) for k in range(1, 65))
-    assert fixed["lora"]["args"] == compare.METHODS["lora"] and fixed["lora"]["trainable"] == 4 * per_rank
-    assert r < 4 and abs(matched["lora"]["trainable"] - hra) < abs(fixed["lora"]["trainable"] - hra)
-    for kind in ("oft", "boft"):
-        assert abs(matched[kind]["trainable"] - hra) <= abs(fixed[kind]["trainable"] - hra)
-    assert compare.label("lora", matched["lora"]["args"]) == f"LoRA r={r} (PEFT)"
-    argv = compare.train_argv(compare.parse_args(args), "lora", tmp_path / "lora",
-                              {m: b["args"] for m, b in matched.items()})
-    assert argv[argv.index("--adapter"):][:4] == ["--adapter", "lora", "--r", str(r)]
-    assert argv.index("--adapter") > argv.index("--target_modules")  # the matched size wins over train_args
-
-
-
-def test_compare_parses_trainer_configs_through_the_library(tmp_path):
-    """compare.py reads a method's trainer config with hra_diffusion.training.parse_task_config (the trainer's
-    own recipe and program), without putting train/ on sys.path."""
-    import compare
-
-    from hra_diffusion.training import ControlConfig, DreamBoothConfig
-
-    path = list(sys.path)
-    cfg = compare.parse_args(["--task", "control", "--output_dir", str(tmp_path), "--max_train_steps", "3"])
-    tcfg = compare.trainer_config(cfg, "lora", tmp_path / "lora" / "train")
-    assert sys.path == path
-    assert type(tcfg) is ControlConfig and tcfg.adapter == "lora" and tcfg.max_train_steps == 3
-    assert tcfg.output_dir == str(tmp_path / "lora" / "train") and tcfg.train_data_dir == "assets/tiny-data/control/train"
-    assert tcfg.command.startswith("accelerate launch train/control_hra.py --report_to none")
-    assert " --seed 0 " in tcfg.command
-    # DreamBooth: the recipe's own class images (with their masks) for every run; without them, one drawn set
-    db = compare.trainer_config(compare.parse_args(["--output_dir", str(tmp_path)]), "hra", tmp_path / "hra")
-    assert type(db) is DreamBoothConfig and db.class_data_dir == "assets/tiny-data/subject/class"
-    from hra_diffusion.training.dreambooth import apply_subject_file
-
-    assert apply_subject_file(db).class_mask_dir == "assets/tiny-data/subject/class_masks"
-    drawn = compare.parse_args(["--output_dir", str(tmp_path), "--train_args", " ".join(GENERATED_CLASS_ARGS)])
-    db = compare.trainer_config(drawn, "lora", tmp_path / "lora")
-    assert db.class_data_dir == str(tmp_path / "class_images") and apply_subject_file(db).class_mask_dir is None
-
-
-def test_peak_rss_is_the_processs_own_not_its_parents(tmp_path):
-    """Linux carries a parent's ru_maxrss into a child across fork + exec; peak_rss_kib must not (a trainer
-    or benchmark child of a large parent would report the parent's peak, as bench_hra.py's table once did)."""
-    import subprocess
-
-    from hra_diffusion.training.trainer import peak_rss_kib
-
-    ballast = np.ones(2**30 // 8)  # 1 GiB held by this (parent) process while the child runs
-    parent_peak = peak_rss_kib()
-    assert parent_peak > 2**20
-    code = ("import numpy as np; from hra_diffusion.training.trainer import peak_rss_kib as p; a = p(); "
-            "x = np.ones(100 * 2**20 // 8); print(a, p())")
-    before, after = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                              check=True).stdout.split())
-    assert before < parent_peak - 2**19, (before, parent_peak)  # the child's own (~0.5 GiB with torch), not the parent's
-    assert after - before > 90 * 1024  # and it sees its own 100 MiB
-    del ballast
-
-
-def _without_peft(monkeypatch) -> None:
-    """Make ``import peft`` raise ImportError, as when it is not installed."""
-    for name in [n for n in sys.modules if n == "peft" or n.startswith("peft.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "peft", None)
-    with pytest.raises(ImportError):
-        import peft  # noqa: F401
-
-
-def test_baselines_without_peft_say_to_install_it(monkeypatch, tmp_path):
-    """The PEFT baselines need peft (optional); without it, choosing one fails at once, saying what to install,
-    in the config (before any model loads), when injecting and when loading a PEFT adapter folder."""
-    import torch.nn as nn
-
-    _without_peft(monkeypatch)
-    with pytest.raises(ConfigError, match=r"adapter 'lora' uses PEFT's own layers, and peft is not installed: "
-                                          r"pip install 'peft>=0\.13'.*or train adapter 'hra'"):
-        dreambooth_hra.parse_args(["--adapter", "lora"])
-    with pytest.raises(ImportError, match=r"adapter 'oft' uses PEFT's own layers.*pip install 'peft>=0\.13'"):
-        inject_baseline(nn.Sequential(nn.Linear(8, 8)), BaselineSpec("oft", target_modules=["0"]))
-    with pytest.raises(ImportError, match=r"the PEFT adapter .* uses PEFT's own layers.*pip install"):
-        load_peft_adapter(nn.Sequential(nn.Linear(8, 8)), tmp_path)
-    assert dreambooth_hra.parse_args([]).adapter == "hra"  # HRA needs none
-
-
-def test_hra_sampling_works_without_peft_installed(monkeypatch):
-    """peft is an optional dependency (the README's main command installs without it): HRA validation's
-    eval_mode looks for PEFT layers to fold in, and without peft there are none, not an ImportError."""
-    import torch.nn as nn
-
-    from hra_diffusion import HRAConfig, inject_hra
-    from hra_diffusion.adapters.peft_baselines import peft_layers
-    from hra_diffusion.sampling import eval_mode
-
-    _without_peft(monkeypatch)
-    model = nn.Sequential(nn.Linear(8, 8))
-    inject_hra(model, HRAConfig(r=2, target_modules=["0"]))
-    model.train()
-    assert peft_layers(model) == []
-    with eval_mode(model):
-        assert not model.training
-        model(torch.randn(2, 8))
-    assert model.training

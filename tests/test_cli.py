@@ -98,6 +98,7 @@ def weights(tmp_path_factory) -> dict[str, str]:
     return {"dino": str(root / "dino-vits16"), "clip": str(root / "clip.safetensors")}
 
 
+@pytest.mark.slow
 def test_generate_then_score_through_the_cli(tmp_path, capsys, weights):
     from diffusers import UNet2DConditionModel
     from tiny_models import tiny_pipeline_dir

@@ -104,6 +104,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_kill_9_during_generate_then_the_same_command_makes_only_the_missing_images(
         tmp_path, tiny_random_sd_dir, adapter, capsys):
     out = tmp_path / "samples"

@@ -88,6 +88,7 @@ def test_generate_then_score_subject(tmp_path, base_dir, hra_adapter):
     assert paths["per_image.csv"].read_text().count("\n") == 5 and "<table" in paths["report.html"].read_text()
 
 
+@pytest.mark.slow
 def test_merged_live_and_peft_give_the_same_images(tmp_path, base_dir, hra_adapter):
     from diffusers import UNet2DConditionModel
 

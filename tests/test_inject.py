@@ -65,6 +65,7 @@ def test_suffix_match_is_on_dotted_names_and_exclude_works():
     assert any(n.endswith("attn1.to_q") for n in names)
 
 
+@pytest.mark.slow
 def test_injected_unet_equals_base_at_init_then_merges():
     unet = tiny_unet()
     args = unet_inputs(unet)

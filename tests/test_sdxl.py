@@ -234,6 +234,7 @@ def _images(folder):
     return {p.name: np.asarray(Image.open(p), dtype=np.int16) for p in sorted(folder.glob("*.png"))}
 
 
+@pytest.mark.slow
 def test_generate_cli_on_sdxl(tiny_sdxl_dir, sdxl_adapter, tmp_path):
     import shutil
 
@@ -400,6 +401,7 @@ def _sdxl_outputs(base, adapter, inp) -> dict[str, torch.Tensor]:
                 "text_embeds": inp["text_embeds"], "time_ids": inp["time_ids"]}).sample}
 
 
+@pytest.mark.slow
 def test_sdxl_lora_and_kohya_exports_load_in_stock_diffusers(tiny_sdxl_dir, sdxl_adapter, tmp_path):
     import subprocess
     import sys

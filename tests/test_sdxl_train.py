@@ -106,6 +106,7 @@ def _fresh_state() -> None:
     GradientState._reset_state()
 
 
+@pytest.mark.slow
 def test_dreambooth_sdxl_outputs(sdxl_dreambooth, tiny_sdxl_dir):
     from transformers import CLIPTextModel
 
@@ -135,6 +136,7 @@ def test_dreambooth_sdxl_outputs(sdxl_dreambooth, tiny_sdxl_dir):
     assert any(r[1] == 49 for r in seen)  # the wide image was trained on, with its own size
 
 
+@pytest.mark.slow
 def test_dreambooth_sdxl_resume_is_exact(sdxl_dreambooth, tiny_sdxl_dir, wide_subject, tmp_path):
     """Steps 3-4 resumed from the first run's checkpoint-2 give bit-identical UNet and text-encoder adapters."""
     straight = sdxl_dreambooth[0]
@@ -157,6 +159,7 @@ def test_dreambooth_sdxl_resume_is_exact(sdxl_dreambooth, tiny_sdxl_dir, wide_su
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 
+@pytest.mark.slow
 def test_dreambooth_sdxl_adapter_generates_and_exports(sdxl_dreambooth, tmp_path):
     from hra_diffusion.cli import main
 
@@ -179,6 +182,7 @@ def test_dreambooth_sdxl_adapter_generates_and_exports(sdxl_dreambooth, tmp_path
 
 # ---- control ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_control_on_sdxl_trains_saves_generates(tiny_sdxl_dir, tmp_path, monkeypatch):
     from hra_diffusion.generate import GenerateConfig, generate
 

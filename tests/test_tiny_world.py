@@ -182,6 +182,7 @@ def test_heldout_denoising_loss_far_below_untrained_and_uses_the_text(pipe):
     assert report["heldout_loss_shuffled_captions"] == pytest.approx(shuffled, rel=0.05)
 
 
+@pytest.mark.slow
 def test_word_use_probe_reads_which_caption_words_the_unet_uses(pipe):
     """The teacher-forced probe: swapping the colour word (or dropping the caption) makes the shipped UNet's
     object clearly harder to denoise, while for an untrained UNet every swap is within noise of 1.0; the build

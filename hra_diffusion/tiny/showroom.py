@@ -135,8 +135,8 @@ def measure(pipe, subject_file: str | Path, guidance: float, out_dir: str | Path
     DreamBooth trainer runs on the trained pipeline: the showroom rates, their grid in
     ``<out_dir>/validation/showroom.png``, and the lines for the summary and the model card."""
     rates = showroom_rates(pipe, subject_file, guidance=guidance, return_images=True)
-    grid = rates_figure(rates.pop("images"), rates.pop("rows"), Path(out_dir) / "validation" / "showroom.png",
-                        cols=rates.pop("row_length"))
+    grid = rates_figure(rates.pop("images"), rates["rows"], Path(out_dir) / "validation" / "showroom.png",
+                        cols=rates.pop("row_length"))  # rates keeps each sample's reading ("rows")
     line = format_rates(rates)
     return {"name": "tiny-world showroom", "results": rates, "line": line, "figure": str(grid),
             "card": f"{line}; seeds {rates['seeds']}, {rates['inference_steps']} steps, guidance "

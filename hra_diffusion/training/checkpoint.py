@@ -18,7 +18,6 @@ crash leaves only a ``.checkpoint-*.tmp`` folder, which is ignored and removed b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from ..state import pack, unpack
+from ..utils import sha256_file
 
 __all__ = [
     "MARKER",
@@ -124,14 +124,6 @@ def checkpoint_step(path: str | os.PathLike) -> int:
     return int(_read_marker(Path(path))["step"])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's marker, after checking that every file it lists is there, whole and unchanged.
 
@@ -149,7 +141,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         size = f.stat().st_size
         if size != meta.get("size"):
             raise _damaged(path, f"{name} is truncated or altered ({size} bytes, {meta.get('size')} written)")
-        if _sha256(f) != meta.get("sha256"):
+        if sha256_file(f) != meta.get("sha256"):
             raise _damaged(path, f"{name} fails its SHA-256 checksum (damaged)")
     return doc
 
@@ -313,7 +305,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
         for f in sorted(tmp.iterdir()):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-            files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+            files[f.name] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
         doc = {
             "format": FORMAT,
             "step": step,
