@@ -1,8 +1,10 @@
 """Reading image files as users give them: one loader for photos, class images, control images and conditions.
 
 Every reader decodes the file fully (a truncated or mislabelled file fails here, naming it) and returns a PIL
-image in the asked mode. Transparent pixels are laid over ``background``: white for photos, black for
-conditions (a transparent pixel of an edge map means "no edge").
+image in the asked mode, upright (the EXIF orientation a phone writes is applied, as diffusers' scripts do).
+16-bit and float images are scaled to 8 bits, CMYK converted (through its ICC profile when it has one), and
+transparent pixels laid over ``background``: white for photos, black for conditions (a transparent pixel of an
+edge map means "no edge").
 """
 
 from __future__ import annotations
@@ -15,19 +17,52 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .conditioning import SizeCondition
 from .errors import ImageFileError
 
-__all__ = ["open_image", "load_rgb", "check_images", "ImageTransform", "PHOTO_BACKGROUND", "CONDITION_BACKGROUND"]
+__all__ = ["open_image", "load_rgb", "check_images", "upscale_note", "ImageTransform", "PHOTO_BACKGROUND", "CONDITION_BACKGROUND"]
 
 PHOTO_BACKGROUND = (255, 255, 255)
 CONDITION_BACKGROUND = (0, 0, 0)
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Greyscale ``L`` from 16/32-bit integer (``I;16*``, ``I``) or float (``F``) images, which Pillow's
+    ``convert`` would clip to white: integers by their bit depth, floats as 0..1 (or 0..255 when above 1)."""
+    a = np.asarray(img)
+    if img.mode == "F":
+        scale = 255.0 if float(np.nanmax(a, initial=0.0)) <= 1.0 else 1.0
+        a = np.nan_to_num(a.astype(np.float64)) * scale
+    else:
+        a = a.astype(np.float64) / (257.0 if img.mode.startswith("I;16") or int(a.max(initial=0)) <= 65535 else 16843009.0)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
+def _from_cmyk(img: Image.Image) -> Image.Image:
+    """RGB from CMYK: through the embedded ICC profile when there is one (what a photo editor shows), else
+    Pillow's plain conversion."""
+    icc = img.info.get("icc_profile")
+    if icc:
+        try:
+            import io
+
+            from PIL import ImageCms
+
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except Exception:  # a broken profile: fall back to the plain conversion
+            pass
+    return img.convert("RGB")
+
+
 def _flatten(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """RGB, with any transparency composited over ``background``."""
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _to_8bit(img)
+    if img.mode == "CMYK":
+        return _from_cmyk(img)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -45,9 +80,16 @@ def open_image(path: str | os.PathLike, what: str = "image", mode: str | None = 
     try:
         with Image.open(path) as img:
             img.load()
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception:  # unreadable EXIF: the pixels as stored (a phone photo may then lie on its side)
+                img = img.copy()
             if mode is None:
                 return img.copy()
-            return _flatten(img, background) if mode == "RGB" else img.convert(mode)
+            if mode == "RGB":
+                return _flatten(img, background)
+            return _to_8bit(img).convert(mode) if mode == "L" and (img.mode.startswith("I") or img.mode == "F") \
+                else img.convert(mode)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
@@ -63,16 +105,31 @@ def load_rgb(path: str | os.PathLike, what: str = "image") -> Image.Image:
 
 
 def check_images(files: Sequence[Path], what: str = "image",
-                 background: tuple[int, int, int] = PHOTO_BACKGROUND) -> None:
-    """Open every file once, so unreadable ones fail before any model loads: one error naming them all."""
-    bad = []
+                 background: tuple[int, int, int] = PHOTO_BACKGROUND) -> list[tuple[int, int]]:
+    """Open every file once, so unreadable ones fail before any model loads: one error naming them all.
+    Returns each image's upright size (w, h)."""
+    bad, sizes = [], []
     for f in files:
         try:
-            open_image(f, what, background=background)
+            sizes.append(open_image(f, what, background=background).size)
         except (ImageFileError, FileNotFoundError) as err:
             bad.append(str(err))
     if bad:
         raise ImageFileError(f"{len(bad)} unreadable {what}(s): " + "; ".join(bad))
+    return sizes
+
+
+def upscale_note(files: Sequence[Path], sizes: Sequence[tuple[int, int]], resolution: int,
+                 what: str = "image") -> str | None:
+    """One line naming the images whose shorter side is below ``resolution`` (they are upscaled, and look
+    soft), or None."""
+    small = [(f, s) for f, s in zip(files, sizes, strict=True) if min(s) < resolution]
+    if not small:
+        return None
+    shown = ", ".join(f"{Path(f).name} ({w}x{h}, x{resolution / min(w, h):.1f})" for f, (w, h) in small[:5])
+    more = f" and {len(small) - 5} more" if len(small) > 5 else ""
+    return (f"note: {len(small)} of {len(files)} {what}s are smaller than resolution {resolution} and are upscaled: "
+            f"{shown}{more}; larger photos train sharper")
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.jsonl"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 @dataclass
@@ -89,6 +89,23 @@ def list_images(folder: str | os.PathLike, what: str = "image") -> list[Path]:
             "or check that it is the right folder"
         )
     return files
+
+
+def skipped_files(folder: str | os.PathLike, sidecars: Sequence[str] = ()) -> list[Path]:
+    """Files of ``folder`` that :func:`list_images` leaves out: not an image by extension, not hidden, not a
+    sidecar (e.g. the caption extension, like '.txt')."""
+    keep = {s.lower() if s.startswith(".") else f".{s.lower()}" for s in sidecars if s}
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() not in IMAGE_EXTENSIONS and p.suffix.lower() not in keep)
+
+
+def skipped_note(folder: str | os.PathLike, skipped: Sequence[Path], what: str = "image") -> str | None:
+    """One line naming the files a folder holds that are not read as images, or None."""
+    if not skipped:
+        return None
+    names = ", ".join(p.name for p in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+    return (f"note: {len(skipped)} file(s) in the {what} folder {str(folder)!r} are not images by their extension "
+            f"and are skipped: {names} (read: {', '.join(IMAGE_EXTENSIONS)}; convert a photo, e.g. HEIC, to use it)")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:

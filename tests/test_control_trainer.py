@@ -244,7 +244,7 @@ def test_zero_init_pipeline_equals_base(tmp_path, tiny_sd_dir, control_dir):
     from hra_diffusion.sampling import build_pipeline, generate_images
 
     cfg = control_hra.parse_args(fast_args(tiny_sd_dir, control_dir, tmp_path / "z"))
-    accelerator = make_accelerator(cfg, "test")
+    accelerator = make_accelerator(cfg)
     task = ControlTask(cfg, accelerator)
     conds = [Image.open(control_dir / f"cond_{i}.png") for i in range(2)]
     prompts = ["a red square", "a blue square"]

@@ -19,8 +19,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..conditioning import SizeCondition
-from ..images import ImageTransform, check_images, load_rgb
-from ..samples import IMAGE_EXTENSIONS, DataError, list_images
+from ..images import ImageTransform, check_images, load_rgb, upscale_note
+from ..samples import IMAGE_EXTENSIONS, DataError, list_images, skipped_files, skipped_note
 from ..utils import stream_seed
 
 __all__ = [
@@ -148,8 +148,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                  mask_dir: str | os.PathLike | None = None) -> None:
         self.files = list_images(folder, what)
         self.what = what
+        # lines for the run to print once: files skipped as non-images, images upscaled to the resolution
+        self.notes = [skipped_note(folder, skipped_files(folder, [caption_extension or ""]), what)]
         if check:
-            check_images(self.files, what)
+            self.notes.append(upscale_note(self.files, check_images(self.files, what), transform.resolution, what))
+        self.notes = [n for n in self.notes if n]
         self.masks = load_masks(self.files, mask_dir) if mask_dir else None
         self.prompt = prompt
         # per-image captions (kohya's convention): NAME.png's prompt is the text of NAME<caption_extension>

@@ -17,8 +17,9 @@ from ..adapters.io import TEXT_ENCODER_SUBDIR as TEXT_ENCODER_ADAPTER_SUBDIR
 from ..adapters.io import save_adapter
 from ..adapters.registry import save_any_adapter
 from ..conditioning import PromptEmbeds
-from ..images import ImageTransform
+from ..images import ImageTransform, check_images
 from ..models import add_hra
+from ..samples import IMAGE_EXTENSIONS
 from ..sampling import eval_mode, generate_images
 from ..utils import stream_seed
 from .card import adapter_facts, write_model_card
@@ -108,6 +109,11 @@ class DreamBoothTask(StableDiffusionTask):
         self.instance = ImageFolderDataset(cfg.instance_data_dir, cfg.instance_prompt, transform, cfg.seed, "instance image",
                                            caption_extension=cfg.instance_caption_extension,
                                            mask_dir=cfg.instance_mask_dir)  # set only with mask_loss_weight > 0
+        for note in self.instance.notes:
+            accelerator.print(note)
+        if cfg.with_prior_preservation and cfg.class_data_dir and Path(cfg.class_data_dir).is_dir():
+            own = [f for f in Path(cfg.class_data_dir).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+            check_images(sorted(own), "class image")  # your own class images fail before the base loads, too
         self.load_base()
         self.classes = None
         if cfg.with_prior_preservation:
@@ -124,6 +130,8 @@ class DreamBoothTask(StableDiffusionTask):
                                               caption_extension=CLASS_CAPTION_EXTENSION
                                               if cfg.class_prompts_from_captions else cfg.class_caption_extension,
                                               mask_dir=cfg.class_mask_dir)
+            for note in self.classes.notes:
+                accelerator.print(note)
             if cfg.class_prompts_from_captions and all(p == cfg.class_prompt for p in self.classes.prompts):
                 accelerator.print(f"note: the class images in {class_dir} have no captions (made before "
                                   "class_prompts_from_captions was set), so they all train with "

@@ -18,11 +18,12 @@ from pathlib import Path
 from ..errors import error_boundary, pop_debug_flag
 from ..paths import REPO_ROOT
 from .config import ConfigError, ControlConfig, DreamBoothConfig, TrainConfig
+from .lock import OutputLock
 from .recipes import parse_config, save_resolved_config
-from .run_guard import check_run_start
+from .run_guard import _is_main_rank, check_run_start
 from .summary import print_summary
 from .threads import use_cpu_threads
-from .trainer import TrainResult, make_accelerator, run_training
+from .trainer import TrainResult, make_accelerator, run_training, start_logging
 
 __all__ = ["TaskSpec", "TASKS", "task_spec", "parse_task_config", "run_task", "run_script"]
 
@@ -80,11 +81,25 @@ def run_task(task_class: type, cfg: TrainConfig) -> TrainResult:
     """Run a :class:`~hra_diffusion.training.sd_task.StableDiffusionTask` end to end: config checks, the
     accelerator, the task (data and model checks), ``config.yaml``, training, the adapter, the model card."""
     cfg = task_class.check_config(cfg)
+    lock = OutputLock(cfg.output_dir, command=getattr(cfg, "program", "") or "") if _is_main_rank() else None
+    if lock is not None:
+        lock.acquire()  # one run per output folder: a second one stops here, having touched nothing
+        if lock.stale_note:
+            print(lock.stale_note)
+    try:
+        return _run_locked(task_class, cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(task_class: type, cfg: TrainConfig) -> TrainResult:
     check_run_start(cfg)  # never silently replace a previous run, nor resume another run's checkpoint
-    accelerator = make_accelerator(cfg, task_class.trainer)
+    accelerator = make_accelerator(cfg)
     use_cpu_threads(accelerator)
     try:
-        task = task_class(cfg, accelerator)
+        task = task_class(cfg, accelerator)  # checks the data first, then loads the models
+        start_logging(accelerator, cfg, task_class.trainer)
         if accelerator.is_main_process:
             save_resolved_config(cfg, Path(cfg.output_dir))
         result = run_training(task, accelerator)

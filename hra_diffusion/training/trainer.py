@@ -32,6 +32,7 @@ __all__ = [
     "TrainingTask",
     "TrainResult",
     "make_accelerator",
+    "start_logging",
     "make_optimizer",
     "run_training",
     "step_generator",
@@ -111,8 +112,9 @@ def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Gene
     return torch.Generator().manual_seed(stream_seed(seed, "noise", micro_step, process_index))
 
 
-def make_accelerator(cfg: TrainConfig, project_name: str):
-    """An Accelerator for ``cfg``: precision, accumulation, tensorboard logs under ``<output_dir>/logs``."""
+def make_accelerator(cfg: TrainConfig):
+    """An Accelerator for ``cfg``: precision, accumulation, tensorboard logs under ``<output_dir>/logs`` (started
+    by :func:`start_logging`). Writes nothing."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -127,13 +129,19 @@ def make_accelerator(cfg: TrainConfig, project_name: str):
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    return accelerator
+
+
+def start_logging(accelerator, cfg: TrainConfig, project_name: str) -> None:
+    """Create the output folder and start the trackers (main process): called once the inputs are checked, so
+    that a refused run writes nothing."""
+    out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if cfg.report_to != "none":
             hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                        for k, v in config_to_dict(cfg).items()}
             accelerator.init_trackers(project_name, config=hparams)
-    return accelerator
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
