@@ -76,9 +76,12 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     s.add_argument("--num-images", dest="num_images_per_prompt", type=int, default=4, help="images per prompt")
     s.add_argument("--seed", type=int, default=0, help="image k of every prompt uses seed + k")
     s.add_argument("--seeds", type=int, nargs="+", help="explicit seeds, one per image (overrides --num-images)")
-    s.add_argument("--steps", type=int, default=25, help="denoising steps")
-    s.add_argument("--guidance", dest="guidance_scale", type=float, default=7.5, help="classifier-free guidance")
-    s.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the base model's own)")
+    s.add_argument("--steps", type=int, help="denoising steps (default: what the adapter's run validated with, "
+                   "else 25)")
+    s.add_argument("--guidance", dest="guidance_scale", type=float, help="classifier-free guidance (default: the "
+                   "adapter's validation scale, else 7.5)")
+    s.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the adapter's validation "
+                   "sampler, else the base model's own)")
     s.add_argument("--height", type=int, help="image height (default: the model's native size)")
     s.add_argument("--width", type=int, help="image width (default: the model's native size)")
     s.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")

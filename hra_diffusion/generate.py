@@ -16,7 +16,7 @@ import hashlib
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +67,10 @@ class GenerateConfig:
     num_images_per_prompt: int = 4
     seed: int = 0
     seeds: list[int] | None = None  # explicit seeds, one per image of each prompt
-    steps: int = 25
-    guidance_scale: float = 7.5
-    scheduler: str | None = None  # None: the scheduler saved with the base model
+    # None: what the adapter's run validated with (its ``sampling`` record), else 25 steps, 7.5, the base's sampler
+    steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = None
     height: int | None = None
     width: int | None = None
     merge: bool = False
@@ -86,7 +87,7 @@ class GenerateConfig:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         for name in ("num_images_per_prompt", "steps", "batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("height", "width"):
             value = getattr(self, name)
@@ -94,6 +95,35 @@ class GenerateConfig:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
         if self.seeds is not None and not self.seeds:
             raise ValueError("seeds is an empty list; give at least one seed or leave it out")
+
+
+FALLBACK_SAMPLING = {"scheduler": None, "steps": 25, "guidance_scale": 7.5}  # without a recorded one
+
+
+def resolve_sampling(cfg: GenerateConfig, adapter_doc: dict[str, Any] | None) -> tuple[GenerateConfig, str]:
+    """``cfg`` with sampler, steps and guidance filled in: what was typed, else the adapter's ``sampling`` record
+    (how its run validated), else 25 steps at 7.5 with the base's sampler; and a line saying which."""
+    recorded = (adapter_doc or {}).get("sampling") or {}
+    if recorded.get("scheduler") not in SCHEDULERS:
+        recorded = {k: v for k, v in recorded.items() if k != "scheduler"}
+    values, sources = {}, {}
+    for key in ("scheduler", "steps", "guidance_scale"):
+        typed = getattr(cfg, key)
+        if typed is not None:
+            values[key], sources[key] = typed, "given"
+        elif recorded.get(key) is not None:
+            values[key], sources[key] = recorded[key], "the adapter's"
+        else:
+            values[key], sources[key] = FALLBACK_SAMPLING[key], "default"
+    kinds = set(sources.values())
+    where = ("as its run validated, recorded in the adapter" if kinds == {"the adapter's"} else
+             "as given" if kinds == {"given"} else
+             "generate's defaults" + ("" if adapter_doc is None else ": the adapter records no sampling")
+             if kinds == {"default"} else ", ".join(f"{k}: {v}" for k, v in sources.items()))
+    sampler = values["scheduler"] or "the base model's sampler"
+    line = (f"sampling: {sampler}, {values['steps']} steps, guidance {values['guidance_scale']:g} ({where}; "
+            "change with --scheduler/--steps/--guidance)")
+    return replace(cfg, **values), line
 
 
 def default_base_model(adapter_doc: dict[str, Any] | None) -> str:
@@ -230,6 +260,13 @@ def _resolve_adapter(cfg: GenerateConfig, entries: list[PromptEntry]):
     from .control.io import has_condition_encoder
 
     info = describe_adapter(cfg.adapter) if cfg.adapter is not None else None
+    if info is not None and _text_encoder_part(info):
+        parent = Path(cfg.adapter).resolve().parent
+        raise ValueError(f"{cfg.adapter} is the text-encoder part of an adapter (its layers are the text "
+                         f"encoder's): pass the adapter folder itself, --adapter {parent}" if
+                         (parent / ADAPTER_CONFIG).is_file() else
+                         f"{cfg.adapter} adapts a text encoder only; generate takes a UNet adapter folder "
+                         "(which may hold text_encoder/ beside it)")
     is_control = bool(info and has_condition_encoder(info))
     has_condition = any(e.condition is not None for e in entries)
     if is_control and not has_condition:
@@ -239,6 +276,13 @@ def _resolve_adapter(cfg: GenerateConfig, entries: list[PromptEntry]):
         raise ValueError("condition images were given but " + (f"adapter {cfg.adapter} has no condition encoder"
                          if cfg.adapter else "no (control) adapter was given"))
     return info, is_control
+
+
+def _text_encoder_part(info) -> bool:
+    """Whether an adapter folder holds a CLIP text encoder's layers (``….self_attn.q_proj``, ``….mlp.fc1``), as
+    ``adapter/text_encoder/`` and ``adapter/text_encoder_2/`` do (a UNet's attention is ``attn1``/``attn2``)."""
+    layers = list((info.doc.get("layers") or {}).keys()) if info.kind == "hra" else []
+    return bool(layers) and all(".self_attn." in name or ".mlp." in name for name in layers)
 
 
 def _load(cfg: GenerateConfig, info, is_control: bool, base: str) -> _Loaded:
@@ -415,6 +459,8 @@ def generate(cfg: GenerateConfig, log: Callable[[str], None] | None = None) -> P
     out_dir = Path(cfg.output_dir)
     entries = _entries(cfg)
     info, is_control = _resolve_adapter(cfg, entries)
+    cfg, sampling_line = resolve_sampling(cfg, info.doc if info else None)
+    say(sampling_line)
     base = cfg.base_model or default_base_model(info.doc if info else None)
     check_not_input(out_dir, _inputs(cfg, entries, base))
     device, _, dtype_name = _device_and_dtype(cfg.device, cfg.dtype)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-__all__ = ["SCHEDULERS", "VALIDATION_SCHEDULERS", "validation_sampler", "sampler_for", "build_pipeline",
+__all__ = ["SCHEDULERS", "VALIDATION_SCHEDULERS", "validation_sampler", "validation_sampling", "sampler_for", "build_pipeline",
            "pipeline_for", "generate_images", "eval_mode"]
 
 # generate's --scheduler names -> diffusers classes
@@ -73,6 +73,13 @@ def validation_sampler(cfg) -> tuple[str, str]:
     """(generate's ``--scheduler`` name, diffusers class name) of the sampler the run validated with
     (``cfg.validation_scheduler``; DPM-Solver++ where the config has none)."""
     return _sampler_names(getattr(cfg, "validation_scheduler", "dpm++"))
+
+
+def validation_sampling(cfg) -> dict[str, object]:
+    """How a run validated, recorded in its adapter (``sampling``) so that ``generate`` samples it the same way
+    by default: {"scheduler": generate's name, "steps", "guidance_scale"}."""
+    return {"scheduler": validation_sampler(cfg)[0], "steps": int(cfg.validation_inference_steps),
+            "guidance_scale": float(cfg.validation_guidance_scale)}
 
 
 def sampler_for(noise_scheduler, validation_scheduler: str = "dpm++"):

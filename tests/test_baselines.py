@@ -283,7 +283,7 @@ def test_adapter_on_the_command_line_drops_the_recipes_other_adapter_settings(tm
     assert (oft.adapter, oft.r, oft.train_text_encoder, oft.orth_lambda, oft.block_size) == ("oft", 8, False, 0.0, 16)
     assert oft.learning_rate == 0.002  # the rest of the recipe is kept
     said = capsys.readouterr().err
-    assert "adapter 'oft' (command line): the recipe's r: 16, train_text_encoder: True, orth_lambda: 0.001" in said
+    assert "the recipe's r: 16, train_text_encoder: True, orth_lambda: 0.001 (not for adapter 'oft')" in said
     lora = dreambooth_hra.parse_args(["--config", str(recipe), "--adapter", "lora"])
     assert lora.r == 16 and not lora.train_text_encoder  # r is LoRA's rank too
     assert dreambooth_hra.parse_args(["--config", str(recipe)]).train_text_encoder  # no switch: nothing dropped

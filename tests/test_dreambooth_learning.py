@@ -85,9 +85,12 @@ def test_main_command_writes_every_output_and_learns_the_subject(tmp_path, monke
     assert f"validation/step-{steps:06d}.png" in card
     assert "accelerate launch train/dreambooth_hra.py --output_dir" in card
     assert "tags: [hra, householder-reflection-adaptation, stable-diffusion, text-to-image]" in card
-    # the suggested generate command and the card's snippet sample as validation does (10 steps, CFG 2, not 7.5)
-    assert "--scheduler dpm-solver --steps 10 --guidance 2 --out" in proc.stdout
-    assert "num_inference_steps=10, guidance_scale=2).images[0]" in card
+    # the adapter records how the run validated (20 steps, CFG 2, not 7.5), generate's default; the card's snippet
+    # names it
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["sampling"] == \
+        {"scheduler": "dpm-solver", "steps": 20, "guidance_scale": 2.0}
+    assert "generate --adapter" in proc.stdout and "--steps" not in proc.stdout
+    assert "num_inference_steps=20, guidance_scale=2).images[0]" in card
     # the card's usage snippet runs as written (from the repository root, where the recipe's paths start):
     # base, the validation sampler, the adapter, one image
     scope = run_card_snippet(card, monkeypatch)

@@ -275,3 +275,36 @@ def test_generate_uses_the_vae_the_adapter_was_trained_with(tmp_path, base_dir):
     with pytest.raises(BaseModelError, match=r"--vae"):
         generate(_cfg(tmp_path / "d", adapter=str(plain), base_model=str(base_dir), prompts=["a red square"],
                       vae_model=str(tmp_path / "nowhere")))
+
+
+def test_adapter_samples_as_its_run_validated_unless_told(tmp_path, base_dir, hra_adapter):
+    """The adapter's ``sampling`` record (what its run validated with) is generate's default; typed flags win;
+    an adapter's text-encoder part is named as such."""
+    import shutil
+
+    from transformers import CLIPTextModel
+
+    from hra_diffusion import TEXT_ENCODER_TARGETS
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(hra_adapter, adapter)
+    doc = json.loads((adapter / "adapter_config.json").read_text())
+    doc["sampling"] = {"scheduler": "ddim", "steps": 2, "guidance_scale": 1.5}
+    (adapter / "adapter_config.json").write_text(json.dumps(doc))
+    said: list[str] = []
+    common = dict(output_dir=str(tmp_path / "a"), adapter=str(adapter), prompts=["a photo of qwe toy"],
+                  base_model=str(base_dir), seeds=[1], progress=False)
+    out = generate(GenerateConfig(**common), log=said.append)
+    row = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    assert (row["scheduler"], row["steps"], row["guidance"]) == ("DDIMScheduler", 2, 1.5)
+    assert "sampling: ddim, 2 steps, guidance 1.5 (as its run validated, recorded in the adapter" in said[0]
+    said.clear()
+    out = generate(GenerateConfig(**{**common, "output_dir": str(tmp_path / "b")}, steps=1), log=said.append)
+    row = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    assert (row["scheduler"], row["steps"], row["guidance"]) == ("DDIMScheduler", 1, 1.5)
+    assert "scheduler: the adapter's, steps: given, guidance_scale: the adapter's" in said[0]
+    te = CLIPTextModel.from_pretrained(base_dir / "text_encoder")
+    random_hra_adapter(te, adapter / "text_encoder", targets=TEXT_ENCODER_TARGETS, scale=1.0)
+    with pytest.raises(ValueError, match=f"text-encoder part of an adapter.*--adapter {adapter.resolve()}"):
+        generate(GenerateConfig(**{**common, "output_dir": str(tmp_path / "c"), "adapter": str(adapter / "text_encoder")}))
+    assert not (tmp_path / "c").exists()

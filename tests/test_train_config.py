@@ -221,3 +221,45 @@ def test_run_script_reports_a_bad_key_in_one_line(capsys):
     err = capsys.readouterr().err
     assert err.startswith("control_hra.py: error: unknown config key 'encoder_learning_rat'")
     assert "encoder_learning_rate" in err and "Traceback" not in err
+
+
+def test_options_the_command_line_makes_moot_are_dropped_with_one_note(capsys):
+    """Refuse only what the user typed: turning prior preservation off on the default recipe drops the recipe's
+    prior settings with one note; the same with a prior setting typed is one error naming both."""
+    from hra_diffusion.training.runner import parse_task_config
+
+    cfg = parse_task_config("dreambooth", ["--with_prior_preservation", "false"])
+    assert not cfg.with_prior_preservation
+    assert (cfg.class_data_dir, cfg.class_caption_dropout, cfg.class_caption_extension, cfg.num_class_images) == \
+        (None, 0.0, None, 100)  # back to their defaults
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "class_caption_dropout: 0.25" in notes[0] and "class_data_dir" in notes[0]
+    assert "(need with_prior_preservation)" in notes[0]
+    with pytest.raises(ConfigError) as info:
+        parse_task_config("dreambooth", ["--with_prior_preservation", "false", "--class_caption_dropout", "0.3",
+                                         "--class_caption_extension", ".caption"])
+    message = str(info.value)
+    assert "\n" not in message and all(w in message for w in (
+        "class_caption_dropout=0.3", "class_caption_extension='.caption'", "with_prior_preservation"))
+    assert "note:" not in capsys.readouterr().err  # an error, not a note and then an error
+    # chains: the adapter switch drops text-encoder HRA, and with it what only goes with it
+    recipe_te = parse_task_config("dreambooth", ["--adapter", "lora", "--r", "4"])
+    assert not recipe_te.train_text_encoder
+    # a setting typed for an option that is off stays an error
+    with pytest.raises(ConfigError, match="text_encoder_lr=0.001 needs train_text_encoder: true"):
+        parse_task_config("dreambooth", ["--train_text_encoder", "false", "--text_encoder_lr", "1e-3"])
+
+
+def test_default_recipe_trains_without_prior_preservation(tmp_path, capsys):
+    """`accelerate launch train/dreambooth_hra.py --with_prior_preservation false` runs (here: 2 steps)."""
+    from conftest import has_tiny_world
+
+    from hra_diffusion.training.runner import TASKS, parse_task_config, run_task
+
+    if not has_tiny_world():
+        pytest.skip("needs the committed tiny world")
+    cfg = parse_task_config("dreambooth", ["--with_prior_preservation", "false", "--max_train_steps", "2",
+                                           "--output_dir", str(tmp_path / "out"), "--validation_prompts", "[]",
+                                           "--showroom_rates", "false", "--report_to", "none"])
+    result = run_task(TASKS["dreambooth"].load_task_class(), cfg)
+    assert result.global_step == 2 and (tmp_path / "out" / "adapter").is_dir()

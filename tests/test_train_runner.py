@@ -3,6 +3,7 @@ run_task's steps and its outputs, exact resume after a crash, and the model card
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from hra_diffusion.training import StableDiffusionTask, TrainConfig, TrainingTask, TrainResult, run_task
+from hra_diffusion.training.summary import cli_command
 
 
 @pytest.fixture(autouse=True)
@@ -165,26 +167,38 @@ def test_card_facts_put_the_tasks_own_rows_in_place():
 
 def test_summary_names_a_hub_base_for_generate(tmp_path, capsys):
     """generate finds a local base from the adapter's record, not a hub id: the suggested command passes it."""
-    from hra_diffusion.training.config import ControlConfig
     from hra_diffusion.training.summary import print_summary
 
     result = TrainResult(global_step=3, seconds=1.0)
     hub = print_summary(TrainConfig(pretrained_model="stabilityai/stable-diffusion-xl-base-1.0",
                                     output_dir=str(tmp_path / "a")), result, "DreamBooth")
-    assert "hra-diffusion generate --base stabilityai/stable-diffusion-xl-base-1.0 --adapter" in hub
-    local = print_summary(TrainConfig(pretrained_model=str(tmp_path), output_dir=str(tmp_path / "b")), result, "Control")
-    assert "hra-diffusion generate --adapter" in local and "--base" not in local
-    # the run's validation sampler, and its steps and scale where not generate's defaults: the suggested
-    # samples are drawn as the validation grids were
-    assert "--scheduler dpm-solver --out" in local and "--guidance" not in local and "--steps" not in local
-    tuned = print_summary(TrainConfig(pretrained_model=str(tmp_path), output_dir=str(tmp_path / "c"),
-                                      validation_guidance_scale=2.0, validation_inference_steps=10),
-                          result, "DreamBooth", "--prompt 'a qwe star' ")
-    assert "--prompt 'a qwe star' --scheduler dpm-solver --steps 10 --guidance 2 --out" in tuned
-    ddim = print_summary(ControlConfig(pretrained_model=str(tmp_path), output_dir=str(tmp_path / "d"),
-                                       validation_scheduler="ddim", validation_inference_steps=50,
-                                       validation_guidance_scale=9.0), result, "Control")
-    assert "--scheduler ddim --steps 50 --guidance 9 --out" in ddim
+    cli = cli_command()
+    assert f"{cli} generate --base stabilityai/stable-diffusion-xl-base-1.0 --adapter" in hub
+    local = print_summary(TrainConfig(pretrained_model=str(tmp_path), output_dir=str(tmp_path / "b")), result, "Control",
+                          "--prompt 'a qwe star' ")
+    assert f"{cli} generate --adapter" in local and "--base" not in local
+    # the adapter records how the run validated, and generate samples so by default: no sampling flags here
+    assert "--prompt 'a qwe star' --out" in local and not {"--scheduler", "--steps", "--guidance"} & set(local.split())
+    assert f"{cli} export --adapter" in local
+
+
+def test_next_commands_name_the_entry_point_that_runs_in_this_shell(tmp_path, monkeypatch):
+    """After the README's install (a .venv, not activated) `hra-diffusion` is not on PATH: the summary names
+    the environment's own script, which runs as printed."""
+    import shutil
+    import subprocess
+
+    script = Path(sys.executable).parent / "hra-diffusion"
+    if not script.exists():
+        pytest.skip("the package's console script is not installed next to this Python")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # the venv not activated
+    assert shutil.which("hra-diffusion") is None
+    cli = cli_command()
+    assert cli != "hra-diffusion" and Path(cli).resolve() == script.resolve()
+    proc = subprocess.run(f"{cli} generate --help", shell=True, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--adapter" in proc.stdout
+    monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")  # activated
+    assert cli_command() == "hra-diffusion"
 
 
 def test_validation_samplers_are_the_ones_generate_and_the_card_name():

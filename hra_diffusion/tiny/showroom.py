@@ -130,11 +130,11 @@ def rates_figure(images: list, rows: list[dict], out: Path, cols: int = 14, scal
     return out
 
 
-def measure(pipe, subject_file: str | Path, guidance: float, out_dir: str | Path) -> dict[str, Any]:
+def measure(pipe, subject_file: str | Path, guidance: float, out_dir: str | Path, steps: int = 20) -> dict[str, Any]:
     """The check a tiny-world subject.json names (``"showroom": "hra_diffusion.tiny.showroom:measure"``), which the
     DreamBooth trainer runs on the trained pipeline: the showroom rates, their grid in
     ``<out_dir>/validation/showroom.png``, and the lines for the summary and the model card."""
-    rates = showroom_rates(pipe, subject_file, guidance=guidance, return_images=True)
+    rates = showroom_rates(pipe, subject_file, steps=steps, guidance=guidance, return_images=True)
     grid = rates_figure(rates.pop("images"), rates["rows"], Path(out_dir) / "validation" / "showroom.png",
                         cols=rates.pop("row_length"))  # rates keeps each sample's reading ("rows")
     line = format_rates(rates)

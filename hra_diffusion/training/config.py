@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..adapters.config import CONTROL_TARGETS, DEFAULT_TARGETS, TEXT_ENCODER_TARGETS
 from ..errors import UserError
@@ -40,9 +40,32 @@ ADAPTER_ONLY = {"apply_gs": ("hra",), "orth_lambda": ("hra",), "train_text_encod
                  "r": ("hra", "lora"), "block_size": ("oft", "boft"), "lora_alpha": ("lora",)}
 
 
+def field_defaults(cls: type) -> dict[str, Any]:
+    """Each field's default value (factories called)."""
+    return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+            or f.default_factory is not dataclasses.MISSING}
+
+
+def is_set(value: Any, default: Any) -> bool:
+    """An option counts as set when it differs from its default and is not empty (None, '', [], False, 0)."""
+    return value != default and value not in (None, "", [], False, 0)
+
+
+def unmet_needs(cls: type, values: dict[str, Any]) -> dict[str, list[str]]:
+    """{option: [options it needs that are off]} for each set option of ``cls.NEEDS`` (``values``: every key)."""
+    defaults = field_defaults(cls)
+    return {k: off for k, needs in cls.NEEDS.items()
+            if is_set(values[k], defaults[k]) and (off := [n for n in needs if not values[n]])}
+
+
 @dataclass
 class TrainConfig:
     """Settings every HRA trainer shares (model, data transform, optimisation, checkpoints, logging)."""
+
+    # option -> the options it needs on (truthy); a recipe's setting whose need the command line turns off is
+    # dropped with a note, a typed one is an error (see recipes.parse_config)
+    NEEDS: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     pretrained_model: str = arg("runwayml/stable-diffusion-v1-5", help=(
         "base model: an SD 1.x/2.x or SDXL diffusers pipeline (folder or hub id; its model_index.json "
@@ -198,6 +221,16 @@ class TrainConfig:
 class DreamBoothConfig(TrainConfig):
     """Subject-driven (DreamBooth) HRA fine-tuning settings."""
 
+    NEEDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        **{k: ("with_prior_preservation",) for k in (
+            "class_data_dir", "num_class_images", "prior_loss_weight", "sample_batch_size", "class_inference_steps",
+            "class_guidance_scale", "class_caption_dropout", "class_caption_extension")},
+        "class_prompts_from_captions": ("with_prior_preservation", "instance_caption_extension"),
+        "class_mask_dir": ("with_prior_preservation", "mask_loss_weight", "class_data_dir"),
+        "instance_mask_dir": ("mask_loss_weight",),
+        **{k: ("train_text_encoder",) for k in ("text_encoder_r", "text_encoder_target_modules", "text_encoder_lr")},
+    }
+
     subject_file: str | None = None
     instance_data_dir: str | None = None
     instance_prompt: str | None = None
@@ -262,32 +295,9 @@ class DreamBoothConfig(TrainConfig):
             raise ConfigError(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight!r}")
         if self.mask_loss_weight < 0:
             raise ConfigError(f"mask_loss_weight must be >= 0, got {self.mask_loss_weight!r}")
-        if self.instance_mask_dir and not self.mask_loss_weight:
-            raise ConfigError(f"instance_mask_dir={self.instance_mask_dir!r} is set but mask_loss_weight is 0, so the "
-                              "masks would be ignored: pass --mask_loss_weight (e.g. 4), or drop instance_mask_dir")
-        if self.class_prompts_from_captions and not self.instance_caption_extension:
-            raise ConfigError("class_prompts_from_captions needs per-image instance captions: set "
-                              "instance_caption_extension (e.g. .txt), or set class_prompts_from_captions: false")
         if not 0 <= self.class_caption_dropout < 1:
             raise ConfigError(f"class_caption_dropout must be in [0, 1) (a share of the class samples), "
                               f"got {self.class_caption_dropout!r}")
-        if self.class_caption_dropout and not self.with_prior_preservation:
-            raise ConfigError(f"class_caption_dropout={self.class_caption_dropout!r} is set but with_prior_preservation "
-                              "is false, so there is no class image to drop the caption of: set "
-                              "with_prior_preservation: true, or drop class_caption_dropout")
-        if self.class_caption_extension and not self.with_prior_preservation:
-            raise ConfigError(f"class_caption_extension={self.class_caption_extension!r} is set but "
-                              "with_prior_preservation is false, so no class image is used: set "
-                              "with_prior_preservation: true, or drop class_caption_extension")
-        if self.class_mask_dir and not (self.with_prior_preservation and self.mask_loss_weight):
-            off = [what for what, on in (("with_prior_preservation is false", self.with_prior_preservation),
-                                         ("mask_loss_weight is 0", self.mask_loss_weight)) if not on]
-            raise ConfigError(f"class_mask_dir={self.class_mask_dir!r} is set but {' and '.join(off)}, so the class "
-                              "masks would be ignored: set with_prior_preservation: true and mask_loss_weight (e.g. 4), "
-                              "or drop class_mask_dir (--class_mask_dir null)")
-        if self.class_mask_dir and not self.class_data_dir:
-            raise ConfigError(f"class_mask_dir={self.class_mask_dir!r} needs your own class images (class masks "
-                              "are not drawn with generated ones): set class_data_dir to the folder they mask")
         if self.text_encoder_r % 2:
             raise ConfigError(f"text_encoder_r={self.text_encoder_r} is odd: use an even r (e.g. {self.text_encoder_r + 1})")
         if self.train_text_encoder and self.adapter != "hra":
@@ -295,6 +305,21 @@ class DreamBoothConfig(TrainConfig):
                               "set train_text_encoder: false to train the UNet's baseline adapter alone")
         if self.text_encoder_lr is not None and not self.text_encoder_lr > 0:
             raise ConfigError(f"text_encoder_lr must be > 0 (or null for learning_rate), got {self.text_encoder_lr!r}")
+        self._check_needs()  # after the range checks: a bad value is named as such first
+
+    def _check_needs(self) -> None:
+        """One error naming every set option whose needs are off (NEEDS), each with what to turn on."""
+        unmet = unmet_needs(type(self), dataclasses.asdict(self))
+        if not unmet:
+            return
+        hints = {"with_prior_preservation": "with_prior_preservation: true",
+                 "mask_loss_weight": "mask_loss_weight > 0 (e.g. 4)",
+                 "class_data_dir": "class_data_dir: your own class images (class masks do not go with generated ones)",
+                 "instance_caption_extension": "instance_caption_extension (per-image instance captions, e.g. .txt)",
+                 "train_text_encoder": "train_text_encoder: true"}
+        parts = [f"{k}={getattr(self, k)!r} needs " + " and ".join(hints[n] for n in off) for k, off in unmet.items()]
+        raise ConfigError("; ".join(parts) + f" (off here): turn {'it' if len(unmet) == 1 else 'them'} on, or leave "
+                          + ", ".join(unmet) + " unset")
 
 
 

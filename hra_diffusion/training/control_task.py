@@ -27,7 +27,7 @@ from ..control import (
 )
 from ..detectors import ConditionCache, detector_key, make_detector
 from ..images import CONDITION_BACKGROUND, ImageTransform, open_image
-from ..sampling import eval_mode, generate_images, sampler_for
+from ..sampling import eval_mode, generate_images, sampler_for, validation_sampling
 from .card import adapter_facts, write_model_card
 from .config import ConfigError, ControlConfig
 from .control_data import (
@@ -225,7 +225,8 @@ class ControlTask(StableDiffusionTask):
         unet, encoder = modules["unet"], modules["condition_encoder"]
         pipe = self._pipeline(unet)
         shifted = [(i + len(pairs) // 2) % len(pairs) for i in range(len(pairs))]
-        score = dict(resolution=cfg.resolution, steps=20, guidance_scale=4.0, seed=0, tolerances=(0, 1))
+        score = dict(resolution=cfg.resolution, steps=cfg.validation_inference_steps,  # as the grids and generate
+                     guidance_scale=cfg.validation_guidance_scale, seed=0, tolerances=(0, 1))
         self.handle.encoder = encoder
         with eval_mode(unet, encoder):
             own = control_consistency(pipe, pairs, self.handle, **score)
@@ -246,7 +247,7 @@ class ControlTask(StableDiffusionTask):
         save_control_adapter(
             modules["unet"], modules["condition_encoder"], path, cfg.adapter, base_model=cfg.pretrained_model,
             base_model_revision=cfg.revision, trainer=self.trainer, condition_type=cfg.condition or "given",
-            resolution=cfg.resolution,
+            resolution=cfg.resolution, sampling=validation_sampling(cfg),  # generate samples as validation did
             **({"vae_model": cfg.pretrained_vae_model} if cfg.pretrained_vae_model else {}),  # generate's default
         )
         return [path]

@@ -20,7 +20,7 @@ from ..conditioning import PromptEmbeds
 from ..images import ImageTransform, check_images
 from ..models import add_hra
 from ..samples import IMAGE_EXTENSIONS
-from ..sampling import eval_mode, generate_images
+from ..sampling import eval_mode, generate_images, validation_sampling
 from ..utils import stream_seed
 from .card import adapter_facts, write_model_card
 from .config import ConfigError, DreamBoothConfig
@@ -239,7 +239,8 @@ class DreamBoothTask(StableDiffusionTask):
     def save(self, modules, output_dir: Path) -> list[Path]:
         cfg = self.cfg
         meta = dict(base_model=cfg.pretrained_model, base_model_revision=cfg.revision,
-                    instance_prompt=cfg.instance_prompt, trainer=self.trainer)
+                    instance_prompt=cfg.instance_prompt, trainer=self.trainer,
+                    sampling=validation_sampling(cfg))  # generate's defaults
         if cfg.pretrained_vae_model:  # generate loads the same VAE by default
             meta["vae_model"] = cfg.pretrained_vae_model
         paths = [save_any_adapter(modules["unet"], output_dir / "adapter", cfg.adapter, **meta)]
@@ -260,7 +261,8 @@ class DreamBoothTask(StableDiffusionTask):
                                                               strict=True)]
         with eval_mode(unet, *encoders):
             got = check(self._pipeline(unet, encoders), subject_file=cfg.subject_file,
-                        guidance=cfg.validation_guidance_scale, out_dir=cfg.output_dir)
+                        guidance=cfg.validation_guidance_scale, steps=cfg.validation_inference_steps,
+                        out_dir=cfg.output_dir)  # sampled as the grids were and as generate samples the adapter
         out = Path(cfg.output_dir)
         (out / "logs").mkdir(parents=True, exist_ok=True)
         (out / "logs" / "showroom_rates.json").write_text(json.dumps(got["results"], indent=2) + "\n")
@@ -323,7 +325,7 @@ class DreamBoothTask(StableDiffusionTask):
 
 def subject_check(subject_file: str | None) -> Callable[..., dict] | None:
     """The check a subject.json names under ``showroom`` ("module:function"), imported by that name (the trainer
-    knows no subject's checker), or None. The function takes (pipeline, subject_file=, guidance=, out_dir=) and
+    knows no subject's checker), or None. The function takes (pipeline, subject_file=, guidance=, steps=, out_dir=) and
     returns {"name", "results", "line", "card", "figure"}."""
     if not subject_file or not Path(subject_file).is_file():
         return None

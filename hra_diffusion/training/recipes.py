@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .config import ADAPTER_ONLY, ConfigError, TrainConfig
+from .config import ADAPTER_ONLY, ConfigError, TrainConfig, field_defaults, unmet_needs
 
 __all__ = ["parse_config", "config_help", "load_recipe", "apply_overrides", "config_to_dict", "save_resolved_config",
            "RESOLVED_CONFIG_NAME"]
@@ -176,22 +176,33 @@ def config_help(cls: type, default_recipe: str | Path | None = None, program: st
     return "\n".join(lines)
 
 
-def _drop_other_adapters_settings(cls: type[C], recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def _other_adapters_settings(cls: type[C], recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, str]:
     """``--adapter X`` on the command line over a recipe written for another adapter: the recipe's settings that
-    do not apply to X (its HRA reflections ``r`` for OFT, its text-encoder HRA for LoRA, ...) are not used, and
-    a note says so. The same settings given on the command line are still errors (the user asked for them)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    do not apply to X (its HRA reflections ``r`` for OFT, its text-encoder HRA for LoRA, ...), each with why.
+    The same settings typed on the command line stay errors (the user asked for them)."""
+    defaults = field_defaults(cls)
     kind = overrides.get("adapter")
     if kind is None or kind == recipe.get("adapter", defaults.get("adapter")):
-        return recipe
-    dropped = {k: v for k, v in recipe.items()
-               if k in ADAPTER_ONLY and k not in overrides and kind not in ADAPTER_ONLY[k]}
-    if dropped:
-        print(f"note: adapter {kind!r} (command line): the recipe's "
-              + ", ".join(f"{k}: {v!r}" for k, v in dropped.items())
-              + f" {'does' if len(dropped) == 1 else 'do'} not apply to it and {'is' if len(dropped) == 1 else 'are'} "
-              "not used", file=sys.stderr)
-    return {k: v for k, v in recipe.items() if k not in dropped}
+        return {}
+    return {k: f"not for adapter {kind!r}" for k in recipe
+            if k in ADAPTER_ONLY and k not in overrides and kind not in ADAPTER_ONLY[k]}
+
+
+def _moot_settings(cls: type[C], recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, str]:
+    """The recipe's settings that the command line made moot: ``cls.NEEDS`` says what each option needs on,
+    and what the user typed (or a setting dropped before) turned that off. Typed options are never dropped:
+    an unmet need of theirs is the config's error."""
+    defaults = field_defaults(cls)
+    dropped = _other_adapters_settings(cls, recipe, overrides)
+    while True:
+        values = {**defaults, **{k: v for k, v in recipe.items() if k not in dropped}, **overrides}
+        off_by_user = set(overrides) | set(dropped)
+        more = {k: "need " + " and ".join(n for n in off if n in off_by_user)
+                for k, off in unmet_needs(cls, values).items()
+                if k in recipe and k not in overrides and k not in dropped and any(n in off_by_user for n in off)}
+        if not more:
+            return dropped
+        dropped.update(more)
 
 
 def parse_config(
@@ -225,13 +236,21 @@ def parse_config(
     if recipe is not None:
         values.update(load_recipe(cls, recipe))
     overrides = apply_overrides(cls, rest)
-    values = _drop_other_adapters_settings(cls, values, overrides)
+    moot = _moot_settings(cls, values, overrides)
+    recipe_values, values = values, {k: v for k, v in values.items() if k not in moot}
     values.update(overrides)
     try:
         cfg = cls(**values)
     except TypeError as err:  # pragma: no cover - guarded by the key checks above
         raise ConfigError(str(err)) from None
     cfg.command = " ".join(p for p in [program, shlex.join(argv)] if p)
+    if moot:
+        groups: dict[str, list[str]] = {}
+        for k, why in moot.items():
+            groups.setdefault(why, []).append(f"{k}: {recipe_values[k]!r}")
+        print("note: the command line leaves the recipe's " + "; ".join(
+            f"{', '.join(keys)} ({why})" for why, keys in groups.items()) + " unused: they are dropped",
+              file=sys.stderr)
     return cfg
 
 

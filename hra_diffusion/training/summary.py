@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .recipes import RESOLVED_CONFIG_NAME
 
-__all__ = ["print_summary", "sampling_flags", "resume_notes"]
+__all__ = ["print_summary", "cli_command", "resume_notes"]
 
 
 def resume_notes(result) -> list[str]:
@@ -20,22 +20,25 @@ def resume_notes(result) -> list[str]:
             "the earlier values were used before it"]
 
 
-def sampling_flags(cfg) -> str:
-    """``--scheduler S [--steps N] [--guidance G] `` for the suggested generate command: the sampler, steps and
-    scale the run's validation grids were drawn with, where generate's defaults differ (its scheduler is the
-    base's saved one, 25 steps, scale 7.5), so its samples look like the grids (the tiny world's tuned models
-    over-saturate at 7.5: red stripes turn black)."""
-    from ..generate import GenerateConfig
-    from ..sampling import validation_sampler
+def cli_command() -> str:
+    """How to call ``hra-diffusion`` in the shell the run was started from: its name when that is on PATH and
+    is this environment's, else its path in this environment (e.g. ``.venv/bin/hra-diffusion`` after the
+    README's install, which does not activate the environment), else ``python -m hra_diffusion``."""
+    import os
+    import shutil
+    import sys
 
-    flags = f"--scheduler {validation_sampler(cfg)[0]} "
-    steps = getattr(cfg, "validation_inference_steps", None)
-    if steps is not None and steps != GenerateConfig.steps:
-        flags += f"--steps {steps} "
-    scale = getattr(cfg, "validation_guidance_scale", None)
-    if scale is not None and scale != GenerateConfig.guidance_scale:
-        flags += f"--guidance {scale:g} "
-    return flags
+    here = Path(sys.executable).parent / "hra-diffusion"
+    found = shutil.which("hra-diffusion")
+    if found and (not here.exists() or Path(found).resolve() == here.resolve()):
+        return "hra-diffusion"
+    if here.exists():
+        try:
+            rel = os.path.relpath(here)
+        except ValueError:  # another drive (Windows)
+            rel = str(here)
+        return shlex.quote(str(here) if rel.startswith("..") else rel)
+    return f"{shlex.quote(sys.executable)} -m hra_diffusion"
 
 
 def print_summary(cfg, result, kind: str, generate_hint: str = "") -> str:
@@ -55,7 +58,7 @@ def print_summary(cfg, result, kind: str, generate_hint: str = "") -> str:
     q = shlex.quote
     # generate finds a local base from the adapter, but falls back to the tiny world for a hub id: name it
     base = "" if Path(cfg.pretrained_model).expanduser().is_dir() else f"--base {q(cfg.pretrained_model)} "
-    generate_hint += sampling_flags(cfg)
+    cli = cli_command()  # sampler, steps and guidance come from the adapter (how this run validated)
     lines = [
         f"{kind} training finished: {'; '.join(figures)}",
         *[f"  {line}" for line in stats.get("report", [])],
@@ -63,8 +66,8 @@ def print_summary(cfg, result, kind: str, generate_hint: str = "") -> str:
         f"  model card: {out / 'README.md'}",
         f"  config:     {out / RESOLVED_CONFIG_NAME}",
         "next:",
-        f"  hra-diffusion generate {base}--adapter {q(str(adapter))} {generate_hint}--out {q(str(out / 'samples'))}",
-        f"  hra-diffusion export --adapter {q(str(adapter))} --to lora --out {q(str(out / 'adapter-lora'))}",
+        f"  {cli} generate {base}--adapter {q(str(adapter))} {generate_hint}--out {q(str(out / 'samples'))}",
+        f"  {cli} export --adapter {q(str(adapter))} --to lora --out {q(str(out / 'adapter-lora'))}",
     ]
     text = "\n".join(lines)
     print(text, flush=True)
