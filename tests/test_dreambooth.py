@@ -300,7 +300,7 @@ def test_masked_loss_trains_and_changes_the_update(tmp_path, tiny_random_sd_dir,
     a = adapter_tensors(tmp_path / "plain" / "adapter")
     b = adapter_tensors(tmp_path / "masked" / "adapter")
     assert any(not torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ConfigError, match="mask_loss_weight is 0"):
+    with pytest.raises(ConfigError, match="needs mask_loss_weight > 0"):
         train(fast_args(tiny_random_sd_dir, subject, tmp_path / "x", "--instance_mask_dir", str(subject / "masks")))
     with pytest.raises(ConfigError, match="needs subject masks"):
         train(fast_args(tiny_random_sd_dir, generated_subject_dir, tmp_path / "y", "--mask_loss_weight", "4"))
