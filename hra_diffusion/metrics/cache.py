@@ -13,6 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..utils import sha256_file
+
 __all__ = ["default_cache_dir", "file_hash", "FeatureCache", "cached_features"]
 
 
@@ -27,11 +29,7 @@ def default_cache_dir() -> Path:
 
 def file_hash(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes (the cache key: renaming or copying a file keeps its features)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 class FeatureCache:
