@@ -22,7 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .conditioning import SizeCondition
 from .errors import ImageFileError
 
-__all__ = ["open_image", "load_rgb", "check_images", "upscale_note", "ImageTransform", "PHOTO_BACKGROUND", "CONDITION_BACKGROUND"]
+__all__ = ["open_image", "open_mask", "load_rgb", "check_images", "upscale_note", "ImageTransform", "PHOTO_BACKGROUND", "CONDITION_BACKGROUND"]
 
 PHOTO_BACKGROUND = (255, 255, 255)
 CONDITION_BACKGROUND = (0, 0, 0)
@@ -59,8 +59,6 @@ def _from_cmyk(img: Image.Image) -> Image.Image:
 
 def _flatten(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """RGB, with any transparency composited over ``background``."""
-    if img.mode.startswith("I") or img.mode == "F":
-        img = _to_8bit(img)
     if img.mode == "CMYK":
         return _from_cmyk(img)
     if img.mode == "P" and "transparency" in img.info:
@@ -86,10 +84,9 @@ def open_image(path: str | os.PathLike, what: str = "image", mode: str | None = 
                 img = img.copy()
             if mode is None:
                 return img.copy()
-            if mode == "RGB":
-                return _flatten(img, background)
-            return _to_8bit(img).convert(mode) if mode == "L" and (img.mode.startswith("I") or img.mode == "F") \
-                else img.convert(mode)
+            if img.mode.startswith("I") or img.mode == "F":
+                img = _to_8bit(img)
+            return _flatten(img, background) if mode == "RGB" else img.convert(mode)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
@@ -97,6 +94,15 @@ def open_image(path: str | os.PathLike, what: str = "image", mode: str | None = 
             f"cannot be decoded ({' '.join(str(err).split()) or type(err).__name__})"
         raise ImageFileError(f"{what} {str(path)!r} {reason}: it may be truncated or mislabelled; replace or "
                              "remove it") from None
+
+
+def open_mask(path: str | os.PathLike, what: str = "mask") -> Image.Image:
+    """A mask as greyscale ``L`` (white = keep), read like every image here (upright, 16-bit scaled): the alpha
+    channel of an image with one, else its grey levels."""
+    img = open_image(path, what, mode=None)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        return img.convert("RGBA").getchannel("A")
+    return (_to_8bit(img) if img.mode.startswith("I") or img.mode == "F" else img).convert("L")
 
 
 def load_rgb(path: str | os.PathLike, what: str = "image") -> Image.Image:

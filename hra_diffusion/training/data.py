@@ -16,10 +16,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..conditioning import SizeCondition
-from ..images import ImageTransform, check_images, load_rgb, upscale_note
+from ..errors import ImageFileError
+from ..images import ImageTransform, check_images, load_rgb, open_mask, upscale_note
 from ..samples import IMAGE_EXTENSIONS, DataError, list_images, skipped_files, skipped_note
 from ..utils import stream_seed
 
@@ -91,9 +92,11 @@ def _caption(image: Path, extension: str | None) -> str | None:
     return text
 
 
-def load_masks(images: Sequence[Path], mask_dir: str | os.PathLike) -> list[Image.Image]:
+def load_masks(images: Sequence[Path], mask_dir: str | os.PathLike,
+               sizes: Sequence[tuple[int, int]] | None = None) -> list[Image.Image]:
     """One greyscale mask per image: ``mask_dir/NAME.<any image extension>`` for image ``NAME.*``, the same size
-    as the image (white = subject). Every missing, unreadable or mis-sized mask is named in one error."""
+    as the (upright) image, ``sizes`` when known (white = subject). Every missing, unreadable or mis-sized mask
+    is named in one error."""
     root = Path(mask_dir)
     if not root.is_dir():
         raise DataError(f"instance_mask_dir {str(root)!r} is not a folder: it should hold one mask per instance image "
@@ -103,19 +106,16 @@ def load_masks(images: Sequence[Path], mask_dir: str | os.PathLike) -> list[Imag
         if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
             by_stem.setdefault(f.stem, f)
     masks, problems = [], []
-    for image in images:
+    for i, image in enumerate(images):
         path = by_stem.get(image.stem)
         if path is None:
             problems.append(f"no mask for {image.name} (expected {image.stem}.png in {str(root)!r})")
             continue
         try:
-            with Image.open(path) as m:
-                m.load()
-                mask = m.getchannel("A") if m.mode in ("RGBA", "LA") else m.convert("L")
-            with Image.open(image) as im:
-                size = im.size
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            problems.append(f"cannot read mask {str(path)!r} ({type(err).__name__}: {err})")
+            mask = open_mask(path)
+            size = sizes[i] if sizes is not None else load_rgb(image).size
+        except (ImageFileError, FileNotFoundError) as err:
+            problems.append(str(err))  # names the mask file and why
             continue
         if mask.size != size:
             problems.append(f"mask {path.name} is {mask.size[0]}x{mask.size[1]} but {image.name} is {size[0]}x{size[1]}")
@@ -150,10 +150,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.what = what
         # lines for the run to print once: files skipped as non-images, images upscaled to the resolution
         self.notes = [skipped_note(folder, skipped_files(folder, [caption_extension or ""]), what)]
-        if check:
-            self.notes.append(upscale_note(self.files, check_images(self.files, what), transform.resolution, what))
+        sizes = check_images(self.files, what) if check else None  # upright (w, h) of every image
+        if sizes is not None:
+            self.notes.append(upscale_note(self.files, sizes, transform.resolution, what))
         self.notes = [n for n in self.notes if n]
-        self.masks = load_masks(self.files, mask_dir) if mask_dir else None
+        self.masks = load_masks(self.files, mask_dir, sizes) if mask_dir else None
         self.prompt = prompt
         # per-image captions (kohya's convention): NAME.png's prompt is the text of NAME<caption_extension>
         # beside it, when that file exists; ``prompt`` otherwise

@@ -19,14 +19,19 @@ from ..adapters.registry import save_any_adapter
 from ..conditioning import PromptEmbeds
 from ..images import ImageTransform, check_images
 from ..models import add_hra
-from ..samples import IMAGE_EXTENSIONS
 from ..sampling import eval_mode, generate_images, validation_sampling
 from ..utils import stream_seed
 from .card import adapter_facts, write_model_card
 from .config import ConfigError, DreamBoothConfig
 from .data import CachedLatent, ImageFolderDataset
 from .loss import denoising_loss, pixel_weights, with_orthogonality
-from .prior import CLASS_CAPTION_EXTENSION, class_prompts, generate_class_images, missing_class_images
+from .prior import (
+    CLASS_CAPTION_EXTENSION,
+    class_prompts,
+    existing_class_images,
+    generate_class_images,
+    missing_class_images,
+)
 from .runner import run_task
 from .sd_task import StableDiffusionTask
 from .summary import resume_notes
@@ -111,14 +116,17 @@ class DreamBoothTask(StableDiffusionTask):
                                            mask_dir=cfg.instance_mask_dir)  # set only with mask_loss_weight > 0
         for note in self.instance.notes:
             accelerator.print(note)
-        if cfg.with_prior_preservation and cfg.class_data_dir and Path(cfg.class_data_dir).is_dir():
-            own = [f for f in Path(cfg.class_data_dir).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
-            check_images(sorted(own), "class image")  # your own class images fail before the base loads, too
-        self.load_base()
         self.classes = None
-        if cfg.with_prior_preservation:
-            class_dir = Path(cfg.class_data_dir or Path(cfg.output_dir) / "class_images")
+        class_dir = Path(cfg.class_data_dir or Path(cfg.output_dir) / "class_images") \
+            if cfg.with_prior_preservation else None
+        if class_dir is not None:
             cfg.class_data_dir = str(class_dir)
+            if not missing_class_images(class_dir, cfg.num_class_images):  # complete: read before the base loads
+                self.classes = self._class_dataset(class_dir, transform)
+            else:  # the ones already there fail before the base loads, too
+                check_images(existing_class_images(class_dir), "class image")
+        self.load_base()
+        if class_dir is not None and self.classes is None:
             made = generate_class_images(
                 self.sd, class_dir, class_prompts(cfg), cfg.num_class_images, batch_size=cfg.sample_batch_size,
                 seed=cfg.seed, steps=cfg.class_inference_steps, resolution=cfg.resolution,
@@ -126,16 +134,7 @@ class DreamBoothTask(StableDiffusionTask):
             )
             if made:
                 accelerator.print(f"generated {made} class images in {class_dir}")
-            self.classes = ImageFolderDataset(class_dir, cfg.class_prompt, transform, cfg.seed + 1, "class image",
-                                              caption_extension=CLASS_CAPTION_EXTENSION
-                                              if cfg.class_prompts_from_captions else cfg.class_caption_extension,
-                                              mask_dir=cfg.class_mask_dir)
-            for note in self.classes.notes:
-                accelerator.print(note)
-            if cfg.class_prompts_from_captions and all(p == cfg.class_prompt for p in self.classes.prompts):
-                accelerator.print(f"note: the class images in {class_dir} have no captions (made before "
-                                  "class_prompts_from_captions was set), so they all train with "
-                                  f"{cfg.class_prompt!r}: delete the folder to draw them from the captions")
+            self.classes = self._class_dataset(class_dir, transform)
         # the adapter (HRA, or a PEFT baseline): the base was cast to weight_dtype above; adapter tensors are fp32
         self.add_unet_adapter()
         # text-encoder HRA: {pipeline component name: text encoder}, both encoders on SDXL
@@ -150,6 +149,21 @@ class DreamBoothTask(StableDiffusionTask):
             self._cache_latents()
 
     # ---- pieces --------------------------------------------------------------------------------
+    def _class_dataset(self, class_dir: Path, transform: ImageTransform) -> ImageFolderDataset:
+        """The class images (checked, with their captions and masks), its notes printed."""
+        cfg = self.cfg
+        classes = ImageFolderDataset(class_dir, cfg.class_prompt, transform, cfg.seed + 1, "class image",
+                                     caption_extension=CLASS_CAPTION_EXTENSION
+                                     if cfg.class_prompts_from_captions else cfg.class_caption_extension,
+                                     mask_dir=cfg.class_mask_dir)
+        for note in classes.notes:
+            self.accelerator.print(note)
+        if cfg.class_prompts_from_captions and all(p == cfg.class_prompt for p in classes.prompts):
+            self.accelerator.print(f"note: the class images in {class_dir} have no captions (made before "
+                                   "class_prompts_from_captions was set), so they all train with "
+                                   f"{cfg.class_prompt!r}: delete the folder to draw them from the captions")
+        return classes
+
     def _add_text_encoder_adapters(self) -> dict[str, nn.Module]:
         """HRA on every text encoder of the base (SDXL: both), keyed by the pipeline component it adapts (its
         adapter subfolder). Layers whose output the conditioning never reads are left out (SDXL's first encoder

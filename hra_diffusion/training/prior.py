@@ -57,11 +57,16 @@ def class_prompts(cfg) -> str | list[str]:
     return prompts
 
 
+def existing_class_images(class_dir: str | os.PathLike) -> list[Path]:
+    """The image files already in ``class_dir`` (sorted; none when it does not exist)."""
+    folder = Path(class_dir)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not p.name.startswith(".")) if folder.is_dir() else []
+
+
 def missing_class_images(class_dir: str | os.PathLike, num: int) -> list[int]:
     """Indices i of ``class-<i>.png`` to generate so the folder holds ``num`` images (any names count)."""
-    folder = Path(class_dir)
-    existing = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                and not p.name.startswith(".")] if folder.is_dir() else []
+    existing = existing_class_images(class_dir)
     need = num - len(existing)
     if need <= 0:
         return []

@@ -81,7 +81,7 @@ def run_task(task_class: type, cfg: TrainConfig) -> TrainResult:
     """Run a :class:`~hra_diffusion.training.sd_task.StableDiffusionTask` end to end: config checks, the
     accelerator, the task (data and model checks), ``config.yaml``, training, the adapter, the model card."""
     cfg = task_class.check_config(cfg)
-    lock = OutputLock(cfg.output_dir, command=getattr(cfg, "program", "") or "") if _is_main_rank() else None
+    lock = OutputLock(cfg.output_dir, command=cfg.command) if _is_main_rank() else None
     if lock is not None:
         lock.acquire()  # one run per output folder: a second one stops here, having touched nothing
         if lock.stale_note:

@@ -3,7 +3,10 @@ and the model card's notes on settings changed at a resume."""
 
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
+import sys
 from pathlib import Path
 
 from .recipes import RESOLVED_CONFIG_NAME
@@ -24,10 +27,6 @@ def cli_command() -> str:
     """How to call ``hra-diffusion`` in the shell the run was started from: its name when that is on PATH and
     is this environment's, else its path in this environment (e.g. ``.venv/bin/hra-diffusion`` after the
     README's install, which does not activate the environment), else ``python -m hra_diffusion``."""
-    import os
-    import shutil
-    import sys
-
     here = Path(sys.executable).parent / "hra-diffusion"
     found = shutil.which("hra-diffusion")
     if found and (not here.exists() or Path(found).resolve() == here.resolve()):
