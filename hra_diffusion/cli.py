@@ -7,11 +7,12 @@ Heavy imports (torch, diffusers, open_clip) happen inside the run functions, so 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 
 from .errors import add_debug_flag, run_guarded
-from .utils import default_device
+from .utils import cli_command, default_device
 
 __all__ = ["build_parser", "main", "SUBCOMMANDS"]
 
@@ -104,7 +105,8 @@ def run_generate(args: argparse.Namespace) -> int:
     fields = GenerateConfig.__dataclass_fields__
     cfg = GenerateConfig(**{k: v for k, v in vars(args).items() if k in fields})
     out = generate(cfg, log=lambda msg: print(msg, file=sys.stderr))
-    print(f"wrote {out}/ (images + manifest.jsonl); score it with: hra-diffusion score subject|control --samples {out}")
+    print(f"wrote {out}/ (images + manifest.jsonl); score it with: {cli_command()} score subject|control --samples "
+          f"{shlex.quote(str(out))}")
     return 0
 
 
@@ -241,7 +243,7 @@ def run_export(args: argparse.Namespace) -> int:
                              overwrite=args.overwrite)
     hints = {"lora": f"load it with pipe.load_lora_weights({str(written)!r})",
              "kohya": "copy it to ComfyUI/models/loras or stable-diffusion-webui/models/Lora",
-             "peft": f"load it with hra-diffusion generate --adapter {written}, or PEFT",
+             "peft": f"load it with {cli_command()} generate --adapter {shlex.quote(str(written))}, or PEFT",
              "merged": f"load it with UNet2DConditionModel.from_pretrained({str(written)!r})"}
     print(f"wrote {written} ({args.to}, {args.dtype}); {hints[args.to]}")
     return 0

@@ -1,15 +1,18 @@
-"""Small helpers every part of the package uses: crash-safe folders and the default device."""
+"""Small helpers every part of the package uses: crash-safe folders, the default device, how to call the CLI."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["stream_seed", "sha256_file", "atomic_directory", "default_device", "dtype_kwargs", "quiet_hub_warnings"]
+__all__ = ["stream_seed", "sha256_file", "atomic_directory", "default_device", "dtype_kwargs", "quiet_hub_warnings",
+           "cli_command"]
 
 
 def stream_seed(*parts: int | str) -> int:
@@ -106,3 +109,20 @@ def dtype_kwargs(dtype, library: str = "diffusers") -> dict:
         except ImportError:  # pragma: no cover - a diffusers without the module
             new = False
     return {"dtype": dtype} if new else {"torch_dtype": dtype}
+
+
+def cli_command() -> str:
+    """How to call ``hra-diffusion`` in the shell the run was started from: its name when that is on PATH and
+    is this environment's, else its path in this environment (e.g. ``.venv/bin/hra-diffusion`` after the
+    README's install, which does not activate the environment), else ``python -m hra_diffusion``."""
+    here = Path(sys.executable).parent / "hra-diffusion"
+    found = shutil.which("hra-diffusion")
+    if found and (not here.exists() or Path(found).resolve() == here.resolve()):
+        return "hra-diffusion"
+    if here.exists():
+        try:
+            rel = os.path.relpath(here)
+        except ValueError:  # another drive (Windows)
+            rel = str(here)
+        return shlex.quote(str(here) if rel.startswith("..") else rel)
+    return f"{shlex.quote(sys.executable)} -m hra_diffusion"

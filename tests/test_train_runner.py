@@ -13,7 +13,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from hra_diffusion.training import StableDiffusionTask, TrainConfig, TrainingTask, TrainResult, run_task
-from hra_diffusion.training.summary import cli_command
+from hra_diffusion.utils import cli_command
 
 
 @pytest.fixture(autouse=True)

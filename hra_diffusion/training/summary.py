@@ -3,15 +3,13 @@ and the model card's notes on settings changed at a resume."""
 
 from __future__ import annotations
 
-import os
 import shlex
-import shutil
-import sys
 from pathlib import Path
 
+from ..utils import cli_command
 from .recipes import RESOLVED_CONFIG_NAME
 
-__all__ = ["print_summary", "cli_command", "resume_notes"]
+__all__ = ["print_summary", "resume_notes"]
 
 
 def resume_notes(result) -> list[str]:
@@ -21,23 +19,6 @@ def resume_notes(result) -> list[str]:
     listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in result.resume_changes.items())
     return [f"resumed from `{Path(result.resumed_from).name}` with changed optimisation settings ({listed}); "
             "the earlier values were used before it"]
-
-
-def cli_command() -> str:
-    """How to call ``hra-diffusion`` in the shell the run was started from: its name when that is on PATH and
-    is this environment's, else its path in this environment (e.g. ``.venv/bin/hra-diffusion`` after the
-    README's install, which does not activate the environment), else ``python -m hra_diffusion``."""
-    here = Path(sys.executable).parent / "hra-diffusion"
-    found = shutil.which("hra-diffusion")
-    if found and (not here.exists() or Path(found).resolve() == here.resolve()):
-        return "hra-diffusion"
-    if here.exists():
-        try:
-            rel = os.path.relpath(here)
-        except ValueError:  # another drive (Windows)
-            rel = str(here)
-        return shlex.quote(str(here) if rel.startswith("..") else rel)
-    return f"{shlex.quote(sys.executable)} -m hra_diffusion"
 
 
 def print_summary(cfg, result, kind: str, generate_hint: str = "") -> str:
