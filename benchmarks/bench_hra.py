@@ -21,7 +21,7 @@ Usage: python benchmarks/bench_hra.py [--repeats 7] [--unet-repeats 3] [--skip-u
 Prints markdown tables and the ratios the project's goals are stated in, and every whole-step ratio
 against LoRA (both ranks) measured side by side. Every figure is also written to the results JSON (default
 benchmarks/results/bench_hra.json; the sections this run measured replace the file's old ones, each with
-the machine, torch version and date it was measured on); the README's tables are rendered from that file
+the machine, torch version and date it was measured on); the tables in README.md and docs/benchmarks.md are rendered from it
 by benchmarks/render_tables.py, never typed in.
 """
 
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\ngoals: ours <= 1.15x LoRA time at every shape and for the whole step; PEFT HRA >= 3x slower than "
           "ours at the 1280-wide shapes; whole-step peak memory <= 1.05x LoRA's")
     if args.json:
-        print("\nrender the README tables with python benchmarks/render_tables.py --write README.md")
+        print("\nrender the tables of README.md and docs/benchmarks.md with python benchmarks/render_tables.py --write")
 
 
 def environment(r: int) -> dict:

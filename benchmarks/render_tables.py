@@ -1,12 +1,13 @@
-"""Render the README's benchmark tables from benchmarks/results/bench_hra.json (written by bench_hra.py).
+"""Render the benchmark tables of README.md and docs/benchmarks.md from benchmarks/results/bench_hra.json.
 
-    python benchmarks/render_tables.py                  # print every table
-    python benchmarks/render_tables.py --write README.md  # replace the marked blocks in README.md
-    python benchmarks/render_tables.py --check README.md  # exit 1 if README.md's blocks differ from the file
+    python benchmarks/render_tables.py           # print every table
+    python benchmarks/render_tables.py --write   # replace the marked blocks in README.md and docs/benchmarks.md
+    python benchmarks/render_tables.py --check   # exit 1 if a block differs from the results, or a table has none
 
 A block in a markdown file is delimited by ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` lines; NAME is a
-section of the results file (``layers``, ``unet``, and with ``bench_hra.py --sdxl`` ``layers_sdxl``, ``unet_sdxl``). Every table says where, when and with which torch version
-its figures were measured, so no figure is typed in by hand. Needs only the standard library.
+section of the results file (``layers``, ``unet``, and with ``bench_hra.py --sdxl`` ``layers_sdxl``, ``unet_sdxl``)
+or ``summary`` (the README's short table, from ``unet``). Every table says where, when and with which torch
+version its figures were measured, so no figure is typed in by hand. Needs only the standard library.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_hra.json"
+REPO = Path(__file__).resolve().parent.parent
+TARGETS = (REPO / "README.md", REPO / "docs" / "benchmarks.md")
 UNET_LABELS = {"ours": "ours (HRA r)", "peft_hra": "PEFT HRA r", "peft_lora": "PEFT LoRA r",
                "peft_lora_half": "PEFT LoRA r/2", "peft_oft": "PEFT OFT block 16", "peft_boft": "PEFT BOFT block 8"}
 
@@ -85,13 +88,32 @@ def unet_sdxl_table(section: dict) -> str:
     return "_SDXL-shaped UNet (2.6 B parameters, random weights, 32x32 latent, batch 1)._ " + unet_table(section)
 
 
+def summary_table(results: dict) -> str:
+    """The README's table: each variant's whole SD-1.5-shaped training step against LoRA at the same rank."""
+    section = results["unet"]
+    t, mem, env = section["step_s"], section["memory"], section["env"]
+    lines = [f"_Whole SD-1.5-shaped UNet training step, 128 attention projections adapted, r = 8; measured "
+             f"{env['date']} on {env['cores']} CPU cores ({env.get('clock') or 'wall time'}), torch {env['torch']}; "
+             "no GPU run._", "",
+             "| variant | trainable | step time / LoRA r | peak memory / LoRA r |", "|---|---|---|---|"]
+    for k in t:
+        if k == "peft_lora" or k not in mem or "peft_lora" not in mem:
+            continue
+        lines.append(f"| {UNET_LABELS.get(k, k)} | {mem[k]['trainable']:,} | **{_ratio(t[k], t['peft_lora'])}** | "
+                     f"{_ratio(mem[k]['peak_kib'], mem['peft_lora']['peak_kib'])} |")
+    return "\n".join(lines)
+
+
 RENDERERS = {"layers": layers_table, "unet": unet_table, "layers_sdxl": layers_sdxl_table,
              "unet_sdxl": unet_sdxl_table}
 
 
 def render(results: dict) -> dict[str, str]:
     """{section name: markdown} for every section the results file holds."""
-    return {name: fn(results[name]) for name, fn in RENDERERS.items() if name in results}
+    tables = {name: fn(results[name]) for name, fn in RENDERERS.items() if name in results}
+    if "unet" in results:
+        tables["summary"] = summary_table(results)
+    return tables
 
 
 def _block(name: str) -> re.Pattern:
@@ -116,29 +138,39 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=RESULTS)
     group = ap.add_mutually_exclusive_group()
-    group.add_argument("--write", type=Path, metavar="MARKDOWN", help="replace the marked blocks in this file")
-    group.add_argument("--check", type=Path, metavar="MARKDOWN", help="exit 1 when this file's blocks are stale")
+    group.add_argument("--write", type=Path, nargs="*", metavar="MARKDOWN",
+                       help="replace the marked blocks in these files (default: README.md, docs/benchmarks.md)")
+    group.add_argument("--check", type=Path, nargs="*", metavar="MARKDOWN",
+                       help="exit 1 when a block in these files is stale or a table has a block in none of them")
     args = ap.parse_args(argv)
     if not args.results.is_file():
         print(f"error: {args.results} does not exist; run python benchmarks/bench_hra.py first", file=sys.stderr)
         return 2
     tables = render(json.loads(args.results.read_text()))
-    if not (args.write or args.check):
+    if args.write is None and args.check is None:
         for name, table in tables.items():
             print(f"<!-- bench:{name} -->\n{table}\n<!-- /bench:{name} -->\n")
         return 0
-    target = args.write or args.check
-    text = target.read_text()
-    missing = [n for n in tables if not _block(n).search(text)]
-    new, changed = replace_blocks(text, tables)
-    if args.check:
-        if changed or missing:
-            print(f"{target}: benchmark blocks {changed + missing} differ from {args.results} "
-                  f"(run python benchmarks/render_tables.py --write {target})", file=sys.stderr)
+    targets = (args.write if args.write is not None else args.check) or list(TARGETS)
+    placed, stale, updates = set(), [], {}
+    for target in targets:
+        text = target.read_text()
+        placed |= {n for n in tables if _block(n).search(text)}
+        new, changed = replace_blocks(text, tables)
+        stale += [f"{target}: {name}" for name in changed]
+        updates[target] = (new, changed)
+    missing = [n for n in tables if n not in placed]
+    if args.check is not None:
+        if stale or missing:
+            print(f"benchmark blocks differ from {args.results}: {stale + [f'{n} (no block)' for n in missing]} "
+                  f"(run python benchmarks/render_tables.py --write {' '.join(map(str, targets))})", file=sys.stderr)
             return 1
         return 0
-    target.write_text(new)
-    print(f"{target}: updated {changed or 'nothing (already current)'}" + (f"; no block for {missing}" if missing else ""))
+    for target, (new, changed) in updates.items():
+        target.write_text(new)
+        print(f"{target}: updated {changed or 'nothing (already current)'}")
+    if missing:
+        print(f"no block for {missing} in {', '.join(map(str, targets))}")
     return 0
 
 

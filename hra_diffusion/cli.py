@@ -58,7 +58,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors); "
                                      "leave out to sample the base model alone")
     p.add_argument("--base", dest="base_model", help="base model: diffusers folder or hub id (default: the "
-                   "adapter's recorded base if it is a local folder, else the tiny world assets/tiny-sd)")
+                   "base the adapter was trained on, as it recorded it; with no record, the tiny world)")
     p.add_argument("--vae", dest="vae_model", help="a separate VAE (AutoencoderKL folder or hub id, e.g. "
                    "madebyollin/sdxl-vae-fp16-fix; default: the one the adapter was trained with "
                    "(--pretrained_vae_model), else the base's)")

@@ -75,7 +75,7 @@ def read_model_index(base: str | os.PathLike, revision: str | None = None) -> di
     except (OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise OSError(f"could not read model_index.json of base model {str(base)!r}: {first}. Pass a local "
-                      "diffusers pipeline folder, or download it first (`huggingface-cli download <id>`)") from None
+                      "diffusers pipeline folder, or download it first (`hf download <id>`)") from None
 
 
 def pipeline_family(base: str | os.PathLike | dict[str, Any], revision: str | None = None) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -97,6 +98,7 @@ class GenerateConfig:
             raise ValueError("seeds is an empty list; give at least one seed or leave it out")
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name: what the hub accepts as a model id
 FALLBACK_SAMPLING = {"scheduler": None, "steps": 25, "guidance_scale": 7.5}  # without a recorded one
 
 
@@ -127,17 +129,24 @@ def resolve_sampling(cfg: GenerateConfig, adapter_doc: dict[str, Any] | None) ->
 
 
 def default_base_model(adapter_doc: dict[str, Any] | None) -> str:
-    """The adapter's recorded base model if it is a local folder that exists, else the tiny world."""
-    recorded = (adapter_doc or {}).get("base_model") or (adapter_doc or {}).get("base_model_name_or_path")
-    if recorded and Path(str(recorded)).is_dir():
-        return str(recorded)
+    """The base the adapter records (a local folder that exists, or a hub id, loaded as the trainer and export
+    load it); the tiny world when it records none, or records the tiny world of another checkout."""
     from .paths import TINY_MODEL_DIR
 
+    recorded = (adapter_doc or {}).get("base_model") or (adapter_doc or {}).get("base_model_name_or_path")
+    if recorded:
+        path = Path(str(recorded)).expanduser()
+        if path.is_dir():
+            return str(recorded)
+        if path.parts[-2:] != ("assets", "tiny-sd"):
+            if _HUB_ID.fullmatch(str(recorded)):
+                return str(recorded)
+            raise FileNotFoundError(f"the adapter was trained on {str(recorded)!r}, which is not a folder here: "
+                                    "pass --base <that model's diffusers folder or hub id>")
     if (Path(TINY_MODEL_DIR) / "model_index.json").is_file():
         return str(TINY_MODEL_DIR)
-    hint = f" (the adapter records {recorded!r}, which is not a local folder)" if recorded else ""
     raise FileNotFoundError(
-        f"no base model given and the tiny world {str(TINY_MODEL_DIR)!r} is not built{hint}: pass --base "
+        f"no base model given and the tiny world {str(TINY_MODEL_DIR)!r} is not built: pass --base "
         "<diffusers pipeline folder or hub id>, or build the tiny world with `python -m tools.tiny_world build`"
     )
 
@@ -197,7 +206,7 @@ def _not_loaded(base: str, err: Exception) -> OSError:
     return OSError(
         f"could not load base model {base!r}" + (" (HF_HUB_OFFLINE is set)" if offline else "")
         + f": {str(err).splitlines()[0] if str(err) else type(err).__name__}\n"
-        f"Download it on a machine with internet access (`huggingface-cli download {base}`) and pass the "
+        f"Download it on a machine with internet access (`hf download {base}`) and pass the "
         "local folder with --base /path/to/model (a diffusers folder with model_index.json)."
     )
 

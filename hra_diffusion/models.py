@@ -84,13 +84,13 @@ def _describe_failure(name: str, err: Exception) -> BaseModelError:
     if looks_local:
         return BaseModelError(
             f"base model {name!r} is not an existing folder (relative paths are from {os.getcwd()!r}); "
-            "pass a local StableDiffusionPipeline folder or a hub id like 'runwayml/stable-diffusion-v1-5'"
+            "pass a local StableDiffusionPipeline folder or a hub id like 'stable-diffusion-v1-5/stable-diffusion-v1-5'"
         )
     if is_offline():
         return BaseModelError(
             f"base model {name!r} is not a local folder and the hub is offline (HF_HUB_OFFLINE=1), and it is not "
             "in the local Hugging Face cache. Download it once where there is network "
-            f"(`huggingface-cli download {name}`), or pass --pretrained_model /path/to/local/folder."
+            f"(`hf download {name}`), or pass --pretrained_model /path/to/local/folder."
         )
     return BaseModelError(
         f"base model {name!r} could not be loaded from the hub ({type(err).__name__}: {err}). Check the id and "

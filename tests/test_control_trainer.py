@@ -347,7 +347,7 @@ def test_recipes_hold_the_official_settings():
     assert {"conv1", "conv2", "proj_in", "proj_out", "ff.net.2"} <= set(default.target_modules)
     for name in ("sd15_canny", "sd15_segmentation", "sd15_landmarks"):
         cfg = control_hra.parse_args(["--config", str(REPO / "configs" / "control" / f"{name}.yaml")])
-        assert cfg.pretrained_model == "runwayml/stable-diffusion-v1-5" and cfg.target_modules == list(CONTROL_TARGETS)
+        assert cfg.pretrained_model == "stable-diffusion-v1-5/stable-diffusion-v1-5" and cfg.target_modules == list(CONTROL_TARGETS)
         assert (cfg.r, cfg.learning_rate, cfg.train_batch_size, cfg.resolution) == (8, 9e-4, 8, 512)
         assert (cfg.validation_scheduler, cfg.validation_inference_steps, cfg.validation_guidance_scale) == ("ddim", 50, 9.0)
     assert control_hra.parse_args(["--config", str(REPO / "configs/control/sd15_canny.yaml")]).condition == "canny"

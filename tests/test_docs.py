@@ -27,3 +27,25 @@ def test_no_code_or_doc_cites_paths_outside_the_repository():
              *(REPO / "train").glob("*.py"), *(REPO / "eval").glob("*.py"), *(REPO / "benchmarks").glob("*.py")]
     bad = [f.relative_to(REPO).as_posix() for f in files if "../shared" in f.read_text(encoding="utf-8")]
     assert not bad, f"these cite ../shared/, which users never see: {bad}"
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.+)$", markdown, re.M)}
+
+
+def test_relative_links_in_readme_and_docs_resolve():
+    broken = []
+    for md in [REPO / "README.md", *(REPO / "docs").glob("*.md")]:
+        text = md.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # http(s), mailto: not checked offline
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (md.parent / path).resolve() if path else md
+            if not dest.exists():
+                broken.append(f"{md.relative_to(REPO)}: {target}")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest.read_text(encoding="utf-8")):
+                broken.append(f"{md.relative_to(REPO)}: {target} (no such heading)")
+    assert not broken, broken

@@ -228,15 +228,20 @@ def test_generate_bad_input(tmp_path, base_dir, hra_adapter, control_adapter):
 
 
 def test_default_base_model(tmp_path):
+    """generate loads the base the adapter was trained on, as export does: a folder, or a hub id as such."""
     from hra_diffusion.generate import default_base_model
 
     assert default_base_model({"base_model": str(tmp_path)}) == str(tmp_path)  # a recorded local folder wins
+    hub = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert default_base_model({"base_model": hub}) == hub  # never the tiny world for an SD 1.5 adapter
+    with pytest.raises(FileNotFoundError, match=r"trained on '/gone/sd15', which is not a folder here: pass --base"):
+        default_base_model({"base_model": "/gone/sd15"})
     tiny = _tiny_world_dir()
-    if tiny is not None:
-        assert default_base_model({"base_model": "runwayml/stable-diffusion-v1-5"}) == str(tiny)
+    if tiny is not None:  # no record, or the tiny world of another checkout: this one's
+        assert default_base_model({}) == default_base_model({"base_model": "/elsewhere/assets/tiny-sd"}) == str(tiny)
     else:
-        with pytest.raises(FileNotFoundError, match=r"(?s)stable-diffusion-v1-5.*--base.*hra_diffusion.tiny build"):
-            default_base_model({"base_model": "runwayml/stable-diffusion-v1-5"})
+        with pytest.raises(FileNotFoundError, match=r"(?s)--base.*tiny_world build"):
+            default_base_model({})
 
 
 def test_generate_uses_the_vae_the_adapter_was_trained_with(tmp_path, base_dir):

@@ -134,7 +134,7 @@ def test_choice_tiny_base_gets_tiny_extractors_real_base_keeps_real_defaults(tmp
     tiny = choose_extractors(_rows(str(TINY_MODEL_DIR.resolve())))
     assert tiny.dino == str(TINY_EXTRACTORS_DIR / "dino") and tiny.clip == str(TINY_EXTRACTORS_DIR / "clip")
     assert "tiny-world stand-in" in tiny.info["extractors"]["dino"] and "tiny world" in tiny.info["extractors_chosen_by"]
-    real = choose_extractors(_rows("runwayml/stable-diffusion-v1-5"))
+    real = choose_extractors(_rows("stable-diffusion-v1-5/stable-diffusion-v1-5"))
     assert (real.dino, real.clip, real.clip_pretrained) == (DEFAULT_DINO, DEFAULT_CLIP_MODEL, "openai")
     no_manifest = choose_extractors([SampleRow(file=tmp_path / "a.png")])
     assert no_manifest.dino == DEFAULT_DINO
@@ -148,7 +148,7 @@ def test_choice_tiny_base_gets_tiny_extractors_real_base_keeps_real_defaults(tmp
     shutil.copy(TINY_MODEL_DIR / "build_report.json", copy / "build_report.json")
     assert is_tiny_world_base(str(copy))
     with pytest.raises(ValueError, match="not be comparable"):
-        choose_extractors(_rows(str(TINY_MODEL_DIR)) + _rows("runwayml/stable-diffusion-v1-5"))
+        choose_extractors(_rows(str(TINY_MODEL_DIR)) + _rows("stable-diffusion-v1-5/stable-diffusion-v1-5"))
 
 
 def test_score_subject_command_on_tiny_world_samples_needs_no_flags(tmp_path, capsys):

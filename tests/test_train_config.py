@@ -80,7 +80,7 @@ def test_shipped_recipes():
     for name in ("tiny", "sd15", "sd21"):
         load_recipe(DreamBoothConfig, RECIPES / f"{name}.yaml")  # every key exists and type-checks
     sd15 = parse_config(DreamBoothConfig, ["--config", str(RECIPES / "sd15.yaml")])
-    assert sd15.pretrained_model == "runwayml/stable-diffusion-v1-5"
+    assert sd15.pretrained_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert (sd15.r, sd15.target_modules) == (8, ["to_q", "to_k", "to_v", "to_out.0"])
     assert sd15.with_prior_preservation and sd15.num_class_images == 200 and sd15.prior_loss_weight == 1.0
     assert (sd15.learning_rate, sd15.lr_scheduler, sd15.lr_warmup_steps) == (1e-4, "constant", 0)
@@ -188,7 +188,7 @@ def test_parse_task_config_reads_the_default_recipe_then_overrides(task, cls_nam
     assert cfg.command == f"accelerate launch {script} --max_train_steps 7 --seed 5"
     assert cfg == parse_config(cls, argv, REPO / "configs" / task / "tiny.yaml", program=f"accelerate launch {script}")
     other = REPO / "configs" / task / ("sd15.yaml" if task == "dreambooth" else "sd15_canny.yaml")
-    assert parse_task_config(task, ["--config", str(other)]).pretrained_model == "runwayml/stable-diffusion-v1-5"
+    assert parse_task_config(task, ["--config", str(other)]).pretrained_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 def test_control_config_lives_with_the_other_task_configs():

@@ -10,7 +10,7 @@ W: the file is exact for that base only. A conv layer gets the LoRA conv form (a
 stride/padding, a 1×1 ``up``), which is exactly ``HRAConv2d``'s forward. The product is computed in fp64 and
 cast to the requested dtype at the end.
 
-    export_adapter("out/dog-hra", "kohya", "dog.safetensors", base="runwayml/stable-diffusion-v1-5")
+    export_adapter("out/dog-hra", "kohya", "dog.safetensors", base="stable-diffusion-v1-5/stable-diffusion-v1-5")
 
 Layouts (``--to``):
   lora    diffusers: ``pytorch_lora_weights.safetensors``, ``unet.<module>.lora_A.weight`` / ``.lora_B.weight``

@@ -88,7 +88,7 @@ def save_adapter(
 ) -> Path:
     """Write the adapter of ``model`` to directory ``path`` (atomically; only adapter tensors).
 
-    ``metadata`` is recorded in adapter_config.json (e.g. base_model="runwayml/stable-diffusion-v1-5",
+    ``metadata`` is recorded in adapter_config.json (e.g. base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
     base_model_revision=...). ``extra_tensors`` (e.g. a condition encoder's state dict, keys prefixed
     by the caller) are stored beside the ``hra_u`` tensors in the same safetensors file.
     """

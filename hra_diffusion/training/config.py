@@ -67,7 +67,7 @@ class TrainConfig:
     # dropped with a note, a typed one is an error (see recipes.parse_config)
     NEEDS: ClassVar[dict[str, tuple[str, ...]]] = {}
 
-    pretrained_model: str = arg("runwayml/stable-diffusion-v1-5", help=(
+    pretrained_model: str = arg("stable-diffusion-v1-5/stable-diffusion-v1-5", help=(
         "base model: an SD 1.x/2.x or SDXL diffusers pipeline (folder or hub id; its model_index.json "
         "says which)"))
     revision: str | None = None

@@ -1,4 +1,4 @@
-"""A figure of the tiny base model's samples, each labelled by the colour checker (for the README)."""
+"""A figure of the tiny base model's samples, each labelled by the colour checker (for docs/tiny-world.md)."""
 
 from __future__ import annotations
 
