@@ -206,8 +206,8 @@ def _not_loaded(base: str, err: Exception) -> OSError:
     return OSError(
         f"could not load base model {base!r}" + (" (HF_HUB_OFFLINE is set)" if offline else "")
         + f": {str(err).splitlines()[0] if str(err) else type(err).__name__}\n"
-        f"Download it on a machine with internet access (`hf download {base}`) and pass the "
-        "local folder with --base /path/to/model (a diffusers folder with model_index.json)."
+        f"Download it on a machine with internet access (`hf download {base} --local-dir DIR`) and pass the "
+        "folder with --base DIR (a diffusers folder with model_index.json)."
     )
 
 

@@ -156,7 +156,7 @@ def weights_error(what: str, name: str, flag: str, err: BaseException) -> Weight
         f"could not load {what} weights {name!r}"
         + (" (HF_HUB_OFFLINE is set)" if offline else "")
         + f": {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
-        f"Download them on a machine with internet access (e.g. `hf download {name}` or "
+        f"Download them on a machine with internet access (e.g. `hf download {name} --local-dir DIR` or "
         f"`snapshot_download`) and pass the local folder with {flag} /path/to/folder."
     )
 
