@@ -151,6 +151,12 @@ def default_base_model(adapter_doc: dict[str, Any] | None) -> str:
     )
 
 
+def base_revision(adapter_doc: dict[str, Any] | None, base: str) -> str | None:
+    """The hub revision the adapter recorded for its base, when ``base`` is that base (as export uses it)."""
+    doc = adapter_doc or {}
+    return doc.get("base_model_revision") if base == doc.get("base_model") else None
+
+
 def _device_and_dtype(device: str | None, dtype: str | None):
     import torch
 
@@ -162,9 +168,10 @@ def _device_and_dtype(device: str | None, dtype: str | None):
     return torch.device(dev), torch_dtype, name
 
 
-def load_pipeline(base: str, torch_dtype, safety_checker: bool = True, vae_model: str | None = None):
-    """The base pipeline from a local folder or hub id, with an actionable message when it fails: a
-    StableDiffusionPipeline or StableDiffusionXLPipeline, chosen from the folder's model_index.json.
+def load_pipeline(base: str, torch_dtype, safety_checker: bool = True, vae_model: str | None = None,
+                  revision: str | None = None):
+    """The base pipeline from a local folder or hub id (at ``revision``), with an actionable message when it
+    fails: a StableDiffusionPipeline or StableDiffusionXLPipeline, chosen from the folder's model_index.json.
     ``vae_model``: a separate AutoencoderKL (folder or hub id) instead of the base's own."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -177,10 +184,12 @@ def load_pipeline(base: str, torch_dtype, safety_checker: bool = True, vae_model
                                               if local.exists() else "does not exist")
         )
     try:
-        family = pipeline_family(base)  # an unsupported pipeline class is a ValueError that says so
+        family = pipeline_family(base, revision)  # an unsupported pipeline class is a ValueError that says so
     except OSError as err:
         raise _not_loaded(base, err) from None
     kwargs: dict[str, Any] = dtype_kwargs(torch_dtype)  # dtype= where diffusers deprecates torch_dtype
+    if revision:
+        kwargs["revision"] = revision
     if family == "sd" and not safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)  # SDXL has no safety checker
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
@@ -302,7 +311,9 @@ def _load(cfg: GenerateConfig, info, is_control: bool, base: str) -> _Loaded:
 
     device, torch_dtype, dtype_name = _device_and_dtype(cfg.device, cfg.dtype)
     vae_model = _vae_model(cfg, info)
-    pipe = load_pipeline(base, torch_dtype, safety_checker=cfg.safety_checker, vae_model=vae_model).to(device)
+    revision = base_revision(info.doc if info else None, base)
+    pipe = load_pipeline(base, torch_dtype, safety_checker=cfg.safety_checker, vae_model=vae_model,
+                         revision=revision).to(device)
     pipe.set_progress_bar_config(disable=True)
     scheduler_name = _set_scheduler(pipe, cfg.scheduler)
     handle = None
@@ -337,7 +348,8 @@ def _load(cfg: GenerateConfig, info, is_control: bool, base: str) -> _Loaded:
         "adapter_type": info.kind if info else None,
         "text_encoder_adapter": text_adapter, "text_encoders_adapted": text_parts,
         "merged": bool(cfg.merge and cfg.adapter),
-        "base": _path_or_id(base), "dtype": dtype_name, "device": str(device), "vae": _path_or_id(vae_model),
+        "base": _path_or_id(base), "base_revision": revision, "dtype": dtype_name, "device": str(device),
+        "vae": _path_or_id(vae_model),
     }
     return _Loaded(pipe, handle, device, common)
 
@@ -415,7 +427,7 @@ def _sha256(path: Path) -> str:
 
 
 def _identity(cfg: GenerateConfig, entries: list[PromptEntry], base: str, seeds: list[int], device: str,
-              dtype_name: str, vae_model: str | None = None) -> dict[str, Any]:
+              dtype_name: str, vae_model: str | None = None, revision: str | None = None) -> dict[str, Any]:
     """Everything that decides the images: a re-run into the same folder must match it to resume."""
     def p(x: Path | None) -> str | None:
         return str(x.resolve()) if x is not None else None
@@ -423,7 +435,7 @@ def _identity(cfg: GenerateConfig, entries: list[PromptEntry], base: str, seeds:
     ident = {
         "adapter": p(Path(cfg.adapter)) if cfg.adapter else None,
         "adapter_sha256": _sha256_files(Path(cfg.adapter)) if cfg.adapter else None,
-        "base": _path_or_id(base),
+        "base": _path_or_id(base) + (f"@{revision}" if revision else ""),
         "prompts": [{"prompt": e.prompt, "condition": p(e.condition),
                      "condition_sha256": _sha256(e.condition) if e.condition is not None else None,
                      "condition_source": p(e.condition_source), "label": p(e.label),
@@ -477,7 +489,8 @@ def generate(cfg: GenerateConfig, log: Callable[[str], None] | None = None) -> P
     jobs = [(pi, k, s) for pi in range(len(entries)) for k, s in enumerate(seeds)]
     names = [image_name(pi, k, s) for pi, k, s in jobs]
     cond_names = _condition_names(entries)
-    identity = _identity(cfg, entries, base, seeds, str(device), dtype_name, _vae_model(cfg, info))
+    identity = _identity(cfg, entries, base, seeds, str(device), dtype_name, _vae_model(cfg, info),
+                         base_revision(info.doc if info else None, base))
     plan = plan_output(out_dir, identity, names, list(cond_names.values()), cfg.overwrite)
     if plan.complete:
         say(f"all {len(names)} images are already in {out_dir} (same settings): nothing to do")

@@ -244,6 +244,14 @@ def test_default_base_model(tmp_path):
             default_base_model({})
 
 
+def test_the_recorded_base_revision_goes_with_the_recorded_base_only():
+    from hra_diffusion.generate import base_revision
+
+    doc = {"base_model": "org/sd", "base_model_revision": "abc123"}
+    assert base_revision(doc, "org/sd") == "abc123"  # as the trainer loaded it, and export loads it
+    assert base_revision(doc, "/models/other") is None and base_revision(None, "org/sd") is None
+
+
 def test_generate_uses_the_vae_the_adapter_was_trained_with(tmp_path, base_dir):
     """An adapter trained with --pretrained_vae_model records it (vae_model); generate loads that VAE by
     default, --vae overrides it, the manifest names it, and a VAE that cannot be loaded names the flag."""
