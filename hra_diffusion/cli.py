@@ -7,9 +7,11 @@ Heavy imports (torch, diffusers, open_clip) happen inside the run functions, so 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from .errors import add_debug_flag, run_guarded
 from .utils import cli_command, default_device
@@ -105,9 +107,20 @@ def run_generate(args: argparse.Namespace) -> int:
     fields = GenerateConfig.__dataclass_fields__
     cfg = GenerateConfig(**{k: v for k, v in vars(args).items() if k in fields})
     out = generate(cfg, log=lambda msg: print(msg, file=sys.stderr))
-    print(f"wrote {out}/ (images + manifest.jsonl); score it with: {cli_command()} score subject|control --samples "
-          f"{shlex.quote(str(out))}")
+    print(f"wrote {out}/ (images + manifest.jsonl); score it with: {score_hint(out)}")
     return 0
+
+
+def score_hint(out: Path) -> str:
+    """The score command for a samples folder, runnable as printed: control samples (the manifest says which
+    adapter made them) are scored against their conditions, the rest as subject samples."""
+    kind = "subject"
+    try:
+        with (Path(out) / "manifest.jsonl").open(encoding="utf-8") as fh:
+            kind = "control" if json.loads(fh.readline() or "{}").get("adapter_kind") == "control" else "subject"
+    except (OSError, ValueError):
+        pass
+    return f"{cli_command()} score {kind} --samples {shlex.quote(str(out))}"
 
 
 # ---- score ---------------------------------------------------------------------------------------

@@ -151,3 +151,13 @@ def test_score_control_through_the_cli(tmp_path, capsys):
     rc, _, err = _run(["score", "control", "--samples", str(samples), "--metrics", "canny,depth", "--skip-unavailable",
                        "--out", str(tmp_path / "r3")], capsys)
     assert rc == 0 and "depth not computed" in (tmp_path / "r3" / "report.html").read_text()
+
+
+def test_generate_suggests_the_score_command_for_its_samples(tmp_path):
+    from hra_diffusion.cli import score_hint
+
+    (tmp_path / "manifest.jsonl").write_text('{"file": "p0000_00_s0.png", "adapter_kind": "control"}\n')
+    assert score_hint(tmp_path).endswith(f"score control --samples {tmp_path}")
+    (tmp_path / "manifest.jsonl").write_text('{"file": "p0000_00_s0.png", "adapter_kind": "subject"}\n')
+    assert score_hint(tmp_path).endswith(f"score subject --samples {tmp_path}")
+    assert " score subject --samples " in score_hint(tmp_path / "none")

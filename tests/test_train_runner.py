@@ -165,21 +165,34 @@ def test_card_facts_put_the_tasks_own_rows_in_place():
     assert (facts["seed"], facts["mixed precision"]) == (9, "bf16")
 
 
-def test_summary_names_a_hub_base_for_generate(tmp_path, capsys):
-    """generate finds a local base from the adapter's record, not a hub id: the suggested command passes it."""
+def test_summary_next_commands(tmp_path, capsys):
+    """generate reads the base, sampler, steps and guidance from the adapter: no flags for them; export is
+    suggested only where it works (it refuses control adapters)."""
     from hra_diffusion.training.summary import print_summary
 
     result = TrainResult(global_step=3, seconds=1.0)
-    hub = print_summary(TrainConfig(pretrained_model="stabilityai/stable-diffusion-xl-base-1.0",
-                                    output_dir=str(tmp_path / "a")), result, "DreamBooth")
     cli = cli_command()
-    assert f"{cli} generate --base stabilityai/stable-diffusion-xl-base-1.0 --adapter" in hub
-    local = print_summary(TrainConfig(pretrained_model=str(tmp_path), output_dir=str(tmp_path / "b")), result, "Control",
-                          "--prompt 'a qwe star' ")
-    assert f"{cli} generate --adapter" in local and "--base" not in local
-    # the adapter records how the run validated, and generate samples so by default: no sampling flags here
-    assert "--prompt 'a qwe star' --out" in local and not {"--scheduler", "--steps", "--guidance"} & set(local.split())
-    assert f"{cli} export --adapter" in local
+    hub = print_summary(TrainConfig(pretrained_model="stabilityai/stable-diffusion-xl-base-1.0",
+                                    output_dir=str(tmp_path / "a")), result, "DreamBooth", "--prompt 'a qwe star' ")
+    assert f"{cli} generate --adapter" in hub and "--base" not in hub  # generate loads the recorded hub id
+    assert "--prompt 'a qwe star' --out" in hub and not {"--scheduler", "--steps", "--guidance"} & set(hub.split())
+    assert f"{cli} export --adapter" in hub
+    control = print_summary(TrainConfig(pretrained_model=str(tmp_path), output_dir=str(tmp_path / "b")), result,
+                            "Control", "--prompts-file p.jsonl ", exportable=False)
+    assert f"{cli} generate --adapter" in control and "export" not in control
+
+
+def test_control_next_command_uses_the_held_out_pairs_as_prompts(tmp_path):
+    from hra_diffusion.training.config import ControlConfig
+    from hra_diffusion.training.control_task import ControlTask
+
+    task = ControlTask.__new__(ControlTask)
+    task.cfg = ControlConfig(validation_data_dir=str(tmp_path))
+    assert task.generate_hint() == "--condition CONDITION.png --prompt 'PROMPT' "  # no metadata.jsonl
+    (tmp_path / "metadata.jsonl").write_text('{"image": "a.png", "text": "a red square"}\n')
+    assert task.generate_hint() == "--condition CONDITION.png --prompt 'PROMPT' "  # conditions computed, not listed
+    (tmp_path / "metadata.jsonl").write_text('{"image": "a.png", "conditioning_image": "c.png", "text": "t"}\n')
+    assert task.generate_hint() == f"--prompts-file {tmp_path / 'metadata.jsonl'} --num-images 1 "
 
 
 def test_next_commands_name_the_entry_point_that_runs_in_this_shell(tmp_path, monkeypatch):

@@ -82,8 +82,17 @@ class ControlTask(StableDiffusionTask):
 
     trainer = "control_hra"
     summary_kind = "Control"
+    exportable = False  # export refuses control adapters: a LoRA file has no place for the condition encoder
 
     def generate_hint(self) -> str:
+        """The held-out pairs as generate's prompts file when their metadata.jsonl names the conditions (its
+        text and conditioning_image columns are what generate reads), else placeholders to fill in."""
+        meta = Path(self.cfg.validation_data_dir or "") / "metadata.jsonl"
+        if self.cfg.validation_data_dir and meta.is_file():
+            with meta.open(encoding="utf-8") as fh:
+                first = json.loads(fh.readline() or "{}")
+            if {"text", "conditioning_image"} <= set(first):
+                return f"--prompts-file {shlex.quote(str(meta))} --num-images 1 "
         return "--condition CONDITION.png --prompt 'PROMPT' "
     cfg: ControlConfig
 

@@ -21,7 +21,7 @@ def resume_notes(result) -> list[str]:
             "the earlier values were used before it"]
 
 
-def print_summary(cfg, result, kind: str, generate_hint: str = "") -> str:
+def print_summary(cfg, result, kind: str, generate_hint: str = "", exportable: bool = True) -> str:
     """Print (and return) the end-of-run summary: files, key figures, next commands."""
     out = Path(cfg.output_dir)
     adapter = out / "adapter"
@@ -36,9 +36,7 @@ def print_summary(cfg, result, kind: str, generate_hint: str = "") -> str:
     if trainable:
         figures.append("trainable values " + ", ".join(f"{n} {v:,}" for n, v in trainable.items()))
     q = shlex.quote
-    # generate finds a local base from the adapter, but falls back to the tiny world for a hub id: name it
-    base = "" if Path(cfg.pretrained_model).expanduser().is_dir() else f"--base {q(cfg.pretrained_model)} "
-    cli = cli_command()  # sampler, steps and guidance come from the adapter (how this run validated)
+    cli = cli_command()  # base, sampler, steps and guidance come from the adapter (how this run validated)
     lines = [
         f"{kind} training finished: {'; '.join(figures)}",
         *[f"  {line}" for line in stats.get("report", [])],
@@ -46,9 +44,10 @@ def print_summary(cfg, result, kind: str, generate_hint: str = "") -> str:
         f"  model card: {out / 'README.md'}",
         f"  config:     {out / RESOLVED_CONFIG_NAME}",
         "next:",
-        f"  {cli} generate {base}--adapter {q(str(adapter))} {generate_hint}--out {q(str(out / 'samples'))}",
-        f"  {cli} export --adapter {q(str(adapter))} --to lora --out {q(str(out / 'adapter-lora'))}",
+        f"  {cli} generate --adapter {q(str(adapter))} {generate_hint}--out {q(str(out / 'samples'))}",
     ]
+    if exportable:
+        lines.append(f"  {cli} export --adapter {q(str(adapter))} --to lora --out {q(str(out / 'adapter-lora'))}")
     text = "\n".join(lines)
     print(text, flush=True)
     return text
