@@ -113,14 +113,23 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def score_hint(out: Path) -> str:
     """The score command for a samples folder, runnable as printed: control samples (the manifest says which
-    adapter made them) are scored against their conditions, the rest as subject samples."""
-    kind = "subject"
+    adapter made them) are scored against their conditions; subject samples without reference photos get the
+    one metric that needs none, and how to add the photos."""
+    first: dict = {}
     try:
         with (Path(out) / "manifest.jsonl").open(encoding="utf-8") as fh:
-            kind = "control" if json.loads(fh.readline() or "{}").get("adapter_kind") == "control" else "subject"
+            first = json.loads(fh.readline() or "{}")
     except (OSError, ValueError):
         pass
-    return f"{cli_command()} score {kind} --samples {shlex.quote(str(out))}"
+    def command(kind: str) -> str:
+        return f"{cli_command()} score {kind} --samples {shlex.quote(str(out))}"
+
+    if first.get("adapter_kind") == "control":
+        return command("control")
+    if first.get("reference_dir"):
+        return command("subject")
+    return (command("subject") + " --metrics clip_t (add --reference <the subject's photos> for DINO, "
+            "CLIP-I and LPIPS)")
 
 
 # ---- score ---------------------------------------------------------------------------------------

@@ -158,6 +158,8 @@ def test_generate_suggests_the_score_command_for_its_samples(tmp_path):
 
     (tmp_path / "manifest.jsonl").write_text('{"file": "p0000_00_s0.png", "adapter_kind": "control"}\n')
     assert score_hint(tmp_path).endswith(f"score control --samples {tmp_path}")
-    (tmp_path / "manifest.jsonl").write_text('{"file": "p0000_00_s0.png", "adapter_kind": "subject"}\n')
+    (tmp_path / "manifest.jsonl").write_text('{"adapter_kind": "subject", "reference_dir": "/photos"}\n')
     assert score_hint(tmp_path).endswith(f"score subject --samples {tmp_path}")
+    (tmp_path / "manifest.jsonl").write_text('{"adapter_kind": "subject", "reference_dir": null}\n')
+    assert f"score subject --samples {tmp_path} --metrics clip_t (add --reference" in score_hint(tmp_path)
     assert " score subject --samples " in score_hint(tmp_path / "none")
