@@ -121,6 +121,7 @@ def score_hint(out: Path) -> str:
             first = json.loads(fh.readline() or "{}")
     except (OSError, ValueError):
         pass
+
     def command(kind: str) -> str:
         return f"{cli_command()} score {kind} --samples {shlex.quote(str(out))}"
 

@@ -26,7 +26,9 @@ from ..control import (
     save_control_adapter,
 )
 from ..detectors import ConditionCache, detector_key, make_detector
+from ..errors import DataError
 from ..images import CONDITION_BACKGROUND, ImageTransform, open_image
+from ..samples import read_prompts
 from ..sampling import eval_mode, generate_images, sampler_for, validation_sampling
 from .card import adapter_facts, write_model_card
 from .config import ConfigError, ControlConfig
@@ -85,13 +87,15 @@ class ControlTask(StableDiffusionTask):
     exportable = False  # export refuses control adapters: a LoRA file has no place for the condition encoder
 
     def generate_hint(self) -> str:
-        """The held-out pairs as generate's prompts file when their metadata.jsonl names the conditions (its
-        text and conditioning_image columns are what generate reads), else placeholders to fill in."""
+        """The held-out pairs as generate's prompts file when generate reads a condition from every row of their
+        metadata.jsonl, else placeholders to fill in."""
         meta = Path(self.cfg.validation_data_dir or "") / "metadata.jsonl"
         if self.cfg.validation_data_dir and meta.is_file():
-            with meta.open(encoding="utf-8") as fh:
-                first = json.loads(fh.readline() or "{}")
-            if {"text", "conditioning_image"} <= set(first):
+            try:
+                usable = all(entry.condition is not None for entry in read_prompts(meta))
+            except DataError:
+                usable = False
+            if usable:
                 return f"--prompts-file {shlex.quote(str(meta))} --num-images 1 "
         return "--condition CONDITION.png --prompt 'PROMPT' "
     cfg: ControlConfig

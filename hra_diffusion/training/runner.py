@@ -105,7 +105,7 @@ def _run_locked(task_class: type, cfg: TrainConfig) -> TrainResult:
         result = run_training(task, accelerator)
         if accelerator.is_main_process:
             task.write_card(result)
-            print_summary(cfg, result, task.summary_kind, task.generate_hint(), getattr(task, "exportable", True))
+            print_summary(cfg, result, task.summary_kind, task.generate_hint(), task.exportable)
         accelerator.wait_for_everyone()
         return result
     finally:

@@ -72,6 +72,8 @@ class TrainingTask(ABC):
 
     summary_kind = "training"
     """What the end-of-run summary calls the run ("DreamBooth", "Control")."""
+    exportable = True
+    """Whether ``hra-diffusion export`` takes the adapter (the summary suggests it only then)."""
 
     def generate_hint(self) -> str:
         """The prompt/condition flags of the summary's suggested ``hra-diffusion generate`` command."""
