@@ -208,7 +208,7 @@ def add_unet_adapter(unet: nn.Module, cfg, what: str = "UNet") -> HRAConfig | No
     baseline (returns None), both seeded by ``cfg.seed``; the adapter tensors are fp32, the rest frozen."""
     if cfg.adapter == "hra":
         hra = HRAConfig(r=cfg.r, target_modules=cfg.target_modules, apply_gs=cfg.apply_gs,
-                        orth_lambda=cfg.orth_lambda, seed=cfg.seed)
+                        orth_lambda=cfg.orth_lambda, train_bias=cfg.train_bias, seed=cfg.seed)
         add_hra(unet, hra, what)
         return hra
     from .adapters.peft_baselines import inject_baseline

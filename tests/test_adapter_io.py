@@ -211,3 +211,70 @@ def test_merged_export_loads_in_stock_pipeline(tmp_path):
     export_merged(unet, tmp_path / "merged_again")
     again = UNet2DConditionModel.from_pretrained(tmp_path / "merged_again")
     assert rel(run(again), live) < 1e-5
+
+
+# ---- trained biases (PEFT's hra_bias="hra_only") ----------------------------------------------
+def with_bias_shift(unet, scale=0.2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in hra_layers(unet):
+            if layer.hra_bias is not None:
+                layer.hra_bias.add_(scale * torch.randn(layer.hra_bias.shape, generator=g))
+    return unet
+
+
+def test_bias_shift_round_trips_and_merges(tmp_path):
+    """The shift starts at zero (model = base), is off with the adapter disabled (the base for prior preservation,
+    unlike PEFT, whose disabled adapter keeps the trained bias), folds into the bias on merge and back out."""
+    from hra_diffusion import disable_hra, unmerge_hra
+    from hra_diffusion.adapters.io import merged_state_dict, read_adapter_biases
+
+    base = tiny_unet()
+    ours = copy.deepcopy(base)
+    inject_hra(ours, HRAConfig(r=4, target_modules=TARGETS, train_bias=True))
+    shifted = [n for n, layer in hra_layers(ours) if layer.hra_bias is not None]
+    assert shifted and any(layer.hra_bias is None for _, layer in hra_layers(ours))  # to_q/k/v have no bias
+    assert rel(run(ours), run(base)) <= 1e-6
+    with_bias_shift(perturbed(ours))
+    want = run(ours)
+    with disable_hra(ours):
+        assert rel(run(ours), run(base)) <= 1e-6
+    merge_hra(ours)
+    assert rel(run(ours), want) <= 1e-5
+    unmerge_hra(ours)
+    assert rel(run(ours), want) <= 1e-6
+    save_adapter(ours, tmp_path / "a")
+    assert sorted(read_adapter_biases(tmp_path / "a")) == sorted(shifted)
+    loaded = copy.deepcopy(base)
+    load_adapter(loaded, tmp_path / "a")
+    assert rel(run(loaded), want) <= 1e-6
+    plain = copy.deepcopy(base)  # a model already adapted without biases takes the file's shifts too
+    inject_hra(plain, HRAConfig(r=4, target_modules=TARGETS))
+    load_adapter(plain, tmp_path / "a")
+    assert rel(run(plain), want) <= 1e-6
+    merged = copy.deepcopy(base)
+    merged.load_state_dict(merged_state_dict(ours))
+    assert rel(run(merged), want) <= 1e-5
+
+
+def test_peft_hra_only_biases_both_ways(tmp_path):
+    """PEFT's bias="hra_only" files hold the trained bias itself: read as a shift from the model's bias (before, such
+    biases were silently dropped); our export writes them the same way and PEFT reproduces our outputs."""
+    from peft import HRAConfig as PeftHRAConfig
+    from peft import PeftModel, get_peft_model
+
+    base = tiny_unet()
+    theirs = get_peft_model(copy.deepcopy(base), PeftHRAConfig(r=4, target_modules=TARGETS, bias="hra_only"))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    theirs.save_pretrained(tmp_path / "peft")
+    assert any(k.endswith(".base_layer.bias") for k in load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    ours = copy.deepcopy(base)
+    load_adapter(ours, tmp_path / "peft")
+    assert rel(run(ours), run(theirs)) <= 1e-5
+    export_peft(ours, tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "adapter_config.json").read_text())["bias"] == "hra_only"
+    again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back")
+    assert rel(run(again), run(theirs)) <= 1e-5

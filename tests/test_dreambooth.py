@@ -119,6 +119,30 @@ def test_adapter_records_the_separate_vae(tmp_path, tiny_random_sd_dir, generate
     assert "vae_model" not in json.loads((plain / "adapter" / "adapter_config.json").read_text())
 
 
+def test_train_bias_trains_a_shift_the_adapter_keeps(tmp_path, tiny_random_sd_dir, generated_subject_dir):
+    """--train_bias (PEFT's hra_bias="hra_only"): the adapted layers that have a bias (UNet and text encoder) train a
+    shift of it, saved beside hra_u and loaded back; layers without a bias (to_q) get none; HRA-only option."""
+    out = tmp_path / "run"
+    train(fast_args(tiny_random_sd_dir, generated_subject_dir, out, "--train_bias", "true",
+                    "--train_text_encoder", "true", "--learning_rate", "1e-2"))
+    for part in (out / "adapter", out / "adapter" / "text_encoder"):
+        tensors = adapter_tensors(part)
+        shifts = {k: v for k, v in tensors.items() if k.endswith(".hra_bias")}
+        assert shifts and all(v.abs().max() > 0 for v in shifts.values())
+        assert json.loads((part / "adapter_config.json").read_text())["hra"]["train_bias"] is True
+    unet_shifts = [k for k in adapter_tensors(out / "adapter") if k.endswith(".hra_bias")]
+    assert all(".to_out.0." in k for k in unet_shifts)  # to_q/k/v have no bias in SD's UNet
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_random_sd_dir, subfolder="unet")
+    load_adapter(unet, out / "adapter")
+    layer = unet.get_submodule(unet_shifts[0][: -len(".hra_bias")])
+    assert torch.equal(layer.hra_bias, adapter_tensors(out / "adapter")[unet_shifts[0]])
+    with pytest.raises(ConfigError, match="train_bias is for hra"):
+        train(fast_args(tiny_random_sd_dir, generated_subject_dir, tmp_path / "lora", "--adapter", "lora",
+                        "--train_bias", "true"))
+
+
 def test_class_images_drawn_from_the_instance_captions(tmp_path, tiny_random_sd_dir, generated_subject_dir,
                                                        monkeypatch):
     """class_prompts_from_captions: each class image is drawn from an instance caption without the identifier

@@ -348,3 +348,35 @@ def test_conv_without_a_lora_form_and_control_adapters_are_refused(hra_adapter, 
     save_adapter(layer, control, extra_tensors={"condition_encoder.conv.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="control adapter"):
         export_adapter(control, "lora", tmp_path / "c")
+
+
+def test_trained_biases_export_merged_and_peft_and_refuse_a_lora(tiny_random_sd_dir, tmp_path):
+    """An adapter that trained its layers' biases (--train_bias): the merged model and PEFT's format (bias="hra_only",
+    the trained bias itself) reproduce it; a LoRA file cannot carry a bias, so kohya/lora exports refuse, saying so."""
+    from diffusers import UNet2DConditionModel
+
+    from hra_diffusion.adapters.model import hra_layers
+
+    unet, te = _components(tiny_random_sd_dir)
+    inp = _inputs(unet, te)
+    enc = _outputs(unet, te, inp)["text"]
+    inject_hra(unet, HRAConfig(r=4, target_modules=UNET_TARGETS, init_identity=False, seed=0, train_bias=True))
+    with torch.no_grad():
+        for _, layer in hra_layers(unet):
+            if layer.hra_bias is not None:
+                layer.hra_bias.normal_(0, 0.2)
+        want = unet(inp["sample"], inp["t"], enc).sample
+    adapter = save_adapter(unet, tmp_path / "adapter", base_model=str(tiny_random_sd_dir))
+    merged = UNet2DConditionModel.from_pretrained(export_adapter(adapter, "merged", tmp_path / "merged")).eval()
+    with torch.no_grad():
+        assert _rel(merged(inp["sample"], inp["t"], enc).sample, want) <= 1e-5
+    peft = export_adapter(adapter, "peft", tmp_path / "peft")
+    assert json.loads((peft / "adapter_config.json").read_text())["bias"] == "hra_only"
+    again, _ = _components(tiny_random_sd_dir)
+    load_adapter(again, peft)
+    with torch.no_grad():
+        assert _rel(again(inp["sample"], inp["t"], enc).sample, want) <= 1e-5
+    for to, out in (("kohya", tmp_path / "k.safetensors"), ("lora", tmp_path / "lora")):
+        with pytest.raises(ValueError, match="trained its layers' biases.*--to merged"):
+            export_adapter(adapter, to, out)
+        assert not out.exists()

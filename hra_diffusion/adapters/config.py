@@ -27,6 +27,8 @@ class HRAConfig:
     init_identity: symmetric init (u_{2k-1} = u_{2k}) so H = I at step 0. Set False to allow an
         odd r with a random, non-identity start.
     exclude_modules: module-name suffixes never wrapped, even if they match a target.
+    train_bias: also train a shift of each wrapped layer's bias (layers without a bias get none), as PEFT's
+        ``hra_bias="hra_only"``; starts at zero, so the adapted model still equals the base at step 0.
     seed: seed of the adapter init (None: draw from torch's global generator).
     """
 
@@ -36,6 +38,7 @@ class HRAConfig:
     orth_lambda: float = 0.0
     init_identity: bool = True
     exclude_modules: list[str] = field(default_factory=list)
+    train_bias: bool = False
     seed: int | None = None
 
     def __post_init__(self) -> None:

@@ -51,6 +51,7 @@ from .io import (
     TEXT_ENCODER_SUBDIR,
     _check_shape,
     read_adapter,
+    read_adapter_biases,
     write_merged,
     write_peft_hra,
 )
@@ -446,15 +447,27 @@ def _record(source: _Source, to: str, dtype: str, **fields: Any) -> dict[str, An
 # ---- per adapter kind ----------------------------------------------------------------------------
 
 def _export_hra(source: _Source, to: str, target: Path, out: Path, base: str | None, dtype: str) -> Path:
-    docs, us = {}, {}
+    docs, us, biases = {}, {}, {}
     for component, part in source.parts.items():
         doc, u, _ = read_adapter(part)
         docs[component], us[component] = doc, u
+        if doc["hra"].get("train_bias"):
+            biases[component] = read_adapter_biases(part)
+    if to in ("kohya", "lora") and any(biases.values()):
+        raise ValueError(f"adapter {source.path} trained its layers' biases (--train_bias), which a LoRA file cannot "
+                         "carry, so the export would not reproduce it; export a full model with --to merged, or "
+                         "PEFT's format with --to peft")
     gs = {component: bool(doc["hra"].get("apply_gs", False)) for component, doc in docs.items()}
     ranks = {component: sorted({int(t.shape[1]) for t in u.values()}) for component, u in us.items()}
     r = {component: rs[0] if len(rs) == 1 else rs for component, rs in ranks.items()}
     torch_dtype = EXPORT_DTYPES[dtype]
     if to == "peft":
+        full_biases: dict[str, dict[str, torch.Tensor]] = {}
+        if any(biases.values()):  # PEFT stores the trained bias itself: base bias + the adapter's shift
+            base, revision = _resolve_base(source, base)
+            _, modules = _base_modules(source, base, revision, us)
+            full_biases = {component: {name: modules[component][name].bias.detach().float() + delta
+                                       for name, delta in b.items()} for component, b in biases.items()}
         record = _header(_record(source, to, dtype, r=r, base_model=source.info.base_model,
                                  base_model_revision=source.info.doc.get("base_model_revision")))
         with atomic_directory(out) as tmp:
@@ -462,6 +475,7 @@ def _export_hra(source: _Source, to: str, target: Path, out: Path, base: str | N
                 folder = tmp if component == "unet" else tmp / component
                 folder.mkdir(exist_ok=True)
                 write_peft_hra(folder, {k: v.to(torch_dtype) for k, v in u.items()}, apply_gs=gs[component],
+                               biases={k: v.to(torch_dtype) for k, v in full_biases.get(component, {}).items()},
                                base_model_name_or_path=source.info.base_model,
                                revision=source.info.doc.get("base_model_revision"), metadata=record)
         return out

@@ -2,8 +2,12 @@
 
 Our format: a directory with
   adapter_config.json        {"format": "hra-diffusion", "hra": {...HRAConfig}, "layers": {...}, ...}
-  adapter_model.safetensors  {"<module path>.hra_u": (d, r) fp32, plus optional extra tensors}
-PEFT's format (peft_type "HRA"): keys "base_model.model.<module path>.hra_u", same (d, r) layout.
+  adapter_model.safetensors  {"<module path>.hra_u": (d, r) fp32, "<module path>.hra_bias": (d_out,) fp32 where
+                             the bias was trained (HRAConfig.train_bias: a shift of the base bias), plus
+                             optional extra tensors}
+PEFT's format (peft_type "HRA"): keys "base_model.model.<module path>.hra_u", same (d, r) layout; with
+bias="hra_only" also "base_model.model.<module path>.base_layer.bias", the trained bias itself (read here as
+its shift from the model's bias).
 Only safetensors and JSON are ever read: nothing is unpickled.
 """
 
@@ -33,6 +37,7 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "read_adapter",
+    "read_adapter_biases",
     "read_safetensors",
     "export_peft",
     "export_merged",
@@ -47,6 +52,8 @@ FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
 TEXT_ENCODER_SUBDIR = "text_encoder"  # a DreamBooth adapter's text-encoder part, a folder inside it
 _SUFFIX = "." + HRALayer.adapter_prefix
+_BIAS_SUFFIX = "." + HRALayer.bias_prefix
+_PEFT_BIAS_SUFFIX = ".base_layer.bias"
 
 
 def _library_version() -> str:
@@ -76,6 +83,8 @@ def _adapter_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
         f"{name}{_SUFFIX}": layer.hra_u.detach().to("cpu", torch.float32).contiguous()
         for name, layer in layers
     }
+    tensors.update({f"{name}{_BIAS_SUFFIX}": layer.hra_bias.detach().to("cpu", torch.float32).contiguous()
+                    for name, layer in layers if layer.hra_bias is not None})
     return tensors, {name: _layer_info(layer) for name, layer in layers}
 
 
@@ -99,7 +108,7 @@ def save_adapter(
         config = HRAConfig(r=first["r"], target_modules=sorted(layers), init_identity=False)
     extras = {}
     for key, value in (extra_tensors or {}).items():
-        if key in tensors or key.endswith(_SUFFIX):
+        if key in tensors or key.endswith((_SUFFIX, _BIAS_SUFFIX)):
             raise ValueError(f"extra tensor name {key!r} collides with an HRA tensor name")
         extras[key] = value.detach().to("cpu").contiguous()
     doc: dict[str, Any] = {
@@ -182,8 +191,24 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
 
     Returns (config document, {module path: hra_u (d, r)}, extra tensors). PEFT configs are
     translated: the document gets an ``"hra"`` entry in HRAConfig form and ``"source": "peft"``.
+    Trained biases are neither: see :func:`read_adapter_biases` (``doc["hra"]["train_bias"]`` says if any).
     """
-    path = Path(path)
+    doc, u, _, extras = _read_adapter(Path(path))
+    return doc, u, extras
+
+
+def read_adapter_biases(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """{module path: trained bias tensor} of an adapter directory; {} when it trains no bias.
+
+    Ours hold the shift δ (added to the base bias); PEFT's (bias="hra_only") hold the trained bias itself,
+    which :func:`load_adapter` turns into δ against the model it loads into.
+    """
+    return _read_adapter(Path(path))[2]
+
+
+def _read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                       dict[str, torch.Tensor]]:
+    """(doc, hra_u per module, trained biases per module, extras)."""
     doc = _read_config(path)
     tensors = _read_tensors(path)
     if doc.get("peft_type") is not None:
@@ -194,6 +219,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
             )
         r = int(doc.get("r", 8))
         targets = doc.get("target_modules") or []
+        if doc.get("bias", "none") not in ("none", "hra_only"):
+            raise ValueError(f"{path}: a PEFT HRA adapter with bias={doc['bias']!r} trains every bias of the model, "
+                             "which this library does not read; train it with bias='hra_only' or 'none'")
         doc = {
             **doc,
             "source": "peft",
@@ -202,19 +230,27 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
                 target_modules=[targets] if isinstance(targets, str) else list(targets),
                 apply_gs=bool(doc.get("apply_GS", False)),
                 init_identity=False,
+                train_bias=doc.get("bias") == "hra_only",
             ).to_dict(),
         }
         tensors = {(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): v for k, v in tensors.items()}
+        bias_suffix = _PEFT_BIAS_SUFFIX
     elif doc.get("format") != FORMAT_NAME:
         raise ValueError(
             f"{path / ADAPTER_CONFIG} is neither an hra-diffusion adapter (format={FORMAT_NAME!r}) "
             "nor a PEFT HRA adapter (peft_type='HRA')"
         )
+    else:
+        bias_suffix = _BIAS_SUFFIX
     u = {k[: -len(_SUFFIX)]: v for k, v in tensors.items() if k.endswith(_SUFFIX)}
-    extras = {k: v for k, v in tensors.items() if not k.endswith(_SUFFIX)}
+    biases = {k[: -len(bias_suffix)]: v for k, v in tensors.items() if k.endswith(bias_suffix)}
+    extras = {k: v for k, v in tensors.items() if not k.endswith((_SUFFIX, bias_suffix))}
     if not u:
         raise ValueError(f"{path / ADAPTER_WEIGHTS} holds no '*.hra_u' tensors: not an HRA adapter")
-    return doc, u, extras
+    if set(biases) - set(u):
+        raise ValueError(f"{path / ADAPTER_WEIGHTS} has a trained bias for {sorted(set(biases) - set(u))[0]!r}, "
+                         "which has no hra_u: the file is damaged; save or download the adapter again")
+    return doc, u, biases, extras
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
@@ -223,7 +259,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     A plain model is injected first, exactly at the layers the file has tensors for. A model that
     already has HRA layers must have the same ones. Any shape mismatch names the first layer.
     """
-    doc, u, _ = read_adapter(path)
+    doc, u, biases, _ = _read_adapter(Path(path))
     # safetensors sorts keys; work in the model's module order so "first mismatch" means first in the model
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     order.update({f"{name}.base_layer": i for name, i in list(order.items())})
@@ -259,7 +295,31 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
         layer.apply_gs = config.apply_gs
         with torch.no_grad():
             layer.hra_u.copy_(tensor.to(layer.hra_u.device, torch.float32))
+    for name, layer in existing.items():
+        _load_bias(name, layer, biases.get(name), peft=doc.get("source") == "peft", path=path)
     return list(u)
+
+
+@torch.no_grad()
+def _load_bias(name: str, layer: HRALayer, tensor: torch.Tensor | None, *, peft: bool, path: Any) -> None:
+    """Set the layer's trained bias shift from the file (zero when the file has none for it)."""
+    if tensor is None:
+        if layer.hra_bias is not None:
+            layer.hra_bias.zero_()
+        return
+    base_bias = getattr(layer.base_layer, "bias", None)
+    if base_bias is None or tuple(base_bias.shape) != tuple(tensor.shape):
+        raise ValueError(f"adapter {path}: layer {name!r} has a trained bias of shape {tuple(tensor.shape)} in the "
+                         f"file, but the model's layer has " + ("no bias" if base_bias is None else
+                                                                f"a bias of shape {tuple(base_bias.shape)}")
+                         + " (different base model?)")
+    if layer.merged:
+        raise RuntimeError(f"layer {name!r} is merged; unmerge before loading an adapter into it")
+    if layer.hra_bias is None:
+        layer.hra_bias = nn.Parameter(torch.zeros(base_bias.shape, device=base_bias.device, dtype=torch.float32),
+                                      requires_grad=layer.hra_u.requires_grad)
+    value = tensor.to(base_bias.device, torch.float32)
+    layer.hra_bias.copy_(value - base_bias.float() if peft else value)
 
 
 def _check_shape(name: str, module: nn.Module, tensor: torch.Tensor, path: Any) -> None:
@@ -285,9 +345,12 @@ def export_peft(
     """Write the adapter in PEFT's HRA format (loadable by ``PeftModel.from_pretrained``)."""
     tensors, _ = _adapter_tensors(model)
     config = get_hra_config(model)
-    u = {k[: -len(_SUFFIX)]: v for k, v in tensors.items()}
+    u = {k[: -len(_SUFFIX)]: v for k, v in tensors.items() if k.endswith(_SUFFIX)}
+    biases = {name: (layer.base_layer.bias.detach().float() - (layer.hra_bias.detach() if layer.merged else 0)
+                     + layer.hra_bias.detach()).cpu()
+              for name, layer in hra_layers(model) if layer.hra_bias is not None}
     with atomic_directory(path) as tmp:
-        write_peft_hra(tmp, u, apply_gs=bool(config.apply_gs) if config else False,
+        write_peft_hra(tmp, u, apply_gs=bool(config.apply_gs) if config else False, biases=biases,
                        base_model_name_or_path=base_model_name_or_path, revision=revision)
     return Path(path)
 
@@ -297,12 +360,14 @@ def write_peft_hra(
     u: Mapping[str, torch.Tensor],
     *,
     apply_gs: bool = False,
+    biases: Mapping[str, torch.Tensor] | None = None,
     base_model_name_or_path: str | None = None,
     revision: str | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """PEFT's HRA files (adapter_config.json + adapter_model.safetensors) into an existing ``folder``,
-    from ``{module path: hra_u (d, r)}``; ``metadata`` goes to the safetensors header."""
+    from ``{module path: hra_u (d, r)}`` and, for an adapter that trained biases, ``biases`` {module path: the
+    trained bias itself (base + shift)} (PEFT's bias="hra_only"); ``metadata`` goes to the safetensors header."""
     rs = sorted({int(t.shape[1]) for t in u.values()})
     if len(rs) != 1:
         raise ValueError(f"PEFT's HRA format has one r per adapter; this adapter mixes r values {rs}")
@@ -320,12 +385,14 @@ def write_peft_hra(
         "init_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "bias": "none",
+        "bias": "hra_only" if biases else "none",
         "modules_to_save": None,
     }
     folder = Path(folder)
-    save_file({f"{PEFT_PREFIX}{k}{_SUFFIX}": v.detach().to("cpu").contiguous() for k, v in u.items()},
-              str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt", **(metadata or {})})
+    tensors = {f"{PEFT_PREFIX}{k}{_SUFFIX}": v.detach().to("cpu").contiguous() for k, v in u.items()}
+    tensors.update({f"{PEFT_PREFIX}{k}{_PEFT_BIAS_SUFFIX}": v.detach().to("cpu").contiguous()
+                    for k, v in (biases or {}).items()})
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt", **(metadata or {})})
     (folder / ADAPTER_CONFIG).write_text(json.dumps(peft_doc, indent=2) + "\n")
     return folder
 
@@ -335,11 +402,15 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     The model itself is not changed; only the adapted weights are new tensors.
     """
-    merged = {f"{name}.base_layer.weight": layer.base_layer.weight if layer.merged else layer.merged_weight()
-              for name, layer in hra_layers(model)}
+    merged = {}
+    for name, layer in hra_layers(model):
+        merged[f"{name}.base_layer.weight"] = layer.base_layer.weight if layer.merged else layer.merged_weight()
+        if layer.hra_bias is not None and not layer.merged:
+            bias = layer.base_layer.bias
+            merged[f"{name}.base_layer.bias"] = bias + layer.hra_bias.detach().to(bias.dtype)
     out = {}
     for key, value in model.state_dict().items():
-        if key.endswith(_SUFFIX):
+        if key.endswith((_SUFFIX, _BIAS_SUFFIX)):
             continue
         new_value = merged.get(key, value)
         out[key.replace(".base_layer.", ".")] = new_value.detach().contiguous()

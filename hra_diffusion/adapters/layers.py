@@ -6,7 +6,8 @@ Both exact cheap forms of docs/method.md are used, with a = Ûᵀ and c = Tᵀ �
 The Linear layer takes whichever needs fewer multiply-adds for the call (``form="auto"``): the adaptive-LoRA
 form when the token count n is large, the input-side form when n is small (cross-attention K/V over 77 text
 tokens, the 8x8 UNet levels), where the d_out d r product with W would dominate. No d x d matrix is built,
-in forward or backward. The trainable tensor is ``hra_u`` (d, r), kept in fp32 whatever the base dtype.
+in forward or backward. The trainable tensor is ``hra_u`` (d, r), kept in fp32 whatever the base dtype; with
+``train_bias`` also ``hra_bias`` (d_out), a shift of the base layer's bias: y = W H x + b + δ.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ __all__ = ["HRALayer", "HRALinear", "HRAConv2d", "wrap_layer"]
 
 
 class HRALayer(nn.Module):
-    """Base class: holds the frozen ``base_layer`` and the reflection vectors ``hra_u`` (d, r)."""
+    """Base class: holds the frozen ``base_layer``, the reflection vectors ``hra_u`` (d, r) and, with
+    ``train_bias`` on a layer that has a bias, its trainable shift ``hra_bias`` (d_out, zero at init)."""
 
     adapter_prefix = "hra_u"
+    bias_prefix = "hra_bias"
 
     def __init__(
         self,
@@ -33,6 +36,7 @@ class HRALayer(nn.Module):
         apply_gs: bool = False,
         init_identity: bool = True,
         generator: torch.Generator | None = None,
+        train_bias: bool = False,
     ) -> None:
         super().__init__()
         if r > d:
@@ -50,6 +54,9 @@ class HRALayer(nn.Module):
         u = symmetric_init(d, r, generator) if init_identity else random_init(d, r, generator)
         device = base_layer.weight.device
         self.hra_u = nn.Parameter(u.to(device=device, dtype=torch.float32))
+        bias = getattr(base_layer, "bias", None)
+        self.register_parameter("hra_bias", nn.Parameter(torch.zeros(bias.shape, device=device, dtype=torch.float32))
+                                if train_bias and bias is not None else None)
 
     # ---- the maths shared by both layer types -------------------------------------------------
     def _factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +74,14 @@ class HRALayer(nn.Module):
     def d(self) -> int:
         return self.hra_u.shape[0]
 
+    def _shift(self, y: torch.Tensor, channel_dim: int = -1) -> torch.Tensor:
+        """y + δ (the trained bias shift) along ``channel_dim``; y itself when the layer trains no bias."""
+        if self.hra_bias is None:
+            return y
+        shape = [1] * y.ndim
+        shape[channel_dim] = -1
+        return y + self.hra_bias.to(y.dtype).reshape(shape)
+
     # ---- merge / unmerge ------------------------------------------------------------------------
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
@@ -81,6 +96,8 @@ class HRALayer(nn.Module):
         if self.merged:
             return
         self.base_layer.weight.data.copy_(self.merged_weight())
+        if self.hra_bias is not None:
+            self.base_layer.bias.data.add_(self.hra_bias.to(self.base_layer.bias.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -91,10 +108,13 @@ class HRALayer(nn.Module):
         w = self._flat_weight()
         restored = apply_h_transpose(w.float(), self.hra_u.float(), self.apply_gs)
         self.base_layer.weight.data.copy_(restored.to(w.dtype).reshape(self.base_layer.weight.shape))
+        if self.hra_bias is not None:
+            self.base_layer.bias.data.sub_(self.hra_bias.to(self.base_layer.bias.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, apply_gs={self.apply_gs}, merged={self.merged}"
+        return (f"r={self.r}, apply_gs={self.apply_gs}, merged={self.merged}"
+                + (", train_bias=True" if self.hra_bias is not None else ""))
 
 
 class HRALinear(HRALayer):
@@ -120,10 +140,10 @@ class HRALinear(HRALayer):
             form = "input" if 6 * n * self.in_features <= lora_cost else "lora"
         xa = F.linear(x, a)  # (..., r)
         if form == "input":
-            return self.base_layer(x - xa @ c)  # base(x Hᵀ)
+            return self._shift(self.base_layer(x - xa @ c))  # base(x Hᵀ)
         w = self.base_layer.weight
         bt = F.linear(c.to(w.dtype), w).to(x.dtype)  # (r, d_out) = (W Û T)ᵀ
-        return self.base_layer(x) - xa @ bt  # (..., d_out)
+        return self._shift(self.base_layer(x) - xa @ bt)  # (..., d_out)
 
 
 class HRAConv2d(HRALayer):
@@ -156,7 +176,7 @@ class HRAConv2d(HRALayer):
         xa = self.base_layer._conv_forward(x, a.reshape(self.r, self.in_features, kh, kw), None)  # (B, r, H', W')
         w = self._flat_weight()
         up = F.linear(c.to(w.dtype), w).to(x.dtype).transpose(0, 1)  # (d_out, r) = W Û T
-        return result - F.conv2d(xa, up.reshape(self.out_features, self.r, 1, 1))  # (B, d_out, H', W')
+        return self._shift(result - F.conv2d(xa, up.reshape(self.out_features, self.r, 1, 1)), 1)  # (B, d_out, H', W')
 
 
 def wrap_layer(module: nn.Module, r: int, **kwargs) -> HRALayer:

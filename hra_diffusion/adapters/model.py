@@ -49,13 +49,18 @@ def hra_layers(model: nn.Module) -> Iterator[tuple[str, HRALayer]]:
 
 
 def hra_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable adapter tensors (``hra_u`` of every layer)."""
-    return [layer.hra_u for _, layer in hra_layers(model)]
+    """The trainable adapter tensors: ``hra_u`` of every layer (and ``hra_bias`` where trained)."""
+    return [p for _, layer in hra_layers(model) for p in (layer.hra_u, layer.hra_bias) if p is not None]
 
 
 def hra_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{'<module path>.hra_u': (d, r) tensor} for every HRA layer."""
-    return {f"{name}.{HRALayer.adapter_prefix}": layer.hra_u for name, layer in hra_layers(model)}
+    """{'<module path>.hra_u': (d, r)} for every HRA layer, and {'<module path>.hra_bias': (d_out,)} where trained."""
+    out = {}
+    for name, layer in hra_layers(model):
+        out[f"{name}.{HRALayer.adapter_prefix}"] = layer.hra_u
+        if layer.hra_bias is not None:
+            out[f"{name}.{HRALayer.bias_prefix}"] = layer.hra_bias
+    return out
 
 
 def count_hra_parameters(model: nn.Module) -> int:
@@ -80,7 +85,8 @@ def _existing_names_hint(model: nn.Module, limit: int = 12) -> str:
 def inject_hra(model: nn.Module, config: HRAConfig, names: Iterable[str] | None = None) -> list[str]:
     """Wrap every Linear/Conv2d whose name ends with a target in ``config`` (or exactly ``names``).
 
-    Freezes every other parameter of ``model``; the ``hra_u`` tensors are the only trainable ones.
+    Freezes every other parameter of ``model``; the ``hra_u`` tensors (and ``hra_bias`` with
+    ``config.train_bias``) are the only trainable ones.
     Returns the wrapped module names. Raises if nothing matches, listing names that do exist.
     """
     if any(True for _ in hra_layers(model)):
@@ -122,6 +128,7 @@ def inject_hra(model: nn.Module, config: HRAConfig, names: Iterable[str] | None 
                 apply_gs=config.apply_gs,
                 init_identity=config.init_identity,
                 generator=generator,
+                train_bias=config.train_bias,
             )
         except (TypeError, ValueError) as err:
             raise type(err)(f"cannot wrap {name!r}: {err}") from None
@@ -176,7 +183,7 @@ def disable_hra(model: nn.Module) -> Iterator[nn.Module]:
 
 def orthogonality_loss(model: nn.Module) -> torch.Tensor:
     """Σ_layers ||I - ÛᵀÛ||_F² (the paper's regulariser; multiply by λ and add to the loss)."""
-    terms = [orthogonality_penalty(p) for p in hra_parameters(model)]
+    terms = [orthogonality_penalty(layer.hra_u) for _, layer in hra_layers(model)]
     if not terms:
         raise ValueError("the model has no HRA layers; call inject_hra() first")
     return torch.stack(terms).sum()

@@ -31,6 +31,7 @@ VARIANTS: dict[str, list[str]] = {
     "hra_attn": ["--adapter", "hra", "--r", "8", "--target_modules", ATTENTION],
     "lora_attn": ["--adapter", "lora", "--r", "4", "--target_modules", ATTENTION],
     "hra_recipe": ["--adapter", "hra", "--r", "16", "--train_text_encoder", "true"],
+    "hra_bias": ["--adapter", "hra", "--r", "8", "--train_bias", "true"],  # PEFT's hra_bias="hra_only"
 }
 BUDGETS = ("match", "fixed")
 # the learning-rate flags each task's grid scales together

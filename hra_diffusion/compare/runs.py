@@ -50,7 +50,8 @@ def label(method: str, args: list[str]) -> str:
     where += " + text encoder" if opts.get("--train_text_encoder") == "true" else ""
     if kind == "hra":
         extra = (", GS" if opts.get("--apply_gs") == "true" else "") + (
-            f", λ={opts['--orth_lambda']}" if float(opts.get("--orth_lambda", 0)) else "")
+            f", λ={opts['--orth_lambda']}" if float(opts.get("--orth_lambda", 0)) else "") + (
+            ", biases trained" if opts.get("--train_bias") == "true" else "")
         return f"HRA r={opts['--r']}{extra}{where} (ours)"
     if kind == "lora":
         return f"LoRA r={opts['--r']}{where} (PEFT)"

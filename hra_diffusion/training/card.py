@@ -92,7 +92,7 @@ def adapter_facts(cfg, trainable: int) -> tuple[str, str, str]:
     targets = ", ".join(cfg.target_modules)
     if cfg.adapter == "hra":
         fact = (f"HRA r={cfg.r} on {targets}, Gram-Schmidt={cfg.apply_gs}, λ={cfg.orth_lambda}, "
-                f"{trainable:,} trainable UNet values")
+                + ("biases trained, " if cfg.train_bias else "") + f"{trainable:,} trainable UNet values")
         return name, fact, ""
     fact = f"{cfg.baseline_spec().describe()} on {targets} (PEFT's format), {trainable:,} trainable UNet values"
     load = (f'from hra_diffusion import load_any_adapter\nload_any_adapter(pipe.unet, "{folder}")\n')

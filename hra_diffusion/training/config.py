@@ -36,7 +36,7 @@ def _internal(default: Any) -> Any:
 
 # Settings that belong to some adapter kinds only (TrainConfig._validate_adapter checks them): a recipe tuned for one
 # kind may hold them; the command line may pick another kind.
-ADAPTER_ONLY = {"apply_gs": ("hra",), "orth_lambda": ("hra",), "train_text_encoder": ("hra",),
+ADAPTER_ONLY = {"apply_gs": ("hra",), "orth_lambda": ("hra",), "train_bias": ("hra",), "train_text_encoder": ("hra",),
                  "r": ("hra", "lora"), "block_size": ("oft", "boft"), "lora_alpha": ("lora",)}
 
 
@@ -91,6 +91,9 @@ class TrainConfig:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     apply_gs: bool = arg(False, help="HRA only")
     orth_lambda: float = arg(0.0, help="HRA only")
+    train_bias: bool = arg(False, help=(
+        "HRA only: also train a shift of each adapted layer's bias (PEFT's hra_bias='hra_only'); "
+        "exports to PEFT or a merged model, not to a LoRA file"))
     block_size: int | None = arg(None, help=(
         "OFT/BOFT only; None: 16 (OFT) / 8 (BOFT), budgets near HRA r=8's"))
     lora_alpha: float | None = arg(None, help="LoRA only; None: r (scale 1)")
@@ -196,7 +199,7 @@ class TrainConfig:
         wrong = [k for k, kinds in ADAPTER_ONLY.items()
                  if k != "train_text_encoder" and self.adapter not in kinds and getattr(self, k) != defaults[k]]
         if wrong:
-            owners = {"apply_gs": "hra", "orth_lambda": "hra", "r": "hra, lora; oft and boft are sized by block_size", "block_size": "oft, boft",
+            owners = {"apply_gs": "hra", "orth_lambda": "hra", "train_bias": "hra", "r": "hra, lora; oft and boft are sized by block_size", "block_size": "oft, boft",
                       "lora_alpha": "lora"}
             raise ConfigError(
                 f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to adapter {self.adapter!r} ("

@@ -174,7 +174,8 @@ class DreamBoothTask(StableDiffusionTask):
         for i, (name, te, unused) in enumerate(encoders):
             exclude = [n for n, _ in te.named_modules() if unused and n.startswith(unused)]
             hra = HRAConfig(r=cfg.text_encoder_r, target_modules=cfg.text_encoder_target_modules, apply_gs=cfg.apply_gs,
-                            orth_lambda=cfg.orth_lambda, seed=cfg.seed + 1 + i, exclude_modules=exclude)
+                            orth_lambda=cfg.orth_lambda, train_bias=cfg.train_bias, seed=cfg.seed + 1 + i,
+                            exclude_modules=exclude)
             add_hra(te, hra, name.replace("_", " "))
             if cfg.gradient_checkpointing:
                 te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -55,7 +55,7 @@ __all__ = [
 # resume_allow_changes); keys a config class does not have are skipped
 IDENTITY_KEYS = (
     "pretrained_model", "revision", "variant", "pretrained_vae_model", "adapter", "r", "target_modules", "apply_gs",
-    "block_size", "lora_alpha", "seed", "resolution", "use_8bit_adam",
+    "train_bias", "block_size", "lora_alpha", "seed", "resolution", "use_8bit_adam",
     # DreamBooth
     "instance_data_dir", "instance_prompt", "instance_caption_extension", "instance_mask_dir",
     "with_prior_preservation", "class_prompt", "class_prompts_from_captions", "class_caption_extension",
