@@ -31,7 +31,8 @@ VARIANTS: dict[str, list[str]] = {
     "hra_attn": ["--adapter", "hra", "--r", "8", "--target_modules", ATTENTION],
     "lora_attn": ["--adapter", "lora", "--r", "4", "--target_modules", ATTENTION],
     "hra_recipe": ["--adapter", "hra", "--r", "16", "--train_text_encoder", "true"],
-    "hra_bias": ["--adapter", "hra", "--r", "8", "--train_bias", "true"],  # PEFT's hra_bias="hra_only"
+    # the recipe with PEFT's hra_bias="hra_only" (the setting where HRA learns the tiny subject, so an effect shows)
+    "hra_recipe_bias": ["--adapter", "hra", "--r", "16", "--train_text_encoder", "true", "--train_bias", "true"],
 }
 BUDGETS = ("match", "fixed")
 # the learning-rate flags each task's grid scales together
