@@ -213,7 +213,7 @@ def match_budgets(cfg: CompareConfig) -> dict[str, dict[str, Any]]:
         unet, kind, targets = meta_unet(), adapter_kind(method), list(tcfg.target_modules)
         try:
             if kind == "hra":
-                inject_hra(unet, HRAConfig(r=size or tcfg.r, target_modules=targets))
+                inject_hra(unet, HRAConfig(r=size or tcfg.r, target_modules=targets, train_bias=tcfg.train_bias))
             else:
                 key = "r" if kind == "lora" else "block_size"
                 inject_baseline(unet, BaselineSpec(kind, target_modules=targets,
