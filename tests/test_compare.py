@@ -183,3 +183,15 @@ def test_the_whole_protocol_runs_on_the_tiny_world(tmp_path, monkeypatch):
     again = compare.main(compare.parse_args([*argv, "--reuse"]))
     assert again["methods"]["hra"]["operating_point"] == result["methods"]["hra"]["operating_point"]
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing trained or generated again
+
+
+def test_table_says_what_else_a_method_trained_beside_the_unet():
+    """The trainable column is the UNet's count (the matched budget) plus, in brackets, the text or condition
+    encoder the runs also trained, read from their train_stats."""
+    from hra_diffusion.compare.report import _trainable
+
+    stats = [{"trainable_parameters": {"unet": 446464, "text_encoder": 6144}}]
+    assert _trainable({"trainable": 446464, "train_stats": stats}) == "446,464 (+6,144 text encoder)"
+    stats = [{"trainable_parameters": {"unet": 223232, "condition_encoder": 25904}}]
+    assert _trainable({"trainable": 223232, "train_stats": stats}) == "223,232 (+25,904 condition encoder)"
+    assert _trainable({"trainable": 10, "train_stats": [{"trainable_parameters": {"unet": 10}}]}) == "10"

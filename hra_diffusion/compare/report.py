@@ -69,10 +69,18 @@ def format_table(result: dict) -> str:
         op = m["operating_point"]
         secs = [s["step_seconds_median"] for s in m["train_stats"] if s.get("step_seconds_median")]
         lr = f"{op['lr']:.2g}" + ("" if op["interior"] else " (edge)") + ("" if op["above_floor"] else " (below floor)")
-        lines.append("| " + " | ".join([m["label"], f"{m['trainable']:,}", lr, str(op["steps"]),
+        lines.append("| " + " | ".join([m["label"], _trainable(m), lr, str(op["steps"]),
                                         f"{statistics.median(secs):.2f}" if secs else "n/a",
                                         *(_cell(k, m["aggregate"].get(k)) for k, _ in cols)]) + " |")
     return "\n".join(lines)
+
+
+def _trainable(m: dict) -> str:
+    """The UNet's trainable count (the budget matched), and what else the runs trained (text / condition encoder)."""
+    parts = next((s["trainable_parameters"] for s in m.get("train_stats", [])
+                  if isinstance(s.get("trainable_parameters"), dict)), {})
+    extra = ", ".join(f"+{n:,} {name.replace('_', ' ')}" for name, n in parts.items() if name != "unet" and n)
+    return f"{m['trainable']:,}" + (f" ({extra})" if extra else "")
 
 
 def _grid_line(m: dict) -> str:
