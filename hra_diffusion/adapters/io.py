@@ -346,8 +346,8 @@ def export_peft(
     tensors, _ = _adapter_tensors(model)
     config = get_hra_config(model)
     u = {k[: -len(_SUFFIX)]: v for k, v in tensors.items() if k.endswith(_SUFFIX)}
-    biases = {name: (layer.base_layer.bias.detach().float() - (layer.hra_bias.detach() if layer.merged else 0)
-                     + layer.hra_bias.detach()).cpu()
+    # PEFT stores the trained bias itself: the base's plus the shift (already in it when merged)
+    biases = {name: (layer.base_layer.bias.detach().float() + (0 if layer.merged else layer.hra_bias.detach())).cpu()
               for name, layer in hra_layers(model) if layer.hra_bias is not None}
     with atomic_directory(path) as tmp:
         write_peft_hra(tmp, u, apply_gs=bool(config.apply_gs) if config else False, biases=biases,
