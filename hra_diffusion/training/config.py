@@ -199,8 +199,8 @@ class TrainConfig:
         wrong = [k for k, kinds in ADAPTER_ONLY.items()
                  if k != "train_text_encoder" and self.adapter not in kinds and getattr(self, k) != defaults[k]]
         if wrong:
-            owners = {"apply_gs": "hra", "orth_lambda": "hra", "train_bias": "hra", "r": "hra, lora; oft and boft are sized by block_size", "block_size": "oft, boft",
-                      "lora_alpha": "lora"}
+            owners = {k: ", ".join(kinds) for k, kinds in ADAPTER_ONLY.items()}
+            owners["r"] += "; oft and boft are sized by block_size"
             raise ConfigError(
                 f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to adapter {self.adapter!r} ("
                 + "; ".join(f"{k} is for {owners[k]}" for k in wrong)
