@@ -380,3 +380,28 @@ def test_trained_biases_export_merged_and_peft_and_refuse_a_lora(tiny_random_sd_
         with pytest.raises(ValueError, match="trained its layers' biases.*--to merged"):
             export_adapter(adapter, to, out)
         assert not out.exists()
+
+
+def test_peft_hra_only_adapter_exports_to_peft_unchanged(tiny_random_sd_dir, tmp_path):
+    """A PEFT bias="hra_only" source already holds the trained biases: --to peft writes them as they are (not added
+    to the base's a second time), and the result reproduces the source."""
+    from peft import HRAConfig as PeftHRAConfig
+    from peft import get_peft_model
+
+    unet, te = _components(tiny_random_sd_dir)
+    inp = _inputs(unet, te)
+    enc = _outputs(unet, te, inp)["text"]
+    peft_unet = get_peft_model(unet, PeftHRAConfig(r=4, target_modules=["to_out.0", "proj_in"], bias="hra_only"))
+    with torch.no_grad():
+        for p in peft_unet.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+        want = peft_unet(inp["sample"], inp["t"], enc).sample
+    peft_unet.save_pretrained(tmp_path / "src")
+    cfg_file = tmp_path / "src" / "adapter_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "base_model_name_or_path": str(tiny_random_sd_dir)}))
+    out = export_adapter(tmp_path / "src", "peft", tmp_path / "peft")
+    again, _ = _components(tiny_random_sd_dir)
+    load_adapter(again, out)
+    with torch.no_grad():
+        assert _rel(again(inp["sample"], inp["t"], enc).sample, want) <= 1e-5

@@ -50,8 +50,7 @@ from .io import (
     PEFT_PREFIX,
     TEXT_ENCODER_SUBDIR,
     _check_shape,
-    read_adapter,
-    read_adapter_biases,
+    _read_adapter,
     write_merged,
     write_peft_hra,
 )
@@ -449,10 +448,7 @@ def _record(source: _Source, to: str, dtype: str, **fields: Any) -> dict[str, An
 def _export_hra(source: _Source, to: str, target: Path, out: Path, base: str | None, dtype: str) -> Path:
     docs, us, biases = {}, {}, {}
     for component, part in source.parts.items():
-        doc, u, _ = read_adapter(part)
-        docs[component], us[component] = doc, u
-        if doc["hra"].get("train_bias"):
-            biases[component] = read_adapter_biases(part)
+        docs[component], us[component], biases[component], _ = _read_adapter(part)  # one read: u and biases
     if to in ("kohya", "lora") and any(biases.values()):
         raise ValueError(f"adapter {source.path} trained its layers' biases (--train_bias), which a LoRA file cannot "
                          "carry, so the export would not reproduce it; export a full model with --to merged, or "
@@ -462,12 +458,13 @@ def _export_hra(source: _Source, to: str, target: Path, out: Path, base: str | N
     r = {component: rs[0] if len(rs) == 1 else rs for component, rs in ranks.items()}
     torch_dtype = EXPORT_DTYPES[dtype]
     if to == "peft":
-        full_biases: dict[str, dict[str, torch.Tensor]] = {}
-        if any(biases.values()):  # PEFT stores the trained bias itself: base bias + the adapter's shift
+        # PEFT stores the trained bias itself: ours hold the shift from the base's, a PEFT source the bias already
+        if any(b for c, b in biases.items() if docs[c].get("source") != "peft"):
             base, revision = _resolve_base(source, base)
             _, modules = _base_modules(source, base, revision, us)
-            full_biases = {component: {name: modules[component][name].bias.detach().float() + delta
-                                       for name, delta in b.items()} for component, b in biases.items()}
+        full_biases: dict[str, dict[str, torch.Tensor]] = {component: {name: value if docs[component].get("source") == "peft"
+                                   else modules[component][name].bias.detach().float() + value
+                                   for name, value in b.items()} for component, b in biases.items()}
         record = _header(_record(source, to, dtype, r=r, base_model=source.info.base_model,
                                  base_model_revision=source.info.doc.get("base_model_revision")))
         with atomic_directory(out) as tmp:
