@@ -63,6 +63,13 @@ class SDComponents:
         return {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}[self.family]
 
 
+def recorded_name(name: str) -> str:
+    """How an adapter records a model it was trained on: a local folder as its absolute path (so generate and
+    export find it from any folder), a hub id as typed."""
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.is_dir() else name
+
+
 def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 

@@ -108,12 +108,16 @@ def test_per_image_caption_files_train(tmp_path, tiny_random_sd_dir, generated_s
     assert "instance_caption_extension: .txt" in (out / "config.yaml").read_text()
 
 
-def test_adapter_records_the_separate_vae(tmp_path, tiny_random_sd_dir, generated_subject_dir):
-    """--pretrained_vae_model is written into the adapter (vae_model), so generate decodes with the same VAE."""
+def test_adapter_records_the_separate_vae(tmp_path, tiny_random_sd_dir, generated_subject_dir, monkeypatch):
+    """--pretrained_vae_model is written into the adapter (vae_model), so generate decodes with the same VAE; a
+    base and VAE typed as relative folders are recorded as absolute paths (found from any folder later)."""
     out = tmp_path / "run"
-    train(fast_args(tiny_random_sd_dir, generated_subject_dir, out, "--pretrained_vae_model", str(tiny_random_sd_dir)))
+    monkeypatch.chdir(tiny_random_sd_dir.parent)
+    relative = Path(tiny_random_sd_dir.name)
+    train(fast_args(relative, generated_subject_dir, out, "--pretrained_vae_model", str(relative)))
     doc = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert doc["vae_model"] == str(tiny_random_sd_dir)
+    assert doc["vae_model"] == doc["base_model"] == str(tiny_random_sd_dir.resolve())
+    assert "pretrained_model: " + str(relative) in (out / "config.yaml").read_text()  # the config keeps what was typed
     plain = tmp_path / "plain"
     train(fast_args(tiny_random_sd_dir, generated_subject_dir, plain))
     assert "vae_model" not in json.loads((plain / "adapter" / "adapter_config.json").read_text())

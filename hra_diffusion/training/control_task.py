@@ -28,6 +28,7 @@ from ..control import (
 from ..detectors import ConditionCache, detector_key, make_detector
 from ..errors import DataError
 from ..images import CONDITION_BACKGROUND, ImageTransform, open_image
+from ..models import recorded_name
 from ..samples import read_prompts
 from ..sampling import eval_mode, generate_images, sampler_for, validation_sampling
 from .card import adapter_facts, write_model_card
@@ -258,10 +259,10 @@ class ControlTask(StableDiffusionTask):
         cfg = self.cfg
         path = output_dir / "adapter"
         save_control_adapter(
-            modules["unet"], modules["condition_encoder"], path, cfg.adapter, base_model=cfg.pretrained_model,
+            modules["unet"], modules["condition_encoder"], path, cfg.adapter, base_model=recorded_name(cfg.pretrained_model),
             base_model_revision=cfg.revision, trainer=self.trainer, condition_type=cfg.condition or "given",
             resolution=cfg.resolution, sampling=validation_sampling(cfg),  # generate samples as validation did
-            **({"vae_model": cfg.pretrained_vae_model} if cfg.pretrained_vae_model else {}),  # generate's default
+            **({"vae_model": recorded_name(cfg.pretrained_vae_model)} if cfg.pretrained_vae_model else {}),  # generate's default
         )
         return [path]
 

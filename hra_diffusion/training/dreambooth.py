@@ -18,7 +18,7 @@ from ..adapters.io import save_adapter
 from ..adapters.registry import save_any_adapter
 from ..conditioning import PromptEmbeds
 from ..images import ImageTransform, check_images
-from ..models import add_hra
+from ..models import add_hra, recorded_name
 from ..sampling import eval_mode, generate_images, validation_sampling
 from ..utils import stream_seed
 from .card import adapter_facts, write_model_card
@@ -253,11 +253,11 @@ class DreamBoothTask(StableDiffusionTask):
 
     def save(self, modules, output_dir: Path) -> list[Path]:
         cfg = self.cfg
-        meta = dict(base_model=cfg.pretrained_model, base_model_revision=cfg.revision,
+        meta = dict(base_model=recorded_name(cfg.pretrained_model), base_model_revision=cfg.revision,
                     instance_prompt=cfg.instance_prompt, trainer=self.trainer,
                     sampling=validation_sampling(cfg))  # generate's defaults
         if cfg.pretrained_vae_model:  # generate loads the same VAE by default
-            meta["vae_model"] = cfg.pretrained_vae_model
+            meta["vae_model"] = recorded_name(cfg.pretrained_vae_model)
         paths = [save_any_adapter(modules["unet"], output_dir / "adapter", cfg.adapter, **meta)]
         for name in self.text_parts:  # adapter/text_encoder/ (and adapter/text_encoder_2/ on SDXL)
             paths.append(save_adapter(modules[name], output_dir / "adapter" / name, **meta))
