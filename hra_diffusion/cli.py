@@ -89,8 +89,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     s.add_argument("--width", type=int, help="image width (default: the model's native size)")
     s.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
     r = p.add_argument_group("runtime")
-    r.add_argument("--merge", action="store_true", help="fold the adapter into the weights (W <- W H) before "
-                   "sampling instead of running it live; same images, faster")
+    r.add_argument("--merge", action="store_true", help="fold an HRA adapter into the weights (W <- W H) before "
+                   "sampling instead of running it live; same images, faster (PEFT LoRA/OFT/BOFT: always folded)")
     r.add_argument("--device", help="cuda, cuda:1, cpu, mps (default: cuda when available, else cpu)")
     r.add_argument("--dtype", choices=DTYPES, help="default: fp16 on cuda, fp32 on cpu")
     r.add_argument("--no-safety-checker", dest="safety_checker", action="store_false",

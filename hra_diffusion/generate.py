@@ -306,6 +306,7 @@ def _text_encoder_part(info) -> bool:
 def _load(cfg: GenerateConfig, info, is_control: bool, base: str) -> _Loaded:
     """Base pipeline + scheduler + adapter (UNet, optional text encoder, optional condition encoder)."""
     from .adapters.io import load_adapter
+    from .adapters.peft_baselines import BASELINES
     from .adapters.registry import merge_adapter
     from .control import attach_condition_encoder, load_trained_adapter
 
@@ -317,6 +318,7 @@ def _load(cfg: GenerateConfig, info, is_control: bool, base: str) -> _Loaded:
     pipe.set_progress_bar_config(disable=True)
     scheduler_name = _set_scheduler(pipe, cfg.scheduler)
     handle = None
+    fold_unet = info is not None and (cfg.merge or info.kind in BASELINES)
     text_adapter = None
     text_parts: list[str] = []  # text_encoder/ and, for SDXL, text_encoder_2/: each adapts that component
     if info is not None:
@@ -333,8 +335,9 @@ def _load(cfg: GenerateConfig, info, is_control: bool, base: str) -> _Loaded:
                 text_parts.append(component)
         if text_parts:
             text_adapter = str((Path(cfg.adapter) / text_parts[0]).resolve())
+        if fold_unet:  # PEFT baselines always: the trainers validate them folded, and OFT/BOFT live rebuild
+            merge_adapter(pipe.unet, info.kind)  # their rotation in every denoising step (BOFT: ~10x slower)
         if cfg.merge:
-            merge_adapter(pipe.unet, info.kind)
             for component in text_parts:
                 merge_adapter(getattr(pipe, component), "hra")
     scale = getattr(pipe, "vae_scale_factor", 8)
@@ -347,7 +350,7 @@ def _load(cfg: GenerateConfig, info, is_control: bool, base: str) -> _Loaded:
         "adapter_kind": ("control" if is_control else "subject") if info else None,
         "adapter_type": info.kind if info else None,
         "text_encoder_adapter": text_adapter, "text_encoders_adapted": text_parts,
-        "merged": bool(cfg.merge and cfg.adapter),
+        "merged": fold_unet,
         "base": _path_or_id(base), "base_revision": revision, "dtype": dtype_name, "device": str(device),
         "vae": _path_or_id(vae_model),
     }
