@@ -158,6 +158,33 @@ def test_a_subject_without_the_checker_is_refused_before_training(tmp_path, tiny
         subject_setup(cfg)
 
 
+def test_reuse_keeps_but_reports_what_other_code_made(tmp_path, monkeypatch):
+    """--reuse does not redo a run or an evaluation made by another code version (or one that recorded none), but
+    names it, so the results can say so."""
+    assert len(runs.code_version()) == 12 and runs.code_version() == runs.code_version()
+    cfg = CompareConfig(methods=["hra"], output_dir=str(tmp_path), reuse=True)
+    monkeypatch.setattr(runs, "REUSED_OTHER_CODE", {})
+    monkeypatch.setattr(runs, "code_version", lambda: "old")
+    path = tmp_path / "eval.json"
+    assert runs.cached(cfg, path, {"a": 1}, lambda: {"x": 1}) == {"x": 1}
+    assert runs.cached(cfg, path, {"a": 1}, lambda: {"x": 2}) == {"x": 1} and runs.REUSED_OTHER_CODE == {}
+    monkeypatch.setattr(runs, "code_version", lambda: "new")
+    assert runs.cached(cfg, path, {"a": 1}, lambda: {"x": 3}) == {"x": 1}
+    assert runs.cached(cfg, path, {"a": 2}, lambda: {"x": 4}) == {"x": 4}  # other settings: redone
+    assert runs.REUSED_OTHER_CODE == {str(path): "old"}
+
+    rates = {"learning_rate": 1e-3}
+    folder = runs.run_dir(cfg, "hra", 1.0, 0)  # a finished run from before code versions were recorded
+    (folder / "train" / "logs").mkdir(parents=True)
+    (folder / "train" / "adapter").mkdir()
+    (folder / "train" / "adapter" / "adapter_config.json").write_text("{}")
+    (folder / "train" / "logs" / "train_stats.json").write_text('{"steps": 800}')
+    argv = runs.train_argv(cfg, "hra", folder / "train", {}, 0, 1.0, rates)
+    (folder / "compare_argv.json").write_text(json.dumps(argv))
+    stats = runs.train_run(cfg, "hra", {}, 0, 1.0, rates)
+    assert stats["steps"] == 800 and runs.REUSED_OTHER_CODE[str(folder)] is None
+
+
 @pytest.mark.slow
 def test_the_whole_protocol_runs_on_the_tiny_world(tmp_path, monkeypatch):
     """Two scored step counts, three rates, two seeds, a few images: the files the results page promises, the rule
@@ -182,6 +209,7 @@ def test_the_whole_protocol_runs_on_the_tiny_world(tmp_path, monkeypatch):
               and not p.name.startswith("frontier-")}
     again = compare.main(compare.parse_args([*argv, "--reuse"]))
     assert again["methods"]["hra"]["operating_point"] == result["methods"]["hra"]["operating_point"]
+    assert doc["code"] == again["code"] == runs.code_version() and again["reused_other_code"] == {}
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing trained or generated again
 
 
@@ -195,3 +223,13 @@ def test_table_says_what_else_a_method_trained_beside_the_unet():
     stats = [{"trainable_parameters": {"unet": 223232, "condition_encoder": 25904}}]
     assert _trainable({"trainable": 223232, "train_stats": stats}) == "223,232 (+25,904 condition encoder)"
     assert _trainable({"trainable": 10, "train_stats": [{"trainable_parameters": {"unet": 10}}]}) == "10"
+
+
+def test_results_say_what_was_reused_from_other_code(tmp_path):
+    from hra_diffusion.compare.report import write_report
+
+    result = json.loads((REPO / "eval" / "results" / "frontier-dreambooth.json").read_text())
+    result.update(code="abc", reused_other_code={"hra/lr1-seed0": None, "hra/lr1-seed0/val/step-000200/eval.json": "f00"})
+    write_report(result, tmp_path)
+    md = (tmp_path / "frontier-dreambooth.md").read_text()
+    assert "Reused by --reuse from other code: 2 runs or evaluations (made by code f00, not recorded; this run: abc)" in md

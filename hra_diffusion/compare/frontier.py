@@ -12,8 +12,10 @@ from typing import Any
 
 from .config import METHODS, CompareConfig, lr_factor
 from .runs import (
+    REUSED_OTHER_CODE,
     adapter_at,
     cached,
+    code_version,
     label,
     match_budgets,
     prepare_class_images,
@@ -170,6 +172,7 @@ def run_frontier(cfg: CompareConfig) -> dict:
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    REUSED_OTHER_CODE.clear()
     task = _Task(cfg)
     rule = RULES[cfg.task]
     budgets = match_budgets(cfg)
@@ -192,7 +195,9 @@ def run_frontier(cfg: CompareConfig) -> dict:
         "task": cfg.task, "config": asdict(cfg), "recipe_rates": rates, "setup": task.settings,
         "references": references, "methods": methods,
         "measured": "CPU (2 cores, shared), tiny world (assets/tiny-sd), stand-in DINO/CLIP; no GPU, no real weights",
-        "seconds": time.time() - started, "commit": _commit(),
+        "seconds": time.time() - started, "commit": _commit(), "code": code_version(),
+        "reused_other_code": {str(Path(k).relative_to(out)) if Path(k).is_relative_to(out) else k: v
+                              for k, v in sorted(REUSED_OTHER_CODE.items())},
     }
     write_report(result, out)
     return result

@@ -107,6 +107,11 @@ def write_report(result: dict, out: Path) -> None:
              f"- Measured on: {result['measured']}. s / step: the median over the seeds' runs on a shared machine.",
              "- '(edge)': the best rate is at the grid's edge (max_lr_points reached); '(below floor)': no point "
              "met the floor."]
+    stale = result.get("reused_other_code") or {}
+    if stale:
+        made = sorted({v or "not recorded" for v in stale.values()})
+        lines.append(f"- Reused by --reuse from other code: {len(stale)} runs or evaluations (made by code "
+                     f"{', '.join(made)}; this run: {result['code']}), listed in the JSON's reused_other_code.")
     report = "\n".join(lines) + "\n"
     print("\n" + report)
     (out / f"frontier-{task}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")

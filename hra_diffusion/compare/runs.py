@@ -3,6 +3,8 @@ adapters at each scored step count, and the parameter budgets that size the base
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import shlex
@@ -16,12 +18,34 @@ from typing import Any
 from .config import BUDGETS, LR_FLAGS, METHODS, CompareConfig, adapter_kind, method_args
 
 __all__ = ["common_args", "label", "match_budgets", "trainer_config", "recipe_rates", "train_argv", "run_dir",
-           "train_run", "adapter_at", "cached", "prepare_class_images"]
+           "train_run", "adapter_at", "cached", "prepare_class_images", "code_version", "REUSED_OTHER_CODE"]
 
 # the sizes --budget match tries (OFT/BOFT blocks must divide every adapted layer's input width)
 CANDIDATES = {"lora": ("--r", range(1, 65)), "oft": ("--block_size", (2, 4, 8, 16, 32, 64, 128)),
               "boft": ("--block_size", (2, 4, 8, 16, 32, 64))}
 DIVERGED = "diverged.json"  # in a run's folder: training stopped on a non-finite loss (its earlier snapshots stand)
+CODE_FILE = "compare_code.json"  # in a run's folder: the code version it was trained with
+# what --reuse kept although it was made by other code ({path: its code version, None if unrecorded}); reported, not
+# redone: a code change need not change results, and a BOFT run costs an hour on CPU
+REUSED_OTHER_CODE: dict[str, str | None] = {}
+
+
+@functools.cache
+def code_version() -> str:
+    """A short hash of this package's source (training, sampling, scoring) and the recipes in configs/."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    files = sorted(root.rglob("*.py")) + sorted((root.parent / "configs").rglob("*.yaml"))
+    for path in files:
+        digest.update(str(path.relative_to(root.parent)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def _reused(path: Path, recorded: str | None) -> None:
+    if recorded != code_version() and str(path) not in REUSED_OTHER_CODE:
+        REUSED_OTHER_CODE[str(path)] = recorded
+        print(f"note: --reuse keeps {path}, made by code {recorded or '(not recorded)'}, not this code "
+              f"({code_version()}); delete it to redo it", flush=True)
 
 
 def common_args(cfg: CompareConfig) -> list[str]:
@@ -144,8 +168,11 @@ def train_run(cfg: CompareConfig, method: str, sizes: dict, seed: int, factor: f
             line = next(x for x in proc.stderr.splitlines() if "the loss became" in x)
             (folder / DIVERGED).write_text(json.dumps({"message": line.strip()}) + "\n")
         argv_file.write_text(json.dumps(argv) + "\n")
+        (folder / CODE_FILE).write_text(json.dumps({"code": code_version()}) + "\n")
         print(f"  {method} lr x{factor:g} seed {seed}: trained in {time.time() - started:.0f} s"
               + (" (diverged)" if (folder / DIVERGED).is_file() else ""), flush=True)
+    else:
+        _reused(folder, json.loads((folder / CODE_FILE).read_text())["code"] if (folder / CODE_FILE).is_file() else None)
     if (folder / DIVERGED).is_file():
         return {"argv": argv, "folder": str(folder), "diverged": json.loads((folder / DIVERGED).read_text())["message"]}
     stats = json.loads(stats_file.read_text())
@@ -163,15 +190,18 @@ def adapter_at(stats: dict, step: int, last: int) -> Path | None:
 
 
 def cached(cfg: CompareConfig, path: Path, settings: dict, compute: Callable[[], dict]) -> dict:
-    """``compute()``'s result, kept in ``path`` with the settings it was made with; reused under --reuse."""
+    """``compute()``'s result, kept in ``path`` with the settings and code version it was made with; reused under
+    --reuse when the settings match (another code version is noted, see REUSED_OTHER_CODE)."""
     if cfg.reuse and path.is_file():
         doc = json.loads(path.read_text())
         if doc.get("settings") == settings:
+            _reused(path, doc.get("code"))
             return doc["result"]
     result = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": settings, "result": result}, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps({"settings": settings, "code": code_version(), "result": result}, indent=2,
+                              default=str) + "\n")
     os.replace(tmp, path)
     return result
 
