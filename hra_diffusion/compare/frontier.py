@@ -23,7 +23,7 @@ from .runs import (
     run_dir,
     train_run,
 )
-from .selection import RULES, Rule, choose, pareto, point_key, rule_order
+from .selection import RULES, Rule, choose, interior, pareto, point_key
 
 __all__ = ["run_frontier", "aggregate", "EVAL_VERSION"]
 
@@ -107,9 +107,7 @@ def _method_frontier(cfg: CompareConfig, task: _Task, method: str, sizes: dict, 
         measure(k)
     grid.sort()
     op = choose(points, floor, rule)
-    per_k = {k: choose([p for p in points if p["k"] == k], floor, rule) for k in grid}
-    interior = all(j in per_k and rule_order(per_k[j], floor, rule) < rule_order(op, floor, rule)
-                   for j in (op["k"] - 1, op["k"] + 1))
+    is_interior = interior(points, op, floor, rule)
     seeds, stats = [], []
     for seed in cfg.seeds:
         s = runs[op["k"]] if seed == seed0 else train_run(cfg, method, sizes, seed, op["lr_factor"], rates)
@@ -121,7 +119,7 @@ def _method_frontier(cfg: CompareConfig, task: _Task, method: str, sizes: dict, 
         if not s["diverged"]:
             stats.append(s)
     print(f"  {method}: operating point lr {op['lr']:.3g} (x{op['lr_factor']:g}), {op['steps']} steps"
-          + ("" if interior else " (NOT interior: the grid reached max_lr_points)"), flush=True)
+          + ("" if is_interior else " (NOT interior: the grid reached max_lr_points)"), flush=True)
     return {
         "grid": [{"k": k, "lr_factor": lr_factor(spacing, k), "lr": rates["learning_rate"] * lr_factor(spacing, k)}
                  for k in grid],
@@ -129,7 +127,7 @@ def _method_frontier(cfg: CompareConfig, task: _Task, method: str, sizes: dict, 
         "points": [{key: p[key] for key in ("lr", "lr_factor", "steps", "metrics", "diverged")} for p in points],
         "operating_point": {"lr": op["lr"], "lr_factor": op["lr_factor"], "steps": op["steps"],
                             "validation_metrics": op["metrics"], "above_floor": point_key(op["metrics"], floor, rule)[0] == 1.0,
-                            "interior": interior},
+                            "interior": is_interior},
         "pareto": [{"lr": p["lr"], "steps": p["steps"], "metrics": p["metrics"]}
                    for p in pareto(points, rule.keep, rule.maximise)],
         "seeds": seeds,

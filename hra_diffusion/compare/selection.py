@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Rule", "RULES", "point_key", "rule_order", "choose", "pareto"]
+__all__ = ["Rule", "RULES", "point_key", "rule_order", "choose", "interior", "pareto"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,17 @@ def rule_order(p: dict, floor: float, rule: Rule) -> tuple:
 def choose(points: list[dict], floor: float, rule: Rule) -> dict:
     """The rule's best of ``points`` (each {"k", "steps", "metrics"})."""
     return max(points, key=lambda p: rule_order(p, floor, rule))
+
+
+def interior(points: list[dict], op: dict, floor: float, rule: Rule) -> bool:
+    """Whether ``op`` (the rule's best of ``points``, each with its grid index "k") has both neighbouring rates
+    measured and ranking lower, each by its own best point."""
+    def best(k: int) -> dict | None:
+        at = [p for p in points if p["k"] == k]
+        return choose(at, floor, rule) if at else None
+
+    return all((b := best(k)) is not None and rule_order(b, floor, rule) < rule_order(op, floor, rule)
+               for k in (op["k"] - 1, op["k"] + 1))
 
 
 def pareto(points: list[dict], x: str, y: str) -> list[dict]:
