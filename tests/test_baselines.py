@@ -25,6 +25,7 @@ from hra_diffusion.adapters.peft_baselines import (
     inject_baseline,
     load_peft_adapter,
     peft_config,
+    save_peft_adapter,
 )
 from hra_diffusion.adapters.registry import adapter_type
 from hra_diffusion.control import CONDITION_ENCODER_FILE, load_trained_adapter
@@ -346,3 +347,35 @@ def test_benchmark_variants_are_the_trainers_baselines():
     row = next(line for line in report.splitlines() if line.startswith("| ours"))
     assert "| 1.50x | 2.00x | 2.00x |" in row  # time vs LoRA r, vs LoRA r/2, peak vs LoRA r/2
     assert "| 4.00x |" in next(line for line in report.splitlines() if line.startswith("| PEFT OFT"))
+
+
+def test_weight_change_tool_measures_the_merged_change(tmp_path, tiny_random_sd_dir):
+    """benchmarks/weight_change.py: per adapted weight ‖W′ − W‖ / ‖W‖ of the merged adapter, for ours and PEFT's
+    formats alike; an adapter at its identity start measures 0."""
+    from diffusers import UNet2DConditionModel
+
+    from hra_diffusion.adapters import HRAConfig, inject_hra, save_adapter
+    from hra_diffusion.adapters.model import hra_layers
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import weight_change
+    finally:
+        sys.path.pop(0)
+    load = lambda: UNet2DConditionModel.from_pretrained(tiny_random_sd_dir, subfolder="unet")  # noqa: E731
+    hra = load()
+    inject_hra(hra, HRAConfig(r=2, init_identity=False, seed=0))
+    with torch.no_grad():
+        expected = sorted(((layer.merged_weight() - layer.base_layer.weight).norm()
+                           / layer.base_layer.weight.norm()).item() for _, layer in hra_layers(hra))
+    save_adapter(hra, tmp_path / "hra", base_model=str(tiny_random_sd_dir))
+    lora = load()
+    inject_baseline(lora, BaselineSpec("lora", target_modules=list(DEFAULT_TARGETS), seed=0, **SPECS["lora"]))
+    save_peft_adapter(lora, tmp_path / "lora-start", base_model=str(tiny_random_sd_dir))
+    results = [weight_change.measure(tmp_path / name) for name in ("hra", "lora-start")]
+    got = results[0]["components"]["unet"]
+    assert got["weights"] == len(expected) and got["max"] == pytest.approx(expected[-1], rel=1e-4)
+    assert got["median"] == pytest.approx(np.median(expected), rel=1e-4) and got["median"] > 0.01
+    assert "attn1.to_q" in got["by_kind"]
+    assert results[1]["kind"] == "lora" and results[1]["components"]["unet"]["max"] == 0  # B starts at zero
+    assert "| lora | unet |" in weight_change.table(results)
