@@ -105,6 +105,21 @@ def test_grid_widens_until_the_best_rate_is_interior_then_every_seed_trains_ther
     assert front and all(not (a >= x and b >= y and (a, b) != (x, y)) for x, y in front for a, b in front)
 
 
+def test_the_report_says_how_runs_shared_the_machine():
+    """Step times compare only at equal sharing: the .md names each method's threads and load where runs record
+    them, and says nothing for results made before they did (the committed tables stay as they are)."""
+    from hra_diffusion.compare.report import _sharing_line
+
+    old = {"methods": {"hra": {"label": "HRA r=8", "train_stats": [{"step_seconds_median": 1.0}]}}}
+    assert _sharing_line(old) is None
+    runs = [{"torch_threads": 1, "cpus": 2, "load_average_15min": 2.1},
+            {"torch_threads": 2, "cpus": 2, "load_average_15min": 1.3}]
+    new = {"methods": {"hra": {"label": "HRA r=8", "train_stats": runs},
+                       "lora": {"label": "LoRA", "train_stats": [{"torch_threads": 2, "cpus": 2}]}}}
+    line = _sharing_line(new)
+    assert "HRA r=8 1/2 threads on 2 CPUs, load 1.3-2.1" in line and "LoRA 2 threads on 2 CPUs." in line
+
+
 def test_budgets_match_hra_and_configs_are_read_through_the_library(tmp_path, tiny_random_sd_dir,
                                                                      generated_subject_dir):
     """--budget match sizes each baseline to HRA r=8's count on the task's targets; fixed keeps METHODS' sizes; the

@@ -101,6 +101,7 @@ def test_run_task_checks_builds_trains_saves_and_writes_the_card(tmp_path):
     assert (out / "README.md").read_text() == "steps 4\n"
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]  # none at the last step
     assert result.stats["trainable_parameters"] == {"net": 5} and result.stats["steps_timed"] == 3
+    assert result.stats["torch_threads"] == torch.get_num_threads() and result.stats["cpus"] >= 1  # the sharing
     assert (out / "logs" / "train_stats.json").is_file() and (out / "logs" / "ranks.json").is_file()
 
 

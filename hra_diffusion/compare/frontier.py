@@ -133,7 +133,8 @@ def _method_frontier(cfg: CompareConfig, task: _Task, method: str, sizes: dict, 
         "seeds": seeds,
         "aggregate": aggregate([s["metrics"] for s in seeds if s["metrics"]]),
         "train_stats": [{k: s.get(k) for k in ("step_seconds_median", "peak_rss_mib", "cuda_peak_allocated_mib",
-                                               "trainable_parameters") if s.get(k) is not None} for s in stats],
+                                               "trainable_parameters", "torch_threads", "cpus",
+                                               "load_average_15min") if s.get(k) is not None} for s in stats],
     }
 
 

@@ -107,6 +107,9 @@ def write_report(result: dict, out: Path) -> None:
              f"- Measured on: {result['measured']}. s / step: the median over the seeds' runs on a shared machine.",
              "- '(edge)': the best rate is at the grid's edge (max_lr_points reached); '(below floor)': no point "
              "met the floor."]
+    sharing = _sharing_line(result)
+    if sharing:
+        lines.append(sharing)
     stale = result.get("reused_other_code") or {}
     if stale:
         made = sorted({v or "not recorded" for v in stale.values()})
@@ -121,6 +124,22 @@ def write_report(result: dict, out: Path) -> None:
             print(f"wrote {path}")
     except ImportError:
         print("plots not drawn: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+
+
+def _sharing_line(result: dict) -> str | None:
+    """How each method's runs shared the machine (runs that record it): step times compare only at equal sharing."""
+    parts = []
+    for m in result["methods"].values():
+        runs = [s for s in m.get("train_stats", []) if s.get("torch_threads")]
+        if runs:
+            threads = "/".join(str(t) for t in sorted({s["torch_threads"] for s in runs}))
+            loads = [s["load_average_15min"] for s in runs if s.get("load_average_15min") is not None]
+            load = f", load {min(loads):.1f}-{max(loads):.1f}" if loads else ""
+            parts.append(f"{m['label']} {threads} threads on {runs[0].get('cpus')} CPUs{load}")
+    if not parts:
+        return None
+    return ("- Step times were measured with (torch threads per run; the 15-minute load average at each run's end, "
+            "above the CPU count means runs shared the machine and ran slower): " + "; ".join(parts) + ".")
 
 
 def _short(lr: float, steps: int) -> str:

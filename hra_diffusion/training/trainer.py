@@ -409,10 +409,19 @@ class _StepMeter:
             "step_seconds_mean": statistics.fmean(times) if times else None,
             "peak_rss_mib": peak_rss_kib() / 1024,
             "peak_rss_mib_before_training": self.rss_before_kib / 1024,
+            **machine_sharing(),
         }
         if self.cuda:
             out["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return out
+
+
+def machine_sharing() -> dict[str, Any]:
+    """What a CPU step time depends on besides the model: torch's threads, the CPUs this process may use, and the
+    15-minute load average at the end (above the CPU count: the run shared the machine, its steps ran slower)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = os.getloadavg()[2] if hasattr(os, "getloadavg") else None
+    return {"torch_threads": torch.get_num_threads(), "cpus": cpus, "load_average_15min": load}
 
 
 def peak_rss_kib() -> float:
