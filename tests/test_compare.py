@@ -6,6 +6,7 @@ figures are checked in test_results.py."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -219,6 +220,9 @@ def test_the_whole_protocol_runs_on_the_tiny_world(tmp_path, monkeypatch):
     assert keys <= set(m["points"][0]["metrics"]) and keys <= set(m["seeds"][0]["metrics"])
     assert (out / "frontier-dreambooth.png").stat().st_size > 10_000 and "| HRA r=8 (ours) |" in (
         out / "frontier-dreambooth.md").read_text()
+    sharing = r"HRA r=8 \(ours\) [\d/]+ threads on \d+ CPUs"  # how the runs shared the machine, recorded
+    assert re.search(sharing, (out / "frontier-dreambooth.md").read_text())
+    assert all(s["cpus"] >= 1 for s in m["train_stats"])
     assert doc["references"]["test"]["real"]["metrics"]["subject_rate"] == 1.0
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".png", ".safetensors")
               and not p.name.startswith("frontier-")}
