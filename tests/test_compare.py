@@ -118,7 +118,7 @@ def test_the_report_says_how_runs_shared_the_machine():
     new = {"methods": {"hra": {"label": "HRA r=8", "train_stats": runs},
                        "lora": {"label": "LoRA", "train_stats": [{"torch_threads": 2, "cpus": 2}]}}}
     line = _sharing_line(new)
-    assert "HRA r=8 1/2 threads on 2 CPUs, load 1.3-2.1" in line and "LoRA 2 threads on 2 CPUs." in line
+    assert "HRA r=8: torch threads 1/2, CPUs 2, load 1.3-2.1" in line and "LoRA: torch threads 2, CPUs 2." in line
 
 
 def test_budgets_match_hra_and_configs_are_read_through_the_library(tmp_path, tiny_random_sd_dir,
@@ -220,7 +220,7 @@ def test_the_whole_protocol_runs_on_the_tiny_world(tmp_path, monkeypatch):
     assert keys <= set(m["points"][0]["metrics"]) and keys <= set(m["seeds"][0]["metrics"])
     assert (out / "frontier-dreambooth.png").stat().st_size > 10_000 and "| HRA r=8 (ours) |" in (
         out / "frontier-dreambooth.md").read_text()
-    sharing = r"HRA r=8 \(ours\) [\d/]+ threads on \d+ CPUs"  # how the runs shared the machine, recorded
+    sharing = r"HRA r=8 \(ours\): torch threads [\d/]+, CPUs \d+"  # how the runs shared the machine, recorded
     assert re.search(sharing, (out / "frontier-dreambooth.md").read_text())
     assert all(s["cpus"] >= 1 for s in m["train_stats"])
     assert doc["references"]["test"]["real"]["metrics"]["subject_rate"] == 1.0

@@ -135,7 +135,7 @@ def _sharing_line(result: dict) -> str | None:
             threads = "/".join(str(t) for t in sorted({s["torch_threads"] for s in runs}))
             loads = [s["load_average_15min"] for s in runs if s.get("load_average_15min") is not None]
             load = f", load {min(loads):.1f}-{max(loads):.1f}" if loads else ""
-            parts.append(f"{m['label']} {threads} threads on {runs[0].get('cpus')} CPUs{load}")
+            parts.append(f"{m['label']}: torch threads {threads}, CPUs {runs[0].get('cpus')}{load}")
     if not parts:
         return None
     return ("- Step times were measured with (torch threads per run; the 15-minute load average at each run's end, "
