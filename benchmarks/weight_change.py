@@ -26,6 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hra_diffusion.adapters.export import load_base_component  # noqa: E402
 from hra_diffusion.adapters.registry import adapter_type, describe_adapter, load_any_adapter, merge_adapter  # noqa: E402
 from hra_diffusion.generate import base_revision, default_base_model  # noqa: E402
 
@@ -33,23 +34,10 @@ TEXT_PARTS = ("text_encoder", "text_encoder_2")
 _BLOCK = re.compile(r"^.*\.(?:transformer_blocks|resnets|attentions|downsamplers|upsamplers|layers)\.\d+\.")  # -> attn1.to_q
 
 
-def load_component(base: str, component: str, revision: str | None) -> nn.Module:
-    """The base pipeline's ``component`` in fp32 (a pipeline folder or hub id)."""
-    kwargs = {"subfolder": component, "torch_dtype": torch.float32, **({"revision": revision} if revision else {})}
-    if component == "unet":
-        from diffusers import UNet2DConditionModel
-
-        return UNet2DConditionModel.from_pretrained(base, **kwargs)
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
-    return cls.from_pretrained(base, **kwargs)
-
-
 def relative_changes(model: nn.Module, adapter: str | Path) -> dict[str, float]:
     """``{layer: ‖W′ − W‖ / ‖W‖}`` for every layer the adapter at ``adapter`` adapts in ``model`` (merged in place)."""
-    before = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     names = load_any_adapter(model, adapter)
+    before = {name: model.get_submodule(name).base_layer.weight.detach().clone() for name in names}  # not merged yet
     merge_adapter(model, adapter_type(adapter))
     out = {}
     with torch.no_grad():
@@ -77,7 +65,7 @@ def measure(adapter: str | Path, base: str | None = None) -> dict:
     parts = {"unet": adapter, **{c: adapter / c for c in TEXT_PARTS if (adapter / c).is_dir()}}
     result = {"adapter": str(adapter), "kind": adapter_type(adapter), "base": chosen, "components": {}}
     for component, path in parts.items():
-        model = load_component(chosen, component, revision).eval().requires_grad_(False)
+        model = load_base_component(chosen, component, revision)  # fp32, eval, frozen
         result["components"][component] = summarise(relative_changes(model, path))
     return result
 

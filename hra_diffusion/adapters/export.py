@@ -319,7 +319,7 @@ def _resolve_base(source: _Source, base: str | None) -> tuple[str, str | None]:
     return chosen, revision
 
 
-def _load_component(base: str, component: str, revision: str | None) -> nn.Module:
+def load_base_component(base: str, component: str, revision: str | None) -> nn.Module:
     """The base pipeline's ``component`` in fp32: a pipeline folder or hub id, or (UNet only) a UNet folder."""
     local = Path(base)
     is_local = local.is_absolute() or base.startswith(".") or local.exists()
@@ -373,7 +373,7 @@ def _base_modules(source: _Source, base: str, revision: str | None, us: Mapping[
     models: dict[str, nn.Module] = {}
     modules: dict[str, dict[str, nn.Module]] = {}
     for component, u in us.items():
-        model = _load_component(base, component, revision)
+        model = load_base_component(base, component, revision)
         known = dict(model.named_modules())
         where = source.parts[component]
         for name, tensor in u.items():
@@ -561,7 +561,7 @@ def _export_peft_baseline(source: _Source, to: str, target: Path, out: Path, bas
     from .peft_baselines import load_peft_adapter, peft_layers
 
     chosen, revision = _resolve_base(source, base)
-    unet = _load_component(chosen, "unet", revision)
+    unet = load_base_component(chosen, "unet", revision)
     load_peft_adapter(unet, source.path)
     for name, layer in peft_layers(unet):
         layer.merge()
